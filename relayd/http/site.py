@@ -1,0 +1,34 @@
+"""The twisted.web Site of a relay listener."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.web.server import Request, Site
+
+from relayd.http.body import BoundedBody
+from relayd.http.relay import RelayResource
+from relayd.runtime import RelayRuntime
+
+
+class RelaySite(Site):
+    """Serves :class:`RelayResource`; bounds request bodies; leaves logging to the relay.
+
+    Twisted's own combined-format access log is turned off: the relay writes one
+    structured line per request itself.
+    """
+
+    noisy = False
+    displayTracebacks = False
+
+    def __init__(self, get_runtime: Callable[[], RelayRuntime], clock: IReactorTime) -> None:
+        super().__init__(RelayResource(get_runtime, clock), requestFactory=Request)
+        self._get_runtime = get_runtime
+
+    def getContentFile(self, length: int | None) -> Any:
+        return BoundedBody(self._get_runtime().max_body_bytes)
+
+    def log(self, request: Any) -> None:
+        pass

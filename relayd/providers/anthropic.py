@@ -1,0 +1,172 @@
+"""The Anthropic Messages API family."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from zope.interface import implementer
+
+from relayd.providers.base import Endpoint, IProvider, IStreamWatcher, Usage, endpoint
+from relayd.sse import SseParser
+
+_ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+ENDPOINTS = (
+    endpoint("messages", "/v1/messages", ["POST"], needs_model=True),
+    endpoint("messages.count_tokens", "/v1/messages/count_tokens", ["POST"], needs_model=True),
+    endpoint("messages.batches", "/v1/messages/batches", ["GET", "POST"], sticky=True),
+    endpoint(
+        "messages.batches.item", "/v1/messages/batches/[A-Za-z0-9_-]+", ["GET", "DELETE"],
+        sticky=True,
+    ),
+    endpoint(
+        "messages.batches.cancel", "/v1/messages/batches/[A-Za-z0-9_-]+/cancel", ["POST"],
+        sticky=True,
+    ),
+    endpoint(
+        "messages.batches.results", "/v1/messages/batches/[A-Za-z0-9_-]+/results", ["GET"],
+        sticky=True,
+    ),
+    endpoint("models", "/v1/models", ["GET"], local=True),
+    endpoint("models.item", "/v1/models/[^/]+", ["GET"]),
+)
+
+
+def error_type(status: int) -> str:
+    """Anthropic's error ``type`` for an HTTP status."""
+    found = _ERROR_TYPES.get(status)
+    if found is not None:
+        return found
+    if status == 503:
+        return "overloaded_error"
+    return "api_error" if status >= 500 else "invalid_request_error"
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def usage_from_mapping(raw: object, into: Usage) -> None:
+    """Overwrite ``into`` with the counts present in an Anthropic ``usage`` object."""
+    if not isinstance(raw, dict):
+        return
+    if (v := _int(raw.get("input_tokens"))) is not None:
+        into.input_tokens = v
+    if (v := _int(raw.get("output_tokens"))) is not None:
+        into.output_tokens = v
+    if (v := _int(raw.get("cache_read_input_tokens"))) is not None:
+        into.cache_read_tokens = v
+    if (v := _int(raw.get("cache_creation_input_tokens"))) is not None:
+        into.cache_write_tokens = v
+
+
+@implementer(IStreamWatcher)
+class AnthropicStreamWatcher:
+    """Usage and completeness of a Messages SSE stream.
+
+    Only ``message_start``, ``message_delta`` and ``error`` are JSON-decoded; content
+    deltas pass by untouched. ``message_delta.usage`` is cumulative, so later values
+    overwrite earlier ones.
+    """
+
+    __slots__ = ("_parser", "complete", "error_seen", "usage")
+
+    def __init__(self) -> None:
+        self._parser = SseParser()
+        self.usage = Usage()
+        self.complete = False
+        self.error_seen = False
+
+    def feed(self, data: bytes) -> None:
+        for event in self._parser.feed(data):
+            name = event.event
+            if name == b"message_start" or name == b"message_delta":
+                try:
+                    payload = json.loads(event.data)
+                except ValueError:
+                    continue
+                if not isinstance(payload, dict):
+                    continue
+                if name == b"message_start":
+                    message = payload.get("message")
+                    if isinstance(message, dict):
+                        usage_from_mapping(message.get("usage"), self.usage)
+                else:
+                    usage_from_mapping(payload.get("usage"), self.usage)
+            elif name == b"message_stop":
+                self.complete = True
+            elif name == b"error":
+                self.error_seen = True
+
+
+@implementer(IProvider)
+class AnthropicProvider:
+    """Anthropic: ``x-api-key`` auth, ``{"type":"error",...}`` errors, named SSE events."""
+
+    name = "anthropic"
+    endpoints = ENDPOINTS
+
+    def auth_headers(self, api_key: str) -> list[tuple[bytes, bytes]]:
+        return [(b"x-api-key", api_key.encode())]
+
+    def render_error(self, status: int, message: str, request_id: str) -> bytes:
+        return json.dumps(
+            {
+                "type": "error",
+                "error": {"type": error_type(status), "message": message},
+                "request_id": request_id,
+            }
+        ).encode()
+
+    def stream_error_event(self, message: str, request_id: str) -> bytes:
+        payload = json.dumps(
+            {
+                "type": "error",
+                "error": {"type": "api_error", "message": message},
+                "request_id": request_id,
+            }
+        )
+        return b"event: error\ndata: " + payload.encode() + b"\n\n"
+
+    def usage_from_json(self, body: bytes) -> Usage | None:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(payload, dict) or "usage" not in payload:
+            return None
+        usage = Usage()
+        usage_from_mapping(payload["usage"], usage)
+        return usage
+
+    def stream_watcher(self, endpoint: Endpoint) -> IStreamWatcher:
+        return AnthropicStreamWatcher()
+
+    def is_retryable(self, status: int) -> bool:
+        return status == 429 or status >= 500
+
+    def render_model_list(self, entries: Sequence[dict[str, Any]]) -> bytes:
+        data = [{"type": "model", **entry} for entry in entries]
+        return json.dumps(
+            {
+                "data": data,
+                "has_more": False,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            }
+        ).encode()
+

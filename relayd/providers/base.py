@@ -1,0 +1,125 @@
+"""The provider interface: everything relayd must know about one LLM API family.
+
+A provider module describes an upstream API (how to authenticate, which paths it serves,
+how its errors look, where usage lives in its JSON and SSE bodies, which outcomes are
+worth retrying). Since a client API family and a provider type are the same set today,
+the same object also renders relay-made errors in that family's shape. Adding a provider
+means adding one module that provides :class:`IProvider` and registering it in
+:mod:`relayd.providers`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from zope.interface import Attribute, Interface
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts of one exchange; ``None`` means the upstream did not say.
+
+    ``input_tokens`` excludes cache reads and writes (Anthropic's convention), so the
+    total prompt size is ``input_tokens + cache_read_tokens + cache_write_tokens``.
+    """
+
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A client-facing path of an API family.
+
+    ``needs_model``: the JSON body must name a ``model`` (used for routing and the
+    allowlist). ``sticky``: the upstream keeps state between calls (batches), so these go
+    to the provider's first backend rather than being balanced. ``local``: answered by
+    the relay itself (the model list).
+    """
+
+    name: str
+    pattern: re.Pattern[bytes]
+    methods: frozenset[bytes]
+    needs_model: bool = False
+    sticky: bool = False
+    local: bool = False
+
+
+def endpoint(
+    name: str,
+    path_regex: str,
+    methods: Sequence[str],
+    *,
+    needs_model: bool = False,
+    sticky: bool = False,
+    local: bool = False,
+) -> Endpoint:
+    """Build an :class:`Endpoint` whose path regex must match the whole path."""
+    return Endpoint(
+        name=name,
+        pattern=re.compile(("^" + path_regex + "$").encode()),
+        methods=frozenset(m.encode() for m in methods),
+        needs_model=needs_model,
+        sticky=sticky,
+        local=local,
+    )
+
+
+class IStreamWatcher(Interface):
+    """Reads an SSE response on the side, as it passes, without delaying any byte."""
+
+    usage = Attribute("The :class:`Usage` seen so far.")
+    complete = Attribute("True once the stream's terminal event has been seen.")
+    error_seen = Attribute("True once the upstream sent an in-stream error event.")
+
+    def feed(data: bytes) -> None:
+        """Consume the next chunk of the response body."""
+
+
+class IProvider(Interface):
+    """One LLM API family: its paths, auth, errors, usage and retry semantics."""
+
+    name = Attribute("The family name, as used in the config: 'anthropic' or 'openai'.")
+    endpoints = Attribute("The client-facing :class:`Endpoint` objects, most specific first.")
+
+    def auth_headers(api_key: str) -> list[tuple[bytes, bytes]]:
+        """The headers that carry ``api_key`` to the upstream."""
+
+    def render_error(status: int, message: str, request_id: str) -> bytes:
+        """A JSON error body in this family's shape for an HTTP status."""
+
+    def stream_error_event(message: str, request_id: str) -> bytes:
+        """A complete SSE event that tells this family's SDK that the stream failed."""
+
+    def usage_from_json(body: bytes) -> Usage | None:
+        """Usage from a complete (decoded) JSON response body, or None."""
+
+    def stream_watcher(endpoint: Endpoint) -> IStreamWatcher:
+        """A fresh watcher for one SSE response of ``endpoint``."""
+
+    def is_retryable(status: int) -> bool:
+        """Whether an upstream status means another backend might succeed."""
+
+    def render_model_list(entries: Sequence[dict[str, Any]]) -> bytes:
+        """A model-list body in this family's shape from upstream entries (each has an id)."""
+
+
+def model_entries(body: bytes) -> list[dict[str, Any]]:
+    """The entries of a model-list body shaped ``{"data": [{"id": ...}, ...]}``.
+
+    Both families use that shape; entries without a string ``id`` are skipped.
+    """
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return []
+    items = payload.get("data") if isinstance(payload, dict) else None
+    if not isinstance(items, list):
+        return []
+    return [item for item in items if isinstance(item, dict) and isinstance(item.get("id"), str)]

@@ -1,0 +1,170 @@
+"""The OpenAI API family (Chat Completions, Completions, Embeddings, Responses)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from zope.interface import implementer
+
+from relayd.providers.base import Endpoint, IProvider, IStreamWatcher, Usage, endpoint
+from relayd.sse import SseParser
+
+# (type, code) per status, as the OpenAI API reports them.
+_ERRORS = {
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("invalid_request_error", "model_not_allowed"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_exceeded", "rate_limit_exceeded"),
+    502: ("server_error", "bad_gateway"),
+    503: ("server_error", "server_is_overloaded"),
+    504: ("server_error", "timeout"),
+}
+
+ENDPOINTS = (
+    endpoint("chat.completions", "/v1/chat/completions", ["POST"], needs_model=True),
+    endpoint("completions", "/v1/completions", ["POST"], needs_model=True),
+    endpoint("embeddings", "/v1/embeddings", ["POST"], needs_model=True),
+    endpoint("responses", "/v1/responses", ["POST"], needs_model=True),
+    endpoint("models", "/v1/models", ["GET"], local=True),
+    endpoint("models.item", "/v1/models/[^/]+", ["GET"]),
+)
+
+
+def error_type_and_code(status: int) -> tuple[str, str | None]:
+    """OpenAI's error ``type`` and ``code`` for an HTTP status."""
+    found = _ERRORS.get(status)
+    if found is not None:
+        return found
+    return ("server_error", None) if status >= 500 else ("invalid_request_error", None)
+
+
+def _int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def usage_from_mapping(raw: object) -> Usage | None:
+    """Normalise a Chat/Completions/Embeddings or Responses ``usage`` object.
+
+    OpenAI's prompt count includes cached tokens; :class:`Usage` keeps them apart.
+    """
+    if not isinstance(raw, dict):
+        return None
+    prompt = _int(raw.get("prompt_tokens"))
+    details = raw.get("prompt_tokens_details")
+    output = _int(raw.get("completion_tokens"))
+    if prompt is None:  # Responses API names
+        prompt = _int(raw.get("input_tokens"))
+        details = raw.get("input_tokens_details")
+        output = _int(raw.get("output_tokens"))
+    cached = cache_write = None
+    if isinstance(details, dict):
+        cached = _int(details.get("cached_tokens"))
+        cache_write = _int(details.get("cache_write_tokens"))
+    usage = Usage(output_tokens=output, cache_read_tokens=cached, cache_write_tokens=cache_write)
+    if prompt is not None:
+        usage.input_tokens = max(prompt - (cached or 0) - (cache_write or 0), 0)
+    if output is None and prompt is not None:
+        usage.output_tokens = 0  # embeddings have no output
+    return usage
+
+
+_TERMINAL_RESPONSE_EVENTS = frozenset(
+    {b"response.completed", b"response.failed", b"response.incomplete"}
+)
+
+
+@implementer(IStreamWatcher)
+class OpenAIStreamWatcher:
+    """Usage and completeness of a Chat/Completions chunk stream or a Responses stream.
+
+    A chunk is JSON-decoded only when it mentions ``usage`` or ``error``, so the
+    content chunks pass by untouched.
+    """
+
+    __slots__ = ("_parser", "complete", "error_seen", "usage")
+
+    def __init__(self) -> None:
+        self._parser = SseParser()
+        self.usage = Usage()
+        self.complete = False
+        self.error_seen = False
+
+    def feed(self, data: bytes) -> None:
+        for event in self._parser.feed(data):
+            body = event.data
+            if body == b"[DONE]":
+                self.complete = True
+                continue
+            name = event.event
+            if name is not None and name in _TERMINAL_RESPONSE_EVENTS:
+                self.complete = True
+            if name == b"error":
+                self.error_seen = True
+            if b'"usage"' not in body and b'"error"' not in body:
+                continue
+            try:
+                payload = json.loads(body)
+            except ValueError:
+                continue
+            if not isinstance(payload, dict):
+                continue
+            if payload.get("error") or payload.get("type") == "error":
+                self.error_seen = True
+            raw = payload.get("usage")
+            response = payload.get("response")
+            if raw is None and isinstance(response, dict):
+                raw = response.get("usage")
+            usage = usage_from_mapping(raw)
+            if usage is not None:
+                self.usage = usage
+
+
+@implementer(IProvider)
+class OpenAIProvider:
+    """OpenAI: bearer auth, ``{"error":{...}}`` errors, ``data:`` chunks ending ``[DONE]``."""
+
+    name = "openai"
+    endpoints = ENDPOINTS
+
+    def auth_headers(self, api_key: str) -> list[tuple[bytes, bytes]]:
+        return [(b"authorization", b"Bearer " + api_key.encode())]
+
+    def _error_object(self, status: int, message: str, request_id: str) -> dict[str, Any]:
+        kind, code = error_type_and_code(status)
+        return {
+            "message": f"{message} (relayd request id {request_id})",
+            "type": kind,
+            "param": None,
+            "code": code,
+        }
+
+    def render_error(self, status: int, message: str, request_id: str) -> bytes:
+        return json.dumps({"error": self._error_object(status, message, request_id)}).encode()
+
+    def stream_error_event(self, message: str, request_id: str) -> bytes:
+        body = json.dumps({"error": self._error_object(502, message, request_id)})
+        return b"data: " + body.encode() + b"\n\n"
+
+    def usage_from_json(self, body: bytes) -> Usage | None:
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            return None
+        if not isinstance(payload, dict):
+            return None
+        return usage_from_mapping(payload.get("usage"))
+
+    def stream_watcher(self, endpoint: Endpoint) -> IStreamWatcher:
+        return OpenAIStreamWatcher()
+
+    def is_retryable(self, status: int) -> bool:
+        return status == 429 or status >= 500
+
+    def render_model_list(self, entries: Sequence[dict[str, Any]]) -> bytes:
+        data = [{"object": "model", **entry} for entry in entries]
+        return json.dumps({"object": "list", "data": data}).encode()

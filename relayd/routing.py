@@ -1,0 +1,143 @@
+"""Choosing where a request goes: model globs, routes, and smooth weighted round-robin."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+
+from relayd.upstream import Backend
+
+
+class ModelMatcher:
+    """Matches model names against a set of globs, with one compiled regex.
+
+    ``None`` globs match everything, including requests that name no model.
+    Results are memoised: the set of model names in use is small.
+    """
+
+    __slots__ = ("_cache", "_regex")
+
+    _CACHE_LIMIT = 4096
+
+    def __init__(self, globs: Sequence[str] | None) -> None:
+        self._regex = (
+            None
+            if globs is None
+            else re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
+        )
+        self._cache: dict[str, bool] = {}
+
+    @property
+    def matches_all(self) -> bool:
+        return self._regex is None
+
+    def __call__(self, model: str | None) -> bool:
+        if self._regex is None:
+            return True
+        if model is None:
+            return False
+        found = self._cache.get(model)
+        if found is None:
+            found = self._regex.match(model) is not None
+            if len(self._cache) < self._CACHE_LIMIT:
+                self._cache[model] = found
+        return found
+
+
+class WeightedBalancer:
+    """Smooth weighted round-robin (as in nginx) over backends with free capacity.
+
+    Deterministic: weights 3:1 give exactly three picks of the first and one of the
+    second in every four consecutive choices, interleaved (a, a, b, a), not in bursts.
+    """
+
+    __slots__ = ("_backends", "_current")
+
+    def __init__(self, backends: Sequence[Backend]) -> None:
+        self._backends = tuple(backends)
+        self._current = [0] * len(self._backends)
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        return self._backends
+
+    def choose(self) -> Backend | None:
+        """The next backend, or ``None`` when every backend is at its concurrency cap."""
+        best = -1
+        best_score = 0
+        total = 0
+        current = self._current
+        for index, backend in enumerate(self._backends):
+            if backend.in_flight >= backend.max_concurrent:
+                continue
+            weight = backend.weight
+            score = current[index] + weight
+            current[index] = score
+            total += weight
+            if best < 0 or score > best_score:
+                best = index
+                best_score = score
+        if best < 0:
+            return None
+        current[best] -= total
+        return self._backends[best]
+
+    def primary(self) -> Backend | None:
+        """The first backend with capacity, for stateful calls that must stick to one."""
+        for backend in self._backends:
+            if backend.has_capacity():
+                return backend
+        return None
+
+
+class Route:
+    """A compiled ``routes`` entry."""
+
+    __slots__ = ("api", "matcher", "provider")
+
+    def __init__(self, api: str, matcher: ModelMatcher, provider: ProviderRoute) -> None:
+        self.api = api
+        self.matcher = matcher
+        self.provider = provider
+
+
+class ProviderRoute:
+    """A provider's backends and their balancer, as the router hands them out."""
+
+    __slots__ = ("balancer", "name", "type")
+
+    def __init__(self, name: str, type_: str, balancer: WeightedBalancer) -> None:
+        self.name = name
+        self.type = type_
+        self.balancer = balancer
+
+
+class Router:
+    """First-match routing of (client API, model) to a provider."""
+
+    __slots__ = ("_routes",)
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        self._routes = tuple(routes)
+
+    def route(self, api: str, model: str | None) -> ProviderRoute | None:
+        for route in self._routes:
+            if route.api == api and route.matcher(model):
+                return route.provider
+        return None
+
+    def first_for(self, api: str) -> ProviderRoute | None:
+        """The provider of the first route for ``api``: where calls that name no model go."""
+        for route in self._routes:
+            if route.api == api:
+                return route.provider
+        return None
+
+    def providers_for(self, api: str) -> list[ProviderRoute]:
+        """Every distinct provider some route of ``api`` can reach, in route order."""
+        seen: list[ProviderRoute] = []
+        for route in self._routes:
+            if route.api == api and route.provider not in seen:
+                seen.append(route.provider)
+        return seen

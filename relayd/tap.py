@@ -1,0 +1,40 @@
+"""``twistd relayd``: command-line options and the service factory."""
+
+from __future__ import annotations
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from relayd.config import ConfigErrors, load_config
+from relayd.config.model import Config
+
+DEFAULT_CONFIG_PATH = "/etc/relayd.yaml"
+
+
+class Options(usage.Options):
+    """``twistd [-n] relayd [-c FILE]``."""
+
+    synopsis = "[-c FILE]"
+    longdesc = "Relay Anthropic and OpenAI API traffic to weighted, pooled upstream backends."
+    optParameters = [
+        ["config", "c", DEFAULT_CONFIG_PATH, "The YAML configuration file."],
+    ]
+
+    config: Config
+
+    def postOptions(self) -> None:
+        """Load and validate the file now, so a bad config fails before anything starts."""
+        try:
+            self.config = load_config(self["config"])
+        except ConfigErrors as exc:
+            raise usage.UsageError(
+                f"invalid configuration {self['config']}:\n{exc}"
+            ) from None
+
+
+def makeService(options: Options) -> IService:
+    from twisted.internet import reactor  # the process entry point owns the reactor
+
+    from relayd.service import RelayService
+
+    return RelayService(options.config, reactor)

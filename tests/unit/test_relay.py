@@ -1,0 +1,372 @@
+"""The relay path in memory: auth, hygiene, routing, errors, streams and timeouts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from relay_harness import (
+    CLIENT_KEY,
+    OTHER_KEY,
+    Harness,
+    base_config,
+    hang,
+    json_reply,
+)
+from twisted.web.server import NOT_DONE_YET, Request
+
+from relayd.routing import Router
+
+MESSAGE = {"model": "claude-sonnet-4-5", "max_tokens": 16,
+           "messages": [{"role": "user", "content": "hi"}]}
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture
+def harness() -> Iterator[Harness]:
+    h = Harness()
+    yield h
+    h.close()
+
+
+def test_anthropic_request_gets_backend_key_and_loses_client_key(harness: Harness) -> None:
+    """The upstream sees the backend's x-api-key; the relay key appears nowhere."""
+    status, headers, body = harness.call(
+        "POST", "/v1/messages", MESSAGE,
+        headers={"anthropic-beta": "tools-2024", "authorization": f"Bearer {CLIENT_KEY}"},
+    )
+    assert status == 200
+    assert json.loads(body)["usage"] == {"input_tokens": 3, "output_tokens": 4}
+    assert headers["x-relayd-request-id"][0].startswith("req_")
+    seen = harness.upstreams["us"].seen[0]
+    assert seen.headers[b"x-api-key"] == [b"sk-up-us"]
+    assert b"authorization" not in seen.headers
+    assert seen.headers[b"anthropic-beta"] == [b"tools-2024"]
+    assert seen.path == b"/v1/messages"
+    assert json.loads(seen.body) == MESSAGE
+    flat = repr(seen.headers).encode()
+    assert CLIENT_KEY.encode() not in flat
+
+
+def test_openai_request_gets_bearer_and_hygiene(harness: Harness) -> None:
+    """Bearer injected; Origin, Cookie, hop-by-hop and Connection-named headers dropped."""
+    status, _, _ = harness.call(
+        "POST", "/v1/chat/completions?x=1", CHAT, api="openai",
+        headers={
+            "origin": "https://evil.example",
+            "cookie": "a=b",
+            "connection": "x-secret-hop",
+            "x-secret-hop": "1",
+            "keep-alive": "timeout=5",
+            "openai-organization": "org-1",
+            "x-stainless-lang": "python",
+            "x-api-key": CLIENT_KEY,
+        },
+    )
+    assert status == 200
+    seen = harness.upstreams["main"].seen[0]
+    assert seen.headers[b"authorization"] == [b"Bearer sk-up-oai"]
+    assert seen.path == b"/v1/chat/completions?x=1"
+    for dropped in (b"origin", b"cookie", b"x-secret-hop", b"keep-alive", b"x-api-key"):
+        assert dropped not in seen.headers, dropped
+    assert seen.headers[b"openai-organization"] == [b"org-1"]
+    assert seen.headers[b"x-stainless-lang"] == [b"python"]
+
+
+def test_backend_url_prefix_is_kept(harness: Harness) -> None:
+    for _ in range(4):
+        harness.call("POST", "/v1/messages", MESSAGE)
+    assert [r.path for r in harness.upstreams["eu"].seen] == [b"/prefix/v1/messages"]
+
+
+def test_weights_three_to_one_are_exact(harness: Harness) -> None:
+    """Smooth weighted round-robin: 3:1 over every window of four requests."""
+    order = []
+    for _ in range(8):
+        before = len(harness.upstreams["us"].seen)
+        harness.call("POST", "/v1/messages", MESSAGE)
+        order.append("us" if len(harness.upstreams["us"].seen) > before else "eu")
+    assert order[:4].count("us") == 3 and order[4:].count("us") == 3
+    assert order == ["us", "us", "eu", "us"] * 2
+
+
+@pytest.mark.parametrize(
+    ("api", "key", "status", "expected_type"),
+    [
+        ("anthropic", None, 401, "authentication_error"),
+        ("anthropic", "sk-wrong", 401, "authentication_error"),
+        ("openai", None, 401, "invalid_request_error"),
+        ("openai", "sk-wrong", 401, "invalid_request_error"),
+    ],
+)
+def test_bad_keys_are_rejected_in_the_callers_shape(
+    harness: Harness, api: str, key: str | None, status: int, expected_type: str
+) -> None:
+    path, body = ("/v1/messages", MESSAGE) if api == "anthropic" else ("/v1/chat/completions", CHAT)
+    got, headers, raw = harness.call("POST", path, body, key=key, api=api)
+    assert got == status
+    payload = json.loads(raw)
+    request_id = headers["x-relayd-request-id"][0]
+    if api == "anthropic":
+        assert payload["type"] == "error"
+        assert payload["error"]["type"] == expected_type
+        assert payload["request_id"] == request_id
+    else:
+        assert payload["error"]["type"] == expected_type
+        assert request_id in payload["error"]["message"]
+    assert not harness.upstreams["us"].seen and not harness.upstreams["main"].seen
+
+
+def test_model_outside_allowlist_is_403(harness: Harness) -> None:
+    status, _, raw = harness.call(
+        "POST", "/v1/chat/completions", CHAT, key=OTHER_KEY, api="openai"
+    )
+    assert status == 403
+    assert "gpt-4o" in json.loads(raw)["error"]["message"]
+    status, _, _ = harness.call("POST", "/v1/messages", MESSAGE, key=OTHER_KEY)
+    assert status == 200
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "raw", "status", "fragment"),
+    [
+        ("POST", "/v1/messages", b"{not json", 400, "not valid JSON"),
+        ("POST", "/v1/messages", b"[1, 2]", 400, "JSON object"),
+        ("POST", "/v1/messages", b'{"max_tokens": 3}', 400, "model"),
+        ("POST", "/v1/messages", b'{"model": 7}', 400, "model"),
+        ("POST", "/v1/nope", b"{}", 404, "no such endpoint"),
+        ("GET", "/v1/messages", b"", 405, "not allowed"),
+        ("POST", "/v1/messages", b'{"model": "llama-3"}', 404, "no route"),
+    ],
+)
+def test_bad_requests_get_clear_errors(
+    harness: Harness, method: str, path: str, raw: bytes, status: int, fragment: str
+) -> None:
+    got, headers, body = harness.call(method, path, raw=raw)
+    assert got == status
+    payload = json.loads(body)
+    assert payload["type"] == "error"
+    assert fragment in payload["error"]["message"]
+    assert headers["content-type"] == ["application/json"]
+    # ...and the relay keeps serving.
+    assert harness.call("POST", "/v1/messages", MESSAGE)[0] == 200
+
+
+def test_405_names_allowed_methods(harness: Harness) -> None:
+    status, headers, _ = harness.call("GET", "/v1/chat/completions", api="openai")
+    assert status == 405
+    assert headers["allow"] == ["POST"]
+
+
+def test_body_over_limit_is_413() -> None:
+    h = Harness(base_config(max_body_bytes=1000))
+    try:
+        big = dict(MESSAGE, pad="x" * 2000)
+        status, _, body = h.call("POST", "/v1/messages", big)
+        assert status == 413
+        assert json.loads(body)["error"]["type"] == "request_too_large"
+        assert not h.upstreams["us"].seen
+    finally:
+        h.close()
+
+
+def test_concurrency_cap_gives_503() -> None:
+    config = base_config()
+    config["providers"][1]["backends"][0]["max_concurrent"] = 1
+    h = Harness(config)
+    try:
+        h.upstreams["main"].handler = hang
+        d = h.client.request(
+            "POST", "http://relay.test/v1/chat/completions",
+            headers={"authorization": f"Bearer {CLIENT_KEY}"}, data=json.dumps(CHAT).encode(),
+        )
+        h.client.flush()
+        status, headers, body = h.call("POST", "/v1/chat/completions", CHAT, api="openai")
+        assert status == 503
+        assert headers["retry-after"] == ["1"]
+        assert "concurrency limit" in json.loads(body)["error"]["message"]
+        d.cancel()
+    finally:
+        h.close()
+
+
+def test_upstream_status_and_error_body_pass_through(harness: Harness) -> None:
+    def overloaded(request: Request, body: bytes) -> bytes:
+        request.setHeader(b"retry-after", b"7")
+        request.setHeader(b"set-cookie", b"track=1")
+        return json_reply(request, {"type": "error", "error": {"type": "overloaded_error",
+                                                               "message": "Overloaded"}}, 529)
+
+    harness.upstreams["us"].handler = overloaded
+    status, headers, body = harness.call("POST", "/v1/messages", MESSAGE)
+    assert status == 529
+    assert headers["retry-after"] == ["7"]
+    assert "set-cookie" not in headers
+    assert json.loads(body)["error"]["type"] == "overloaded_error"
+
+
+def sse(request: Request, events: list[bytes], finish: bool = True) -> Any:
+    request.setHeader(b"content-type", b"text/event-stream")
+    for event in events:
+        request.write(event)
+    if finish:
+        request.finish()
+    return NOT_DONE_YET
+
+
+ANTHROPIC_EVENTS = [
+    b'event: message_start\ndata: {"type":"message_start","message":{"usage":'
+    b'{"input_tokens":11,"cache_read_input_tokens":5,"output_tokens":1}}}\n\n',
+    b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+    b'"delta":{"type":"text_delta","text":"Hi"}}\n\n',
+    b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},'
+    b'"usage":{"output_tokens":9}}\n\n',
+    b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+]
+
+
+def test_stream_is_relayed_and_usage_read(harness: Harness) -> None:
+    harness.upstreams["us"].handler = lambda r, b: sse(r, ANTHROPIC_EVENTS)
+    status, headers, body = harness.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 200
+    assert body == b"".join(ANTHROPIC_EVENTS)
+    assert headers["x-accel-buffering"] == ["no"]
+    assert headers["cache-control"] == ["no-cache"]
+    assert harness.upstreams["us"].seen[0].headers[b"accept-encoding"] == [b"identity"]
+    line = harness.logs.access()[-1]
+    assert (line["input_tokens"], line["output_tokens"], line["cache_read_tokens"]) == (11, 9, 5)
+    assert line["stream"] is True and line["outcome"] == "ok"
+
+
+def test_truncated_stream_ends_with_error_event(harness: Harness) -> None:
+    """An upstream that ends cleanly but before message_stop is not a success."""
+    harness.upstreams["us"].handler = lambda r, b: sse(r, ANTHROPIC_EVENTS[:2])
+    status, _, body = harness.call("POST", "/v1/messages", dict(MESSAGE, stream=True))
+    assert status == 200
+    assert body.startswith(b"".join(ANTHROPIC_EVENTS[:2]))
+    tail = body[len(b"".join(ANTHROPIC_EVENTS[:2])):]
+    assert tail.startswith(b"event: error\ndata: ")
+    assert json.loads(tail.split(b"data: ", 1)[1])["error"]["type"] == "api_error"
+    assert harness.logs.access()[-1]["outcome"] == "upstream_truncated"
+
+
+def test_openai_truncated_stream_ends_with_error_chunk(harness: Harness) -> None:
+    chunk = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n'
+    harness.upstreams["main"].handler = lambda r, b: sse(r, [chunk])
+    status, _, body = harness.call(
+        "POST", "/v1/chat/completions", dict(CHAT, stream=True), api="openai"
+    )
+    assert status == 200
+    tail = body[len(chunk):]
+    assert tail.startswith(b"data: ")
+    assert "error" in json.loads(tail[len(b"data: "):])
+
+
+def test_first_byte_timeout_gives_504(harness: Harness) -> None:
+    harness.upstreams["us"].handler = hang
+    d = harness.client.request(
+        "POST", "http://relay.test/v1/messages",
+        headers={"x-api-key": CLIENT_KEY}, data=json.dumps(MESSAGE).encode(),
+    )
+    harness.client.flush()
+    results: list[Any] = []
+    d.addBoth(results.append)
+    assert not results
+    harness.clock.advance(599)
+    harness.client.flush()
+    assert not results
+    harness.clock.advance(2)
+    harness.client.flush()
+    assert results and results[0].code == 504
+    assert harness.logs.access()[-1]["outcome"] == "timeout_first_byte"
+    assert harness.runtime.backends[0].in_flight == 0
+
+
+def test_idle_timeout_mid_stream_ends_with_error_event(harness: Harness) -> None:
+    harness.upstreams["us"].handler = lambda r, b: sse(r, ANTHROPIC_EVENTS[:1], finish=False)
+    d = harness.client.request(
+        "POST", "http://relay.test/v1/messages",
+        headers={"x-api-key": CLIENT_KEY}, data=json.dumps(dict(MESSAGE, stream=True)).encode(),
+    )
+    harness.client.flush()
+    responses: list[Any] = []
+    d.addCallback(responses.append)
+    harness.client.flush()
+    assert responses and responses[0].code == 200
+    chunks: list[bytes] = []
+    done: list[Any] = []
+    harness.client.collect(responses[0], chunks.append).addBoth(done.append)
+    harness.client.flush()
+    assert b"".join(chunks) == ANTHROPIC_EVENTS[0]
+    harness.clock.advance(301)
+    harness.client.flush()
+    assert done
+    assert b"event: error" in b"".join(chunks)
+    assert harness.logs.access()[-1]["outcome"] == "timeout_idle"
+
+
+def test_gzip_json_usage_is_read(harness: Harness) -> None:
+    import gzip
+
+    def gz(request: Request, body: bytes) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-encoding", b"gzip")
+        return gzip.compress(json.dumps({"usage": {"prompt_tokens": 10, "completion_tokens": 2,
+                                                   "prompt_tokens_details":
+                                                   {"cached_tokens": 4}}}).encode())
+
+    harness.upstreams["main"].handler = gz
+    status, _, _ = harness.call("POST", "/v1/chat/completions", CHAT, api="openai")
+    assert status == 200
+    line = harness.logs.access()[-1]
+    assert (line["input_tokens"], line["cache_read_tokens"], line["output_tokens"]) == (6, 4, 2)
+
+
+def test_model_list_is_filtered_for_the_client(harness: Harness) -> None:
+    def models(request: Request, body: bytes) -> bytes:
+        return json_reply(request, {"data": [{"id": "claude-sonnet-4-5"}, {"id": "claude-opus"},
+                                             {"id": "other-model"}], "has_more": False})
+
+    for name in ("us", "eu"):
+        harness.upstreams[name].handler = models
+    status, _, body = harness.call("GET", "/v1/models", key=OTHER_KEY)
+    assert status == 200
+    payload = json.loads(body)
+    assert [m["id"] for m in payload["data"]] == ["claude-sonnet-4-5", "claude-opus"]
+    assert payload["first_id"] == "claude-sonnet-4-5" and payload["has_more"] is False
+
+
+def test_openai_model_list_shape(harness: Harness) -> None:
+    harness.upstreams["main"].handler = lambda r, b: json_reply(
+        r, {"object": "list", "data": [{"id": "gpt-4o", "object": "model"}]}
+    )
+    status, _, body = harness.call("GET", "/v1/models", api="openai", key=OTHER_KEY)
+    assert status == 200
+    assert json.loads(body) == {"object": "list", "data": []}
+    status, _, body = harness.call("GET", "/v1/models", api="openai")
+    assert [m["id"] for m in json.loads(body)["data"]] == ["gpt-4o"]
+
+
+def test_unexpected_exception_becomes_500_and_relay_keeps_serving(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: Router, api: str, model: str | None) -> Any:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(Router, "route", broken)
+    status, _, body = harness.call("POST", "/v1/messages", MESSAGE)
+    assert status == 500
+    assert json.loads(body)["error"]["type"] == "api_error"
+    assert any(e.get("log_failure") for e in harness.logs.events)
+    monkeypatch.undo()
+    assert harness.call("POST", "/v1/messages", MESSAGE)[0] == 200
+
+
+def test_access_log_never_contains_secrets(harness: Harness) -> None:
+    harness.call("POST", "/v1/messages", MESSAGE)
+    harness.call("POST", "/v1/messages", MESSAGE, key="sk-not-a-client")
+    text = repr(harness.logs.events)
+    for secret in (CLIENT_KEY, "sk-not-a-client", "sk-up-us", "sk-up-eu"):
+        assert secret not in text
