@@ -5,10 +5,8 @@ from __future__ import annotations
 from twisted.application.service import IService
 from twisted.python import usage
 
-from relayd.config import ConfigErrors, load_config
+from relayd.config import DEFAULT_CONFIG_PATH, ConfigErrors, load_config
 from relayd.config.model import Config
-
-DEFAULT_CONFIG_PATH = "/etc/relayd.yaml"
 
 
 class Options(usage.Options):

@@ -187,7 +187,10 @@ def test_concurrency_cap_gives_503() -> None:
         assert status == 503
         assert headers["retry-after"] == ["1"]
         assert "concurrency limit" in json.loads(body)["error"]["message"]
+        cancelled: list[Any] = []
+        d.addErrback(cancelled.append)
         d.cancel()
+        assert cancelled
     finally:
         h.close()
 

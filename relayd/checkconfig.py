@@ -1,0 +1,67 @@
+"""``relayd-checkconfig``: validate a configuration file without starting relayd.
+
+Like ``nginx -t``: prints one summary line and exits 0 when the file is valid, or
+prints every problem (one ``path: message`` per line) to stderr and exits 1. It loads
+the file exactly as the daemon does, so API key files and ``api_key_env`` variables
+must be readable/set in the environment it runs in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from relayd.config import DEFAULT_CONFIG_PATH, Config, ConfigErrors, load_config
+
+PROG = "relayd-checkconfig"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check the configuration file named on the command line; return the exit status."""
+    args = _argument_parser().parse_args(argv)
+    path: str = args.config
+    try:
+        config = load_config(path)
+    except ConfigErrors as exc:
+        for error in exc.errors:
+            print(error, file=sys.stderr)
+        print(f"{PROG}: {path}: {_count(len(exc.errors), 'error')}", file=sys.stderr)
+        return 1
+    print(f"{PROG}: {path} OK: {summarize(config)}")
+    return 0
+
+
+def summarize(config: Config) -> str:
+    """A one-line count of what the configuration defines."""
+    backends = sum(len(provider.backends) for provider in config.providers)
+    return (
+        f"{_count(len(config.listen), 'listener')}, "
+        f"{_count(len(config.clients), 'client')}, "
+        f"{_count(len(config.providers), 'provider')} ({_count(backends, 'backend')}), "
+        f"{_count(len(config.routes), 'route')}"
+    )
+
+
+def _count(number: int, noun: str) -> str:
+    """``"1 route"``, ``"2 routes"``."""
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
+
+
+def _argument_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Check a relayd configuration file and report every problem in it.",
+    )
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        default=DEFAULT_CONFIG_PATH,
+        help=f"configuration file to check (default: {DEFAULT_CONFIG_PATH})",
+    )
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

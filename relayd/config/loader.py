@@ -1,0 +1,857 @@
+"""Read and validate the YAML configuration into the frozen objects of :mod:`.model`.
+
+The loader is deliberately strict: unknown keys, wrong types (a boolean is never a
+number), ``null`` values and dangling references are all errors, because a typo in a
+relay's configuration should stop it at startup (or at ``relayd-checkconfig``), not
+silently widen access or route traffic somewhere unexpected.
+
+Every problem is collected before anything is raised, so one run reports them all.
+Error messages name the offending key by its path (``providers[0].backends[1].weight``)
+and never quote a secret: API keys, key file contents and environment values stay out.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TypeVar
+from urllib.parse import SplitResult, urlsplit
+
+import yaml
+
+from relayd.config.model import (
+    API_FAMILIES,
+    DEFAULT_LISTEN_ADDRESS,
+    DEFAULT_MAX_BODY_BYTES,
+    ApiFamily,
+    BackendConfig,
+    ClientConfig,
+    Config,
+    ListenerConfig,
+    PoolConfig,
+    ProviderConfig,
+    RouteConfig,
+    TimeoutsConfig,
+    TlsConfig,
+)
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "ROOT_PATH",
+    "ConfigError",
+    "ConfigErrors",
+    "load_config",
+    "parse_config",
+]
+
+DEFAULT_CONFIG_PATH = "/etc/relayd.yaml"
+ROOT_PATH = "(top level)"  # the error path used for the document itself
+
+_ROOT_KEYS = ("listen", "max_body_bytes", "timeouts", "pool", "clients", "providers", "routes")
+_LISTENER_KEYS = ("address", "tls")
+_TLS_KEYS = ("certificate", "private_key")
+_TIMEOUT_KEYS = ("connect", "first_byte", "idle", "total")
+_POOL_KEYS = ("max_idle_connections", "idle_timeout")
+_CLIENT_KEYS = ("name", "key_sha256", "models")
+_PROVIDER_KEYS = ("name", "type", "timeouts", "pool", "backends")
+_KEY_SOURCES = ("api_key", "api_key_env", "api_key_file")
+_BACKEND_KEYS = ("name", "url", *_KEY_SOURCES, "weight", "max_concurrent", "timeouts", "pool")
+_ROUTE_KEYS = ("api", "models", "provider")
+
+_NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_HEX_DIGEST_RE = re.compile(r"[0-9A-Fa-f]{64}")
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+_UNSAFE_CHAR_RE = re.compile(r"[\x00-\x20\x7f]")  # whitespace and control characters
+
+# Key files are tiny; the cap keeps a mistaken path such as /dev/zero from hanging startup.
+_MAX_KEY_FILE_BYTES = 64 * 1024
+
+# Defaults come from the model so there is a single source of truth.
+_BACKEND_DEFAULTS = BackendConfig(name="", url="", api_key="")
+
+_T = TypeVar("_T")
+_Check = Callable[[object, str], _T | None]
+
+
+class ConfigError(Exception):
+    """One problem in the configuration, located by its key path."""
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(path, message)
+        self.path = path
+        self.message = message
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+class ConfigErrors(Exception):  # noqa: N818 (the public name is part of the API)
+    """Every problem found in one configuration; ``str()`` lists one per line."""
+
+    def __init__(self, errors: Iterable[ConfigError]) -> None:
+        self.errors: list[ConfigError] = list(errors)
+        super().__init__(self.errors)
+
+    def __str__(self) -> str:
+        return "\n".join(str(error) for error in self.errors)
+
+
+def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, parse and validate the YAML file at ``path``.
+
+    Relative paths inside the file (TLS files, API key files) are resolved against the
+    file's own directory. Raises :class:`ConfigErrors` for an unreadable file, a YAML
+    syntax error or any validation problem.
+    """
+    data = _read_yaml(path)
+    base_dir = os.path.dirname(os.path.abspath(path))
+    return parse_config(data, source=path, environ=environ, base_dir=base_dir)
+
+
+def parse_config(
+    data: object,
+    *,
+    source: str = "<memory>",
+    environ: Mapping[str, str] | None = None,
+    base_dir: str | None = None,
+) -> Config:
+    """Validate already-parsed YAML ``data`` and build a :class:`Config`.
+
+    ``environ`` supplies ``api_key_env`` variables (default: ``os.environ``);
+    ``base_dir`` anchors relative paths (default: the current directory).
+    ``None`` (an empty document) gives the defaults.
+    """
+    parser = _Parser(
+        environ=os.environ if environ is None else environ,
+        base_dir=os.path.abspath(os.getcwd() if base_dir is None else base_dir),
+    )
+    config = parser.parse(data, source)
+    if parser.errors:
+        raise ConfigErrors(parser.errors)
+    return config
+
+
+def _read_yaml(path: str) -> object:
+    """Load ``path`` with ``yaml.safe_load``, turning I/O and syntax errors into ConfigErrors."""
+    try:
+        with open(path, "rb") as stream:
+            raw = stream.read()
+    except (OSError, ValueError) as exc:
+        raise ConfigErrors([ConfigError(path, f"cannot read file: {_os_reason(exc)}")]) from exc
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigErrors([_yaml_error(path, exc)]) from exc
+    except (ValueError, RecursionError) as exc:  # e.g. an integer too long to convert
+        message = f"cannot be loaded as YAML ({type(exc).__name__})"
+        raise ConfigErrors([ConfigError(path, message)]) from exc
+
+
+def _yaml_error(path: str, exc: yaml.YAMLError) -> ConfigError:
+    """Describe a YAML error by file, line and column, without quoting the file's text.
+
+    PyYAML's own ``str()`` includes a snippet of the offending line, which may hold a
+    secret, so only the problem and context descriptions are kept.
+    """
+    if isinstance(exc, yaml.MarkedYAMLError):
+        mark = exc.problem_mark or exc.context_mark
+        where = path if mark is None else f"{path}:{_mark_text(mark, ':')}"
+        parts = [exc.problem or "invalid YAML"]
+        if exc.context:
+            since = exc.context_mark
+            started = "" if since is None else f" at line {_mark_text(since, ', column ')}"
+            parts.append(f"({exc.context}{started})")
+        return ConfigError(where, "YAML syntax error: " + " ".join(parts))
+    if isinstance(exc, yaml.reader.ReaderError):
+        if exc.encoding == "unicode":  # PyYAML's marker for a non-printable character
+            return ConfigError(path, f"contains a control character (character {exc.position})")
+        return ConfigError(path, f"not valid {exc.encoding} text (byte {exc.position})")
+    return ConfigError(path, f"invalid YAML ({type(exc).__name__})")
+
+
+def _mark_text(mark: yaml.Mark, separator: str) -> str:
+    """A YAML position as 1-based ``line<separator>column``."""
+    return f"{mark.line + 1}{separator}{mark.column + 1}"
+
+
+def _os_reason(exc: OSError | ValueError) -> str:
+    """Why a file could not be opened, without repeating its name.
+
+    ``open`` raises ValueError for a path containing a NUL character.
+    """
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return "invalid path" if isinstance(exc, ValueError) else type(exc).__name__
+
+
+def _key_path(path: str, key: object) -> str:
+    """The path of ``key`` inside the mapping at ``path`` ("" is the document)."""
+    return f"{path}.{key}" if path else str(key)
+
+
+def _item_path(path: str, index: int) -> str:
+    """The path of item ``index`` of the list at ``path``."""
+    return f"{path}[{index}]"
+
+
+def _type_name(value: object) -> str:
+    """A YAML-flavoured name for the type of ``value``, used in type errors."""
+    if value is None:
+        return "null"
+    names: tuple[tuple[type, str], ...] = (
+        (bool, "boolean"),
+        (int, "integer"),
+        (float, "number"),
+        (str, "string"),
+        (list, "list"),
+        (dict, "mapping"),
+    )
+    for kind, name in names:
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _plain_number(value: object) -> bool:
+    """True for ints and floats; bools are ints to Python but never numbers here."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _as_float(value: object) -> float | None:
+    """``value`` as a float if it is a plain number (an overflowing int becomes inf)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
+
+
+def _normalized_host(host: str) -> str:
+    """A canonical spelling of a listener host, for spotting duplicate listeners."""
+    if host == "localhost":
+        return host
+    return str(ipaddress.ip_address(host))
+
+
+def _split_address(address: str) -> tuple[str, str] | str:
+    """Split ``host:port`` or ``[v6]:port`` into its parts, or return what is wrong."""
+    if address.startswith("["):
+        host, sep, port = address[1:].partition("]:")
+        if not sep:
+            return 'must be "host:port" or "[ipv6]:port"'
+        if not _is_ipv6(host):
+            return "only an IPv6 address may be written in brackets"
+        return host, port
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        return 'must be "host:port" or "[ipv6]:port"'
+    if ":" in host:
+        return 'an IPv6 address must be written in brackets, as in "[::1]:8080"'
+    if host != "localhost" and not _is_ip(host):
+        return 'host must be an IP address or "localhost"'
+    return host, port
+
+
+def _is_ip(host: str) -> bool:
+    """True if ``host`` is an IPv4 or IPv6 literal."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ipv6(host: str) -> bool:
+    """True if ``host`` is an IPv6 literal."""
+    return _is_ip(host) and ipaddress.ip_address(host).version == 6
+
+
+def _parse_port(text: str) -> int | None:
+    """The port number in ``text`` if it is a decimal from 0 to 65535."""
+    if not _PORT_RE.fullmatch(text):
+        return None
+    port = int(text)
+    return port if port <= 65535 else None
+
+
+def _url_problem(url: str) -> str | None:
+    """What is wrong with a backend URL, or None. Never quotes the URL (it may hold a secret)."""
+    if _UNSAFE_CHAR_RE.search(url):
+        return "must not contain whitespace or control characters"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return "is not a valid URL"
+    if parts.scheme not in ("http", "https"):
+        return "must start with http:// or https://"
+    if "@" in parts.netloc:
+        return (
+            "must not contain user info (put credentials in api_key, api_key_env or api_key_file)"
+        )
+    problems = (
+        (not parts.hostname, "must include a host"),
+        (not _valid_port(parts), "has an invalid port"),
+        ("#" in url, "must not contain a fragment (#...)"),
+        ("?" in url, "must not contain a query string (?...)"),
+    )
+    return next((message for failed, message in problems if failed), None)
+
+
+def _valid_port(parts: SplitResult) -> bool:
+    """An absent port, or one from 1 to 65535 (an upstream cannot listen on port 0)."""
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or above 65535
+        return False
+    return port is None or port > 0
+
+
+def _normalize_url(url: str) -> str:
+    """Lower-case the scheme and drop trailing slashes; the path prefix is kept."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}"
+
+
+class _Parser:
+    """Walks the parsed YAML, records every error, and builds the model objects.
+
+    Each ``check``-style method takes ``(value, path)`` and returns the validated value,
+    or None after recording an error, so callers can carry on and find more problems.
+    """
+
+    def __init__(self, *, environ: Mapping[str, str], base_dir: str) -> None:
+        self.environ = environ
+        self.base_dir = base_dir
+        self.errors: list[ConfigError] = []
+        # Provider name -> type (None if the type was invalid); None if the providers
+        # section itself is unusable, in which case route references are not checked.
+        self.provider_types: dict[str, ApiFamily | None] | None = {}
+
+    def error(self, path: str, message: str) -> None:
+        """Record one problem."""
+        self.errors.append(ConfigError(path or ROOT_PATH, message))
+
+    # -- the document ---------------------------------------------------------------
+
+    def parse(self, data: object, source: str) -> Config:
+        """Build the whole Config (meaningful only if no error was recorded)."""
+        fields = self.mapping({} if data is None else data, "", _ROOT_KEYS)
+        if fields is None:
+            return Config(listen=(), source=source)
+        listen = self.listeners(fields.get("listen"), "listen", "listen" in fields)
+        max_body = self.optional(
+            fields, "max_body_bytes", "", self.positive_int, DEFAULT_MAX_BODY_BYTES
+        )
+        timeouts = self.timeouts_in(fields, "", TimeoutsConfig())
+        pool = self.pool_in(fields, "", PoolConfig())
+        clients = self.clients(fields.get("clients", []), "clients")
+        providers = self.providers(fields.get("providers", []), "providers", timeouts, pool)
+        routes = self.routes(fields.get("routes", []), "routes")
+        return Config(
+            listen=listen,
+            clients=clients,
+            providers=providers,
+            routes=routes,
+            max_body_bytes=max_body,
+            timeouts=timeouts,
+            pool=pool,
+            source=source,
+        )
+
+    # -- generic checks ---------------------------------------------------------------
+
+    def mapping(self, value: object, path: str, allowed: Sequence[str]) -> dict[str, object] | None:
+        """``value`` as a mapping whose keys are all in ``allowed``; unknown keys are errors."""
+        if not isinstance(value, dict):
+            self.error(path, f"must be a mapping, got {_type_name(value)}")
+            return None
+        fields: dict[str, object] = {}
+        for key, item in value.items():
+            if isinstance(key, str) and key in allowed:
+                fields[key] = item
+            else:
+                self.error(_key_path(path, key), "unknown key")
+        return fields
+
+    def items(self, value: object, path: str, *, empty: str | None) -> list[tuple[str, object]]:
+        """The ``(path, item)`` pairs of a list; ``empty`` is the error for an empty list."""
+        if not isinstance(value, list):
+            self.error(path, f"must be a list, got {_type_name(value)}")
+            return []
+        if not value and empty is not None:
+            self.error(path, empty)
+        return [(_item_path(path, index), item) for index, item in enumerate(value)]
+
+    def required(
+        self, fields: Mapping[str, object], key: str, path: str, check: _Check[_T]
+    ) -> _T | None:
+        """Check a key that must be present; a missing key is an error."""
+        if key not in fields:
+            self.error(_key_path(path, key), "is required")
+            return None
+        return check(fields[key], _key_path(path, key))
+
+    def optional(
+        self,
+        fields: Mapping[str, object],
+        key: str,
+        path: str,
+        check: _Check[_T],
+        default: _T,
+    ) -> _T:
+        """Check a key that may be left out; ``default`` stands in if absent or invalid."""
+        if key not in fields:
+            return default
+        result = check(fields[key], _key_path(path, key))
+        return default if result is None else result
+
+    def string(self, value: object, path: str) -> str | None:
+        """A non-empty string."""
+        if not isinstance(value, str):
+            self.error(path, f"must be a string, got {_type_name(value)}")
+            return None
+        if not value.strip():
+            self.error(path, "must not be empty")
+            return None
+        return value
+
+    def name(self, value: object, path: str) -> str | None:
+        """An identifier: letters, digits, ``_``, ``.`` and ``-``."""
+        text = self.string(value, path)
+        if text is not None and not _NAME_RE.fullmatch(text):
+            self.error(path, "must contain only letters, digits, '_', '.' and '-'")
+            return None
+        return text
+
+    def positive_int(self, value: object, path: str) -> int | None:
+        """An integer above zero (booleans and floats are refused)."""
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            self.error(path, f"must be a positive integer, got {self.describe_number(value)}")
+            return None
+        return value
+
+    def positive_number(self, value: object, path: str) -> float | None:
+        """A finite int or float above zero (booleans are refused)."""
+        number = _as_float(value)
+        if number is None or not 0 < number < math.inf:
+            self.error(path, f"must be a positive number, got {self.describe_number(value)}")
+            return None
+        return number
+
+    @staticmethod
+    def describe_number(value: object) -> str:
+        """Numbers are not secret, so show them; anything else only by type."""
+        return repr(value) if _plain_number(value) else _type_name(value)
+
+    def api_family(self, value: object, path: str) -> ApiFamily | None:
+        """One of :data:`API_FAMILIES`."""
+        for family in API_FAMILIES:
+            if value == family:
+                return family
+        shown = repr(value) if isinstance(value, str) else _type_name(value)
+        self.error(path, f"must be one of {', '.join(API_FAMILIES)}, got {shown}")
+        return None
+
+    def globs(self, value: object, path: str) -> tuple[str, ...] | None:
+        """A non-empty list of non-empty model names or fnmatch globs."""
+        pairs = self.items(
+            value,
+            path,
+            empty="must list at least one model name or glob (leave the key out for all)",
+        )
+        if not pairs:
+            return None
+        patterns = [self.string(item, item_path) for item_path, item in pairs]
+        valid = [pattern for pattern in patterns if pattern is not None]
+        return tuple(valid) if len(valid) == len(patterns) else None
+
+    def optional_globs(self, fields: Mapping[str, object], path: str) -> tuple[str, ...] | None:
+        """The optional ``models`` key of ``fields``; absent means every model."""
+        if "models" not in fields:
+            return None
+        return self.globs(fields["models"], _key_path(path, "models"))
+
+    def unique(self, name: str | None, path: str, seen: dict[str, str], what: str) -> None:
+        """Record ``name`` at ``path``; a name already seen is an error at this path."""
+        if name is None:
+            return
+        if name in seen:
+            self.error(path, f"duplicate {what} name {name!r} (first used at {seen[name]})")
+        else:
+            seen[name] = path
+
+    def local_path(self, value: object, path: str) -> str | None:
+        """A filesystem path, made absolute against the configuration's directory."""
+        text = self.string(value, path)
+        if text is None:
+            return None
+        return os.path.normpath(os.path.join(self.base_dir, text))
+
+    # -- listeners --------------------------------------------------------------------
+
+    def listeners(self, value: object, path: str, given: bool) -> tuple[ListenerConfig, ...]:
+        """The ``listen`` list (one default listener if the key is absent)."""
+        if not given:
+            value = [{"address": DEFAULT_LISTEN_ADDRESS}]
+        pairs = self.items(value, path, empty="must contain at least one listener")
+        seen: dict[tuple[str, int], str] = {}
+        listeners = [self.listener(item, item_path, seen) for item_path, item in pairs]
+        return tuple(listener for listener in listeners if listener is not None)
+
+    def listener(
+        self, value: object, path: str, seen: dict[tuple[str, int], str]
+    ) -> ListenerConfig | None:
+        """One ``listen`` entry: an address (unique in ``seen``) and optional TLS files."""
+        fields = self.mapping(value, path, _LISTENER_KEYS)
+        if fields is None:
+            return None
+        address = self.required(fields, "address", path, self.address)
+        if address is not None:
+            self.check_listener_unique(address[1], address[2], path, seen)
+        tls = self.tls(fields["tls"], _key_path(path, "tls")) if "tls" in fields else None
+        if address is None or ("tls" in fields and tls is None):
+            return None
+        text, host, port = address
+        return ListenerConfig(address=text, host=host, port=port, tls=tls)
+
+    def address(self, value: object, path: str) -> tuple[str, str, int] | None:
+        """``host:port`` or ``[v6]:port`` as ``(text, host, port)``."""
+        if not isinstance(value, str):
+            self.error(path, f'must be a string such as "127.0.0.1:8080", got {_type_name(value)}')
+            return None
+        split = _split_address(value)
+        if isinstance(split, str):
+            self.error(path, split)
+            return None
+        host, port_text = split
+        port = _parse_port(port_text)
+        if port is None:
+            self.error(path, "port must be a number from 0 to 65535")
+            return None
+        return value, host, port
+
+    def check_listener_unique(
+        self, host: str, port: int, path: str, seen: dict[tuple[str, int], str]
+    ) -> None:
+        """Two listeners on one host and port cannot both bind (port 0 is always fresh)."""
+        if port == 0:
+            return
+        key = (_normalized_host(host), port)
+        if key in seen:
+            self.error(_key_path(path, "address"), f"duplicate listener (same as {seen[key]})")
+        else:
+            seen[key] = path
+
+    def tls(self, value: object, path: str) -> TlsConfig | None:
+        """Certificate and private key paths; their existence is checked at startup."""
+        fields = self.mapping(value, path, _TLS_KEYS)
+        if fields is None:
+            return None
+        certificate = self.required(fields, "certificate", path, self.local_path)
+        private_key = self.required(fields, "private_key", path, self.local_path)
+        if certificate is None or private_key is None:
+            return None
+        return TlsConfig(certificate=certificate, private_key=private_key)
+
+    # -- timeouts and pool ------------------------------------------------------------
+
+    def timeouts_in(
+        self, fields: Mapping[str, object], path: str, base: TimeoutsConfig
+    ) -> TimeoutsConfig:
+        """``base`` overridden by the optional ``timeouts`` key of ``fields``."""
+        if "timeouts" not in fields:
+            return base
+        return self.timeouts(fields["timeouts"], _key_path(path, "timeouts"), base)
+
+    def timeouts(self, value: object, path: str, base: TimeoutsConfig) -> TimeoutsConfig:
+        """A partial ``timeouts`` mapping merged field by field over ``base``."""
+        fields = self.mapping(value, path, _TIMEOUT_KEYS)
+        if fields is None:
+            return base
+        number = self.positive_number
+        return TimeoutsConfig(
+            connect=self.optional(fields, "connect", path, number, base.connect),
+            first_byte=self.optional(fields, "first_byte", path, number, base.first_byte),
+            idle=self.optional(fields, "idle", path, number, base.idle),
+            total=self.optional(fields, "total", path, number, base.total),
+        )
+
+    def pool_in(self, fields: Mapping[str, object], path: str, base: PoolConfig) -> PoolConfig:
+        """``base`` overridden by the optional ``pool`` key of ``fields``."""
+        if "pool" not in fields:
+            return base
+        return self.pool(fields["pool"], _key_path(path, "pool"), base)
+
+    def pool(self, value: object, path: str, base: PoolConfig) -> PoolConfig:
+        """A partial ``pool`` mapping merged field by field over ``base``."""
+        fields = self.mapping(value, path, _POOL_KEYS)
+        if fields is None:
+            return base
+        return PoolConfig(
+            max_idle_connections=self.optional(
+                fields, "max_idle_connections", path, self.positive_int, base.max_idle_connections
+            ),
+            idle_timeout=self.optional(
+                fields, "idle_timeout", path, self.positive_number, base.idle_timeout
+            ),
+        )
+
+    # -- clients ----------------------------------------------------------------------
+
+    def clients(self, value: object, path: str) -> tuple[ClientConfig, ...]:
+        """The ``clients`` list; names and key digests must be unique."""
+        names: dict[str, str] = {}
+        digests: dict[bytes, str] = {}
+        pairs = self.items(value, path, empty=None)
+        clients = [self.client(item, item_path, names, digests) for item_path, item in pairs]
+        return tuple(client for client in clients if client is not None)
+
+    def client(
+        self, value: object, path: str, names: dict[str, str], digests: dict[bytes, str]
+    ) -> ClientConfig | None:
+        """One client: a name, the SHA-256 of its relay key, and an optional model allowlist."""
+        fields = self.mapping(value, path, _CLIENT_KEYS)
+        if fields is None:
+            return None
+        name = self.required(fields, "name", path, self.name)
+        self.unique(name, _key_path(path, "name"), names, "client")
+        digest = self.required(fields, "key_sha256", path, self.key_digest)
+        if digest is not None:
+            self.check_digest_unique(digest, name, path, digests)
+        models = self.optional_globs(fields, path)
+        if name is None or digest is None or ("models" in fields and models is None):
+            return None
+        return ClientConfig(name=name, key_sha256=digest, models=models)
+
+    def key_digest(self, value: object, path: str) -> bytes | None:
+        """64 hex digits (either case) as 32 raw bytes."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            self.error(path, "must be a string (quote the hex digest), got integer")
+            return None
+        if not isinstance(value, str) or not _HEX_DIGEST_RE.fullmatch(value):
+            self.error(path, "must be 64 hexadecimal characters (a SHA-256 digest)")
+            return None
+        return bytes.fromhex(value)
+
+    def check_digest_unique(
+        self, digest: bytes, name: str | None, path: str, seen: dict[bytes, str]
+    ) -> None:
+        """Two clients with one key could not be told apart."""
+        first = seen.get(digest)
+        if first is None:
+            seen[digest] = path if name is None else f"{path} ({name})"
+        else:
+            self.error(_key_path(path, "key_sha256"), f"same key digest as {first}")
+
+    # -- providers and backends -------------------------------------------------------
+
+    def providers(
+        self, value: object, path: str, timeouts: TimeoutsConfig, pool: PoolConfig
+    ) -> tuple[ProviderConfig, ...]:
+        """The ``providers`` list; names must be unique."""
+        if not isinstance(value, list):
+            self.provider_types = None
+        names: dict[str, str] = {}
+        result = []
+        for item_path, item in self.items(value, path, empty=None):
+            provider = self.provider(item, item_path, names, timeouts, pool)
+            if provider is not None:
+                result.append(provider)
+        return tuple(result)
+
+    def provider(
+        self,
+        value: object,
+        path: str,
+        names: dict[str, str],
+        timeouts: TimeoutsConfig,
+        pool: PoolConfig,
+    ) -> ProviderConfig | None:
+        """One provider: its API type and backends, with optional timeout/pool overrides."""
+        fields = self.mapping(value, path, _PROVIDER_KEYS)
+        if fields is None:
+            return None
+        name = self.required(fields, "name", path, self.name)
+        self.unique(name, _key_path(path, "name"), names, "provider")
+        family: ApiFamily | None = self.required(fields, "type", path, self.api_family)
+        if name is not None and self.provider_types is not None:
+            self.provider_types.setdefault(name, family)
+        timeouts = self.timeouts_in(fields, path, timeouts)
+        pool = self.pool_in(fields, path, pool)
+        backends = self.required(
+            fields, "backends", path, lambda v, p: self.backends(v, p, timeouts, pool)
+        )
+        if name is None or family is None or not backends:
+            return None
+        return ProviderConfig(name=name, type=family, backends=backends)
+
+    def backends(
+        self, value: object, path: str, timeouts: TimeoutsConfig, pool: PoolConfig
+    ) -> tuple[BackendConfig, ...] | None:
+        """A provider's non-empty backend list; names are unique within the provider."""
+        pairs = self.items(value, path, empty="must contain at least one backend")
+        names: dict[str, str] = {}
+        backends = [
+            self.backend(item, item_path, names, timeouts, pool) for item_path, item in pairs
+        ]
+        valid = [backend for backend in backends if backend is not None]
+        return tuple(valid) if valid and len(valid) == len(backends) else None
+
+    def backend(
+        self,
+        value: object,
+        path: str,
+        names: dict[str, str],
+        timeouts: TimeoutsConfig,
+        pool: PoolConfig,
+    ) -> BackendConfig | None:
+        """One backend: URL, API key, weight, concurrency cap and effective timeouts/pool."""
+        fields = self.mapping(value, path, _BACKEND_KEYS)
+        if fields is None:
+            return None
+        name = self.required(fields, "name", path, self.name)
+        self.unique(name, _key_path(path, "name"), names, "backend")
+        url = self.required(fields, "url", path, self.url)
+        api_key = self.api_key(fields, path)
+        defaults = _BACKEND_DEFAULTS
+        weight = self.optional(fields, "weight", path, self.positive_int, defaults.weight)
+        max_concurrent = self.optional(
+            fields, "max_concurrent", path, self.positive_int, defaults.max_concurrent
+        )
+        timeouts = self.timeouts_in(fields, path, timeouts)
+        pool = self.pool_in(fields, path, pool)
+        if name is None or url is None or api_key is None:
+            return None
+        return BackendConfig(
+            name=name,
+            url=url,
+            api_key=api_key,
+            weight=weight,
+            max_concurrent=max_concurrent,
+            pool=pool,
+            timeouts=timeouts,
+        )
+
+    def url(self, value: object, path: str) -> str | None:
+        """An http(s) base URL with a host and an optional path prefix."""
+        text = self.string(value, path)
+        if text is None:
+            return None
+        problem = _url_problem(text)
+        if problem is not None:
+            self.error(path, problem)
+            return None
+        return _normalize_url(text)
+
+    # -- secrets ----------------------------------------------------------------------
+
+    def api_key(self, fields: Mapping[str, object], path: str) -> str | None:
+        """The backend's API key from exactly one of api_key, api_key_env, api_key_file."""
+        given = [key for key in _KEY_SOURCES if key in fields]
+        if len(given) != 1:
+            found = f" (found {', '.join(given)})" if given else ""
+            self.error(path, f"needs exactly one of {', '.join(_KEY_SOURCES)}{found}")
+            return None
+        key = given[0]
+        loaders: dict[str, Callable[[object, str], str | None]] = {
+            "api_key": self.literal_key,
+            "api_key_env": self.env_key,
+            "api_key_file": self.file_key,
+        }
+        return loaders[key](fields[key], _key_path(path, key))
+
+    def literal_key(self, value: object, path: str) -> str | None:
+        """A key written inline in the file."""
+        if not isinstance(value, str):
+            self.error(path, f"must be a string, got {_type_name(value)}")
+            return None
+        return self.secret(value, path, "the key")
+
+    def env_key(self, value: object, path: str) -> str | None:
+        """A key read from the environment variable named by ``value``."""
+        variable = self.string(value, path)
+        if variable is None:
+            return None
+        secret = self.environ.get(variable)
+        if secret is None:
+            self.error(path, f"environment variable {variable} is not set")
+            return None
+        return self.secret(secret, path, f"environment variable {variable}")
+
+    def file_key(self, value: object, path: str) -> str | None:
+        """A key read from the file at ``value`` (relative to the configuration's directory)."""
+        key_file = self.local_path(value, path)
+        if key_file is None:
+            return None
+        try:
+            with open(key_file, "rb") as stream:
+                raw = stream.read(_MAX_KEY_FILE_BYTES + 1)
+        except (OSError, ValueError) as exc:
+            self.error(path, f"cannot read key file {key_file}: {_os_reason(exc)}")
+            return None
+        if len(raw) > _MAX_KEY_FILE_BYTES:
+            self.error(path, f"key file {key_file} is too large to hold an API key")
+            return None
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.error(path, f"key file {key_file} is not valid UTF-8")
+            return None
+        return self.secret(text, path, f"key file {key_file}")
+
+    def secret(self, value: str, path: str, origin: str) -> str | None:
+        """Strip surrounding whitespace; the key must then be non-empty and header-safe.
+
+        ``origin`` describes where the key came from; the key itself is never shown.
+        """
+        secret = value.strip()
+        if not secret:
+            self.error(path, f"{origin} is empty")
+            return None
+        if _UNSAFE_CHAR_RE.search(secret):
+            self.error(path, f"{origin} contains whitespace or control characters")
+            return None
+        return secret
+
+    # -- routes -----------------------------------------------------------------------
+
+    def routes(self, value: object, path: str) -> tuple[RouteConfig, ...]:
+        """The ordered ``routes`` list (first match wins)."""
+        result = []
+        for item_path, item in self.items(value, path, empty=None):
+            route = self.route(item, item_path)
+            if route is not None:
+                result.append(route)
+        return tuple(result)
+
+    def route(self, value: object, path: str) -> RouteConfig | None:
+        """One route: incoming API, optional model globs, and the provider serving them."""
+        fields = self.mapping(value, path, _ROUTE_KEYS)
+        if fields is None:
+            return None
+        api: ApiFamily | None = self.required(fields, "api", path, self.api_family)
+        models = self.optional_globs(fields, path)
+        provider = self.required(fields, "provider", path, self.string)
+        if provider is not None:
+            self.check_route_target(provider, api, _key_path(path, "provider"))
+        if api is None or provider is None or ("models" in fields and models is None):
+            return None
+        return RouteConfig(api=api, provider=provider, models=models)
+
+    def check_route_target(self, provider: str, api: ApiFamily | None, path: str) -> None:
+        """The provider must exist and speak the route's API (no translation yet)."""
+        if self.provider_types is None:
+            return
+        if provider not in self.provider_types:
+            self.error(path, f"no provider named {provider!r}")
+            return
+        family = self.provider_types[provider]
+        if api is not None and family is not None and family != api:
+            self.error(
+                path,
+                f"providers of type {family} cannot serve the {api} API yet (no translation)",
+            )
