@@ -140,7 +140,7 @@ class Harness:
 
         self.runtime = RelayRuntime(parsed, self.clock, agent_factory=agent_for)
         self.resource = RelayResource(lambda: self.runtime, self.clock)
-        self.client = StubTreq(self.resource)
+        self.client: Any = StubTreq(self.resource)
         self.logs = LogCapture()
         globalLogPublisher.addObserver(self.logs)
 

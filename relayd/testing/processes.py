@@ -1,0 +1,163 @@
+"""Real processes for integration tests, benchmarks and the demo.
+
+:class:`RelaydProcess` runs ``twistd -n relayd -c FILE`` and :class:`FakeUpstreamProcess`
+runs the fake upstream, each on 127.0.0.1 ephemeral ports, with output going to a log
+file (never to a pipe that could fill up). Both are stopped by PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+_LISTENING = re.compile(r"relayd listening on (https?://[^\s]+)")
+
+
+def _bin(name: str) -> str:
+    return str(Path(sys.executable).with_name(name))
+
+
+def wait_for(predicate: Any, timeout: float, what: str, log: Path | None = None) -> Any:
+    """Poll ``predicate`` until it returns something truthy (bounded by ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.02)
+    tail = log.read_text()[-3000:] if log is not None and log.exists() else ""
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}\n{tail}")
+
+
+@dataclass
+class FakeUpstreamProcess:
+    """``python -m relayd.testing.fakeprovider`` on an ephemeral port."""
+
+    workdir: Path
+    name: str = "upstream"
+    tls: tuple[str, str] | None = None
+    listen: str = "127.0.0.1:0"
+    process: subprocess.Popen[bytes] | None = None
+    port: int = 0
+
+    def start(self) -> FakeUpstreamProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        port_file = self.workdir / f"{self.name}.port"
+        log = self.workdir / f"{self.name}.log"
+        args = [sys.executable, "-m", "relayd.testing.fakeprovider", "--listen", self.listen,
+                "--port-file", str(port_file)]
+        if self.tls:
+            args += ["--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
+        port_file.unlink(missing_ok=True)
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+
+        def listening() -> bool:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited early:\n" + log.read_text())
+            return port_file.exists()
+
+        wait_for(listening, 20, f"{self.name} to listen", log)
+        self.port = int(port_file.read_text().strip())
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def _call(self, method: str, path: str, payload: object = None) -> Any:
+        data = json.dumps(payload).encode() if payload is not None else None
+        request = urllib.request.Request(self.url + path, data=data, method=method)
+        request.add_header("content-type", "application/json")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+
+    def requests(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = self._call("GET", "/_fake/requests")
+        return result
+
+    def reset(self) -> None:
+        self._call("POST", "/_fake/reset", {})
+
+    def configure(self, **knobs: Any) -> None:
+        self._call("POST", "/_fake/config", knobs)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+@dataclass
+class RelaydProcess:
+    """``twistd -n relayd -c FILE`` with a config written from a dict."""
+
+    workdir: Path
+    config: dict[str, Any]
+    env: dict[str, str] = field(default_factory=dict)
+    process: subprocess.Popen[bytes] | None = None
+    urls: list[str] = field(default_factory=list)
+
+    @property
+    def config_path(self) -> Path:
+        return self.workdir / "relayd.yaml"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "relayd.log"
+
+    def start(self, expect_listeners: int | None = None) -> RelaydProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(self.config))
+        wanted = expect_listeners or len(self.config.get("listen", [{}]))
+        args = [_bin("twistd"), "-n", "--pidfile=", "relayd", "-c", str(self.config_path)]
+        environ = dict(os.environ, **self.env)
+        with self.log_path.open("wb") as out:
+            self.process = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir, env=environ
+            )
+
+        def listening() -> list[str] | None:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError("relayd exited early:\n" + self.log_path.read_text())
+            found = _LISTENING.findall(self.log_path.read_text())
+            return found if len(found) >= wanted else None
+
+        self.urls = wait_for(listening, 30, "relayd to listen", self.log_path)
+        return self
+
+    def url(self, scheme: str = "http") -> str:
+        return next(u for u in self.urls if u.startswith(scheme + "://"))
+
+    def log_text(self) -> str:
+        return self.log_path.read_text()
+
+    def signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self) -> int | None:
+        return stop_process(self.process)
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10) -> int | None:
+    """SIGTERM the process we started, then SIGKILL if it lingers; returns its exit code."""
+    if process is None or process.poll() is not None:
+        return None if process is None else process.returncode
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait(timeout)
