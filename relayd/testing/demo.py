@@ -22,7 +22,8 @@ relayd demo: relay on http://127.0.0.1:8080, fake upstream on http://{upstream}
 Try (relay key sk-relay-demo):
   curl -s http://127.0.0.1:8080/v1/messages -H 'x-api-key: sk-relay-demo' \\
     -H 'anthropic-version: 2023-06-01' -H 'content-type: application/json' \\
-    -d '{{"model": "claude-sonnet-4-5", "max_tokens": 64, "messages": [{{"role": "user", "content": "Hi"}}]}}'
+    -d '{{"model": "claude-sonnet-4-5", "max_tokens": 64,
+         "messages": [{{"role": "user", "content": "Hi"}}]}}'
 Ctrl-C stops both.
 """
 
