@@ -8,7 +8,6 @@ from relayd.config.loader import (
     parse_config,
 )
 from relayd.config.model import (
-    API_FAMILIES,
     DEFAULT_LISTEN_ADDRESS,
     DEFAULT_MAX_BODY_BYTES,
     ApiFamily,
@@ -24,7 +23,6 @@ from relayd.config.model import (
 )
 
 __all__ = [
-    "API_FAMILIES",
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_LISTEN_ADDRESS",
     "DEFAULT_MAX_BODY_BYTES",

@@ -23,7 +23,6 @@ from urllib.parse import SplitResult, urlsplit
 import yaml
 
 from relayd.config.model import (
-    API_FAMILIES,
     DEFAULT_LISTEN_ADDRESS,
     DEFAULT_MAX_BODY_BYTES,
     ApiFamily,
@@ -37,6 +36,7 @@ from relayd.config.model import (
     TimeoutsConfig,
     TlsConfig,
 )
+from relayd.providers import PROVIDERS
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
@@ -448,12 +448,11 @@ class _Parser:
         return repr(value) if _plain_number(value) else _type_name(value)
 
     def api_family(self, value: object, path: str) -> ApiFamily | None:
-        """One of :data:`API_FAMILIES`."""
-        for family in API_FAMILIES:
-            if value == family:
-                return family
+        """The name of a registered provider module (``relayd.providers.PROVIDERS``)."""
+        if isinstance(value, str) and value in PROVIDERS:
+            return value
         shown = repr(value) if isinstance(value, str) else _type_name(value)
-        self.error(path, f"must be one of {', '.join(API_FAMILIES)}, got {shown}")
+        self.error(path, f"must be one of {', '.join(PROVIDERS)}, got {shown}")
         return None
 
     def globs(self, value: object, path: str) -> tuple[str, ...] | None:

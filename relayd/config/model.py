@@ -7,10 +7,9 @@ snapshot by :mod:`relayd.runtime`; nothing on the request path reads YAML.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-ApiFamily = Literal["anthropic", "openai"]
-API_FAMILIES: tuple[ApiFamily, ...] = ("anthropic", "openai")
+# An API family is the name of a provider module registered in relayd.providers.
+ApiFamily = str
 
 DEFAULT_LISTEN_ADDRESS = "127.0.0.1:8080"
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024

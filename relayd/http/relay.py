@@ -34,7 +34,15 @@ from twisted.web.server import NOT_DONE_YET
 
 from relayd.http.body import BoundedBody
 from relayd.logs import log_access
-from relayd.providers import PROVIDERS, Endpoint, IProvider, IStreamWatcher, Usage
+from relayd.providers import (
+    DEFAULT_FAMILY,
+    PROVIDERS,
+    Endpoint,
+    IProvider,
+    IStreamWatcher,
+    Usage,
+    family_of,
+)
 from relayd.providers.base import model_entries
 from relayd.runtime import Client, RelayRuntime
 from relayd.upstream import Backend, BytesProducer
@@ -92,15 +100,6 @@ _DROP_RESPONSE_HEADERS = frozenset(
 _MAX_COLLECTED_BODY = 4 * 1024 * 1024  # JSON bodies larger than this are not parsed for usage
 
 
-def detect_family(request: Request) -> IProvider:
-    """The API family of a request on a path both families share (or an unknown path)."""
-    if request.requestHeaders.hasHeader(b"anthropic-version") or request.requestHeaders.hasHeader(
-        b"x-api-key"
-    ):
-        return PROVIDERS["anthropic"]
-    return PROVIDERS["openai"]
-
-
 class EndpointTable:
     """Finds the (family, endpoint) for a path; exact paths by dict, the rest by regex."""
 
@@ -123,7 +122,7 @@ class EndpointTable:
                 return None
         if len(candidates) == 1:
             return candidates[0]
-        preferred = detect_family(request)
+        preferred = family_of(request.requestHeaders)
         for family, ep in candidates:
             if family is preferred:
                 return family, ep
@@ -161,7 +160,7 @@ class Exchange:
         self.clock = resource.clock
         self.started = self.clock.seconds()
         self.request_id = "req_" + os.urandom(12).hex()
-        self.family: IProvider = PROVIDERS["openai"]
+        self.family: IProvider = PROVIDERS[DEFAULT_FAMILY]
         self.endpoint: Endpoint | None = None
         self.client: Client | None = None
         self.model: str | None = None
@@ -198,7 +197,7 @@ class Exchange:
         path = request.path
         found = self.resource.endpoints.lookup(request, path)
         if found is None:
-            self.family = detect_family(request)
+            self.family = family_of(request.requestHeaders)
             self.reply_error(404, f"no such endpoint: {_printable(path)}")
             return
         self.family, self.endpoint = found

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from twisted.web.http_headers import Headers
+
 from relayd.providers.anthropic import AnthropicProvider
 from relayd.providers.base import Endpoint, IProvider, IStreamWatcher, Usage
 from relayd.providers.openai import OpenAIProvider
@@ -11,4 +13,24 @@ PROVIDERS: dict[str, IProvider] = {
     "openai": OpenAIProvider(),
 }
 
-__all__ = ["PROVIDERS", "Endpoint", "IProvider", "IStreamWatcher", "Usage"]
+# The family of a request on a shared path (/v1/models) that no other family claims.
+DEFAULT_FAMILY = "openai"
+
+
+def family_of(request_headers: Headers) -> IProvider:
+    """The family that claims a request by its headers, else :data:`DEFAULT_FAMILY`."""
+    for provider in PROVIDERS.values():
+        if provider.claims(request_headers):
+            return provider
+    return PROVIDERS[DEFAULT_FAMILY]
+
+
+__all__ = [
+    "DEFAULT_FAMILY",
+    "PROVIDERS",
+    "Endpoint",
+    "IProvider",
+    "IStreamWatcher",
+    "Usage",
+    "family_of",
+]

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from relayd.providers.base import Endpoint, IProvider, IStreamWatcher, Usage, endpoint
@@ -158,6 +159,12 @@ class AnthropicProvider:
 
     def is_retryable(self, status: int) -> bool:
         return status == 429 or status >= 500
+
+    def claims(self, request_headers: Headers) -> bool:
+        # Every Anthropic SDK sends anthropic-version; older ones and curl use x-api-key.
+        return request_headers.hasHeader(b"anthropic-version") or request_headers.hasHeader(
+            b"x-api-key"
+        )
 
     def render_model_list(self, entries: Sequence[dict[str, Any]]) -> bytes:
         data = [{"type": "model", **entry} for entry in entries]

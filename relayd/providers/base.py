@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.web.http_headers import Headers
 from zope.interface import Attribute, Interface
 
 
@@ -105,6 +106,9 @@ class IProvider(Interface):
 
     def is_retryable(status: int) -> bool:
         """Whether an upstream status means another backend might succeed."""
+
+    def claims(request_headers: Headers) -> bool:
+        """Whether a request on a path several families share is this family's."""
 
     def render_model_list(entries: Sequence[dict[str, Any]]) -> bytes:
         """A model-list body in this family's shape from upstream entries (each has an id)."""

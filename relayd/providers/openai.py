@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
 from relayd.providers.base import Endpoint, IProvider, IStreamWatcher, Usage, endpoint
@@ -164,6 +165,9 @@ class OpenAIProvider:
 
     def is_retryable(self, status: int) -> bool:
         return status == 429 or status >= 500
+
+    def claims(self, request_headers: Headers) -> bool:
+        return False  # the default family: no header marks an OpenAI call
 
     def render_model_list(self, entries: Sequence[dict[str, Any]]) -> bytes:
         data = [{"object": "model", **entry} for entry in entries]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from relayd.providers import PROVIDERS
+from relayd.providers import PROVIDERS, IStreamWatcher
 from relayd.providers.base import endpoint
 from relayd.sse import SseEvent, SseParser
 
@@ -118,3 +118,13 @@ def test_openai_watcher_sees_error_chunk() -> None:
     watcher = PROVIDERS["openai"].stream_watcher(EP)
     watcher.feed(b'data: {"error":{"message":"boom","type":"server_error"}}\n\n')
     assert watcher.error_seen and not watcher.complete
+
+
+def test_providers_provide_the_interface() -> None:
+    from zope.interface.verify import verifyObject
+
+    from relayd.providers.base import IProvider
+
+    for provider in PROVIDERS.values():
+        assert verifyObject(IProvider, provider)
+        assert verifyObject(IStreamWatcher, provider.stream_watcher(EP))
