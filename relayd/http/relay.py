@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone, readBody
 from twisted.web.http import PotentialDataLoss, Request
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
@@ -402,8 +402,13 @@ class Exchange:
             out.removeHeader(b"content-length")
             out.setRawHeaders(b"cache-control", [b"no-cache"])
             out.setRawHeaders(b"x-accel-buffering", [b"no"])
-        elif status < 300 and b"json" in content_type:
-            self.collected = []
+        else:
+            # Agent keeps Content-Length out of response.headers; relay it so the client
+            # gets a length-delimited body rather than chunked encoding.
+            if response.length is not UNKNOWN_LENGTH:
+                out.setRawHeaders(b"content-length", [b"%d" % response.length])
+            if status < 300 and b"json" in content_type:
+                self.collected = []
         self._arm_idle_timer()
         response.deliverBody(_BodyRelay(self))
 

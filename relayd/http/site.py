@@ -16,6 +16,9 @@ from relayd.runtime import RelayRuntime
 class RelaySite(Site):
     """Serves :class:`RelayResource`; bounds request bodies; leaves logging to the relay.
 
+    ``clock`` must be the reactor itself in production (Site uses it for its channels'
+    timeouts).
+
     Twisted's own combined-format access log is turned off: the relay writes one
     structured line per request itself.
     """
@@ -24,7 +27,14 @@ class RelaySite(Site):
     displayTracebacks = False
 
     def __init__(self, get_runtime: Callable[[], RelayRuntime], clock: IReactorTime) -> None:
-        super().__init__(RelayResource(get_runtime, clock), requestFactory=Request)
+        # Bodies are JSON relayed as bytes: never parse them as HTML form submissions
+        # (that costs a MIME parse of Content-Type on every POST).
+        super().__init__(
+            RelayResource(get_runtime, clock),
+            requestFactory=Request,
+            reactor=clock,
+            parsePOSTFormSubmission=False,
+        )
         self._get_runtime = get_runtime
 
     def getContentFile(self, length: int | None) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.web.iweb import UNKNOWN_LENGTH
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -187,4 +188,7 @@ class Harness:
             k.decode().lower(): [v.decode() for v in vs]
             for k, vs in response.headers.getAllRawHeaders()
         }
+        if response.length is not UNKNOWN_LENGTH:
+            # Agent keeps Content-Length out of the headers and reports it as .length.
+            headers_out["content-length"] = [str(response.length)]
         return response.code, headers_out, content[0]

@@ -40,6 +40,7 @@ def test_anthropic_request_gets_backend_key_and_loses_client_key(harness: Harnes
     assert status == 200
     assert json.loads(body)["usage"] == {"input_tokens": 3, "output_tokens": 4}
     assert headers["x-relayd-request-id"][0].startswith("req_")
+    assert headers["content-length"] == [str(len(body))]
     seen = harness.upstreams["us"].seen[0]
     assert seen.headers[b"x-api-key"] == [b"sk-up-us"]
     assert b"authorization" not in seen.headers
