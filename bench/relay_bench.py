@@ -1,0 +1,1108 @@
+"""relayd benchmark: added latency, relay CPU per request, streaming, RSS.
+
+One run starts the fake upstream (``python -m relayd.testing.fakeprovider``), relayd
+(``twistd -n relayd``) and a bare Twisted+treq pass-through proxy (``bench/bare_proxy.py``,
+the reference point of the CPU budget) as subprocesses on 127.0.0.1 ephemeral ports,
+warms them up, then measures with a small asyncio load generator that speaks raw
+HTTP/1.1 over keep-alive sockets (request bytes built once, responses parsed by
+Content-Length or chunked framing):
+
+1. added latency: sequential (concurrency 1) non-streaming ``POST /v1/messages``,
+   interleaved between the fake upstream directly and the same upstream through relayd,
+   one persistent connection per target; p50/p99 of each and the difference;
+2. proxy CPU per request: the proxy's utime+stime (``/proc/PID/stat``) around a fixed
+   batch of non-streaming requests on ``--concurrency`` keep-alive connections, divided
+   by the batch size, with the batch's req/s; for relayd, for the bare proxy, and straight
+   to the fake upstream (the upstream's own CPU per request, for context);
+3. streaming: sequential interleaved ``"stream": true`` requests for time to the first
+   body byte (relay vs direct), then a concurrent streaming batch for CPU per stream.
+
+It prints markdown tables (for docs/performance.md) and, with ``--json``, writes the raw
+figures. Every phase is bounded in count and by ``--duration-cap``; the subprocesses are
+stopped by PID. The exit status is 1 when any request failed, 2 when the run was aborted.
+
+Usage: ``.venv/bin/python bench/relay_bench.py [--requests N] [--concurrency C]
+[--duration-cap S] [--json OUT]`` (``make bench`` runs it with the defaults).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RELAY_KEY = "sk-relay-bench-7f3a9c2e5b1d4f60"
+UPSTREAM_KEY = "sk-fake-upstream"
+FAKE_UPSTREAM_MODULE = "relayd.testing.fakeprovider"
+# Streams: the fake's default 5 text chunks (9 SSE events), each event its own write
+# 1 ms apart, so the relay sees a stream in several reads as it would in production.
+FAKE_UPSTREAM_KNOBS = {"chunk_delay": 0.001}
+CPU_BUDGET_MS = 0.35  # relay CPU per non-streaming request, plain HTTP
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+MAX_FAILURES_PER_PHASE = 50  # past this a phase stops early (the run then exits non-zero)
+STARTUP_TIMEOUT = 30.0
+_RELAY_LISTENING = re.compile(rb"relayd listening on http://127\.0\.0\.1:(\d+)")
+_BARE_LISTENING = re.compile(rb"bare-proxy listening on http://127\.0\.0\.1:(\d+)")
+
+
+class BenchError(Exception):
+    """The bench could not run (a process did not start, the duration cap was hit)."""
+
+
+# ----------------------------------------------------------------------- request shapes
+
+
+def message_body(stream: bool) -> bytes:
+    """A small realistic Messages request (about 1 KB): system prompt, a short dialogue."""
+    payload: dict[str, Any] = {
+        "model": "claude-sonnet-4-5-20250929",
+        "max_tokens": 1024,
+        "system": (
+            "You are a concise assistant for an internal engineering team. Answer in plain "
+            "English, cite file paths when you refer to code, and say so when you are unsure."
+        ),
+        "messages": [
+            {
+                "role": "user",
+                "content": (
+                    "Our Twisted service logs 'Connection was closed cleanly' warnings after "
+                    "we put a load balancer in front of it. The balancer's idle timeout is 60 "
+                    "seconds and our HTTP client pool keeps connections for 240 seconds. What "
+                    "is going on and what should we change?"
+                ),
+            },
+            {
+                "role": "assistant",
+                "content": (
+                    "The balancer closes idle connections after 60 s while your pool still "
+                    "thinks they are usable, so the next request on such a connection fails. "
+                    "Keep the pool's idle timeout below the balancer's."
+                ),
+            },
+            {
+                "role": "user",
+                "content": (
+                    "Makes sense. Which setting is that on HTTPConnectionPool, and should we "
+                    "also turn on automatic retries for idempotent requests?"
+                ),
+            },
+        ],
+        "temperature": 0.2,
+        "metadata": {"user_id": "bench-user-0001"},
+    }
+    if stream:
+        payload["stream"] = True
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def build_request(port: int, key: str, body: bytes) -> bytes:
+    """The whole HTTP/1.1 request, built once and sent as is for every request."""
+    head = (
+        "POST /v1/messages HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{port}\r\n"
+        "User-Agent: relay-bench/1\r\n"
+        "Accept: application/json\r\n"
+        "Content-Type: application/json\r\n"
+        "anthropic-version: 2023-06-01\r\n"
+        f"x-api-key: {key}\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        "\r\n"
+    )
+    return head.encode("ascii") + body
+
+
+# ------------------------------------------------------------------------- load generator
+
+
+class ResponseError(Exception):
+    """A broken or malformed response."""
+
+
+@dataclass(slots=True)
+class Response:
+    status: int
+    headers: dict[bytes, bytes]
+    body: bytes
+    sent: float  # perf_counter() when the request was written
+    first_body: float  # when the first body byte arrived (== headers for an empty body)
+    done: float
+
+
+class HttpConnection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 client connection: one request in flight at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.waiter: asyncio.Future[Response] | None = None
+        self.closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._buf = b""
+        self._head_done = False
+        self._status = 0
+        self._headers: dict[bytes, bytes] = {}
+        self._length: int | None = None
+        self._chunked = False
+        self._parts: list[bytes] = []
+        self._sent = 0.0
+        self._first_body = 0.0
+        self._body_seen = False
+        self._close_after = False
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            self.waiter = None
+            waiter.set_exception(ResponseError(f"connection lost: {exc or 'closed by peer'}"))
+
+    def data_received(self, data: bytes) -> None:
+        if self.waiter is None:
+            self._fail("unexpected data between responses")
+            return
+        self._buf = self._buf + data if self._buf else data
+        try:
+            if not self._head_done and not self._parse_head():
+                return
+            if self._chunked:
+                finished = self._parse_chunks()
+            else:
+                finished = self._parse_sized()
+        except (ValueError, ResponseError) as exc:
+            self._fail(f"malformed response: {exc}")
+            return
+        if finished:
+            self._complete()
+
+    # parsing
+
+    def _parse_head(self) -> bool:
+        end = self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buf) > 65536:
+                raise ResponseError("response head too large")
+            return False
+        lines = self._buf[:end].split(b"\r\n")
+        self._buf = self._buf[end + 4 :]
+        version, status, _ = (lines[0] + b" ").split(b" ", 2)
+        if not version.startswith(b"HTTP/1."):
+            raise ResponseError(f"bad status line {lines[0][:80]!r}")
+        self._status = int(status)
+        headers = self._headers
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            headers[name.strip().lower()] = value.strip()
+        if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+            self._chunked = True
+        else:
+            length = headers.get(b"content-length")
+            if length is None:
+                raise ResponseError("neither content-length nor chunked")
+            self._length = int(length)
+        self._close_after = headers.get(b"connection", b"").lower() == b"close"
+        self._head_done = True
+        self._first_body = time.perf_counter()  # replaced below if body bytes come later
+        self._body_seen = bool(self._buf)
+        return True
+
+    def _note_body(self) -> None:
+        if not self._body_seen and self._buf:
+            self._body_seen = True
+            self._first_body = time.perf_counter()
+
+    def _parse_sized(self) -> bool:
+        assert self._length is not None
+        self._note_body()
+        if len(self._buf) < self._length:
+            return False
+        if len(self._buf) > self._length:
+            raise ResponseError("more bytes than content-length")
+        self._parts.append(self._buf)
+        self._buf = b""
+        return True
+
+    def _parse_chunks(self) -> bool:
+        self._note_body()
+        buf = self._buf
+        pos = 0
+        while True:
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            size = int(buf[pos:eol].split(b";", 1)[0], 16)
+            if size == 0:
+                # No trailers expected: the last chunk is "0\r\n\r\n".
+                if len(buf) < eol + 4:
+                    break
+                if buf[eol + 2 : eol + 4] != b"\r\n":
+                    raise ResponseError("trailers are not supported")
+                if len(buf) > eol + 4:
+                    raise ResponseError("bytes after the last chunk")
+                self._buf = b""
+                return True
+            end = eol + 2 + size
+            if len(buf) < end + 2:
+                break
+            self._parts.append(buf[eol + 2 : end])
+            pos = end + 2
+        self._buf = buf[pos:]
+        return False
+
+    def _complete(self) -> None:
+        waiter = self.waiter
+        assert waiter is not None
+        response = Response(
+            self._status,
+            self._headers,
+            b"".join(self._parts),
+            self._sent,
+            self._first_body,
+            time.perf_counter(),
+        )
+        close = self._close_after
+        self.waiter = None
+        self._reset()
+        if close and self.transport is not None:
+            self.transport.close()
+            self.closed = True
+        waiter.set_result(response)
+
+    def _fail(self, why: str) -> None:
+        waiter = self.waiter
+        self.waiter = None
+        self.closed = True
+        if self.transport is not None:
+            self.transport.abort()
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ResponseError(why))
+
+    # use
+
+    def request(self, data: bytes) -> asyncio.Future[Response]:
+        assert self.transport is not None and self.waiter is None and not self.closed
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Response] = loop.create_future()
+        self.waiter = waiter
+        self._sent = time.perf_counter()
+        self.transport.write(data)
+        return waiter
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.closed = True
+
+
+async def connect(port: int) -> HttpConnection:
+    loop = asyncio.get_running_loop()
+    _, protocol = await loop.create_connection(HttpConnection, "127.0.0.1", port)
+    return protocol
+
+
+@dataclass
+class Target:
+    """One side of the comparison: the fake upstream directly, or through relayd."""
+
+    name: str
+    port: int
+    plain: bytes  # the non-streaming request
+    stream: bytes  # the streaming request
+    via_relay: bool = False  # responses must carry relayd's request id
+
+
+@dataclass
+class Tally:
+    """Failures of one phase, with the first few reasons."""
+
+    phase: str
+    failures: int = 0
+    reconnects: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+    def fail(self, why: str) -> None:
+        self.failures += 1
+        if len(self.reasons) < 3:
+            self.reasons.append(why)
+
+
+def check(response: Response, stream: bool, via_relay: bool) -> str | None:
+    """Why a response does not count as a success, or None."""
+    if not 200 <= response.status < 300:
+        return f"HTTP {response.status}: {response.body[:120]!r}"
+    if stream:
+        if b"event: message_stop" not in response.body:
+            return "stream ended without message_stop"
+        if b"event: error" in response.body:
+            return "stream carried an error event"
+    elif not response.body.startswith(b"{"):
+        return f"non-JSON body {response.body[:80]!r}"
+    if via_relay and b"x-relayd-request-id" not in response.headers:
+        return "response did not come through relayd (no x-relayd-request-id)"
+    return None
+
+
+class Client:
+    """A keep-alive connection that reconnects after a failure (counted in the tally)."""
+
+    def __init__(self, target: Target, tally: Tally) -> None:
+        self.target = target
+        self.tally = tally
+        self.conn: HttpConnection | None = None
+
+    async def send(self, data: bytes, stream: bool) -> Response | None:
+        if self.conn is None or self.conn.closed:
+            if self.conn is not None:
+                self.tally.reconnects += 1
+            try:
+                self.conn = await connect(self.target.port)
+            except OSError as exc:
+                self.tally.fail(f"{self.target.name}: cannot connect: {exc}")
+                return None
+        try:
+            response = await self.conn.request(data)
+        except ResponseError as exc:
+            self.tally.fail(f"{self.target.name}: {exc}")
+            self.conn.close()
+            return None
+        why = check(response, stream, self.target.via_relay)
+        if why is not None:
+            self.tally.fail(f"{self.target.name}: {why}")
+            return None
+        return response
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+async def sequential_interleaved(
+    targets: Sequence[Target], count: int, stream: bool, tally: Tally
+) -> dict[str, list[float]]:
+    """``count`` requests per target, one at a time, alternating which target goes first.
+
+    Returns per target the latencies in ms: whole response for plain requests, time to
+    the first body byte for streams.
+    """
+    clients = [Client(t, tally) for t in targets]
+    samples: dict[str, list[float]] = {t.name: [] for t in targets}
+    try:
+        for i in range(count):
+            order = clients if i % 2 == 0 else clients[::-1]
+            for client in order:
+                data = client.target.stream if stream else client.target.plain
+                response = await client.send(data, stream)
+                if response is None:
+                    if tally.failures >= MAX_FAILURES_PER_PHASE:
+                        return samples
+                    continue
+                end = response.first_body if stream else response.done
+                samples[client.target.name].append((end - response.sent) * 1000.0)
+    finally:
+        for client in clients:
+            client.close()
+    return samples
+
+
+async def concurrent_batch(
+    target: Target, total: int, concurrency: int, stream: bool, tally: Tally
+) -> int:
+    """``total`` requests over ``concurrency`` keep-alive connections; returns successes."""
+    remaining = total
+    ok = 0
+    data = target.stream if stream else target.plain
+
+    async def worker(client: Client) -> None:
+        nonlocal remaining, ok
+        while remaining > 0 and tally.failures < MAX_FAILURES_PER_PHASE:
+            remaining -= 1
+            if await client.send(data, stream) is not None:
+                ok += 1
+
+    clients = [Client(target, tally) for _ in range(concurrency)]
+    try:
+        # Connect first so connection setup is not part of the measured batch.
+        for client in clients:
+            try:
+                client.conn = await connect(target.port)
+            except OSError as exc:
+                tally.fail(f"{target.name}: cannot connect: {exc}")
+        await asyncio.gather(*(worker(c) for c in clients))
+    finally:
+        for client in clients:
+            client.close()
+    return ok
+
+
+# ---------------------------------------------------------------------- process handling
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (``/proc/PID/stat`` fields 14 and 15)."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        raw = handle.read()
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak RSS) of a process, in KiB."""
+    found: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as handle:
+        for line in handle:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                found[name] = int(value.split()[0])
+    return found
+
+
+class Service:
+    """One subprocess of the bench, logging to a file, started once and stopped by PID."""
+
+    def __init__(self, name: str, workdir: Path) -> None:
+        self.name = name
+        self.log = workdir / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self, argv: list[str], probe: Callable[[], str], deadline: float) -> None:
+        """Run ``argv`` and wait (bounded) until ``probe`` returns the listening port."""
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+            )
+        limit = min(deadline, time.monotonic() + STARTUP_TIMEOUT)
+        while time.monotonic() < limit:
+            value = probe()
+            if value:
+                self.port = int(value)
+                return
+            if self.process.poll() is not None:
+                raise BenchError(
+                    f"{self.name} exited with status {self.process.returncode}:\n"
+                    f"{_tail(self.log)}"
+                )
+            time.sleep(0.05)
+        raise BenchError(f"{self.name} did not start listening in time:\n{_tail(self.log)}")
+
+    def log_match(self, pattern: re.Pattern[bytes]) -> Callable[[], str]:
+        def probe() -> str:
+            found = pattern.search(self.log.read_bytes())
+            return found.group(1).decode() if found else ""
+
+        return probe
+
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGTERM)
+
+    def reap(self) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+
+class Processes:
+    """The fake upstream, relayd and the bare reference proxy."""
+
+    def __init__(self, workdir: Path, baseline: bool) -> None:
+        self.workdir = workdir
+        self.upstream = Service("upstream", workdir)
+        self.relay = Service("relayd", workdir)
+        self.bare = Service("bare-proxy", workdir) if baseline else None
+
+    def all(self) -> list[Service]:
+        return [s for s in (self.relay, self.bare, self.upstream) if s is not None]
+
+    def start(self, deadline: float) -> None:
+        port_file = self.workdir / "upstream.port"
+
+        def upstream_port() -> str:
+            return port_file.read_text().strip() if port_file.exists() else ""
+
+        self.upstream.start(
+            [
+                sys.executable, "-m", FAKE_UPSTREAM_MODULE,
+                "--listen", "127.0.0.1:0",
+                "--port-file", str(port_file),
+                "--config", json.dumps(FAKE_UPSTREAM_KNOBS),
+            ],
+            upstream_port,
+            deadline,
+        )
+        config = self.workdir / "relayd.yaml"
+        config.write_text(relay_config(self.upstream.port))
+        twistd = str(Path(sys.executable).with_name("twistd"))
+        self.relay.start(
+            [twistd, "-n", "--pidfile=", "relayd", "-c", str(config)],
+            self.relay.log_match(_RELAY_LISTENING),
+            deadline,
+        )
+        if self.bare is not None:
+            self.bare.start(
+                [
+                    sys.executable, str(Path(__file__).with_name("bare_proxy.py")),
+                    "--upstream", f"http://127.0.0.1:{self.upstream.port}",
+                    "--api-key", UPSTREAM_KEY,
+                ],
+                self.bare.log_match(_BARE_LISTENING),
+                deadline,
+            )
+
+    def stop(self) -> None:
+        for service in self.all():
+            service.terminate()
+        for service in self.all():
+            service.reap()
+
+
+def relay_config(upstream_port: int) -> str:
+    key_sha256 = hashlib.sha256(RELAY_KEY.encode()).hexdigest()
+    url = f"http://127.0.0.1:{upstream_port}"
+    return (
+        'listen: [{address: "127.0.0.1:0"}]\n'
+        f'clients: [{{name: bench, key_sha256: "{key_sha256}"}}]\n'
+        "providers:\n"
+        "  - name: anthropic\n"
+        "    type: anthropic\n"
+        f'    backends: [{{name: a, url: "{url}", api_key: "{UPSTREAM_KEY}"}}]\n'
+        "  - name: openai\n"
+        "    type: openai\n"
+        f'    backends: [{{name: o, url: "{url}", api_key: "{UPSTREAM_KEY}"}}]\n'
+        "routes:\n"
+        "  - {api: anthropic, provider: anthropic}\n"
+        "  - {api: openai, provider: openai}\n"
+    )
+
+
+def _tail(path: Path, size: int = 3000) -> str:
+    try:
+        return path.read_bytes()[-size:].decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+
+
+def relay_log_summary(path: Path) -> dict[str, int]:
+    """Access lines by outcome, error lines, and upstream connections opened (Twisted logs
+    "Starting factory" for each new pooled connection), from relayd's log."""
+    summary = {"access_ok": 0, "access_not_ok": 0, "errors": 0, "upstream_connections": 0}
+    with path.open("rb") as handle:
+        for line in handle:
+            if b"Starting factory _HTTP11ClientFactory" in line:
+                summary["upstream_connections"] += 1
+            elif b"[relayd.access#" in line:
+                if b" outcome=ok " in line:
+                    summary["access_ok"] += 1
+                else:
+                    summary["access_not_ok"] += 1
+            elif b"#error]" in line or b"#critical]" in line or b"Traceback" in line:
+                summary["errors"] += 1
+    return summary
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (``q`` in 0..100); NaN for no samples."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+def distribution(samples: Sequence[float]) -> dict[str, float]:
+    return {
+        "count": len(samples),
+        "p50_ms": percentile(samples, 50),
+        "p90_ms": percentile(samples, 90),
+        "p99_ms": percentile(samples, 99),
+        "max_ms": max(samples) if samples else math.nan,
+        "mean_ms": sum(samples) / len(samples) if samples else math.nan,
+    }
+
+
+@dataclass
+class BatchFigures:
+    """One concurrent batch against one target; CPU figures are per successful request."""
+
+    target: str
+    requests: int
+    ok: int
+    concurrency: int
+    seconds: float
+    req_per_s: float
+    proxy_cpu_ms_per_req: float | None  # relayd or the bare proxy; None when direct
+    upstream_cpu_ms_per_req: float
+    loadgen_cpu_ms_per_req: float
+
+
+async def measured_batch(
+    target: Target, total: int, concurrency: int, stream: bool, tally: Tally,
+    proxy_pid: int | None, upstream_pid: int,
+) -> BatchFigures:
+    proxy_before = cpu_seconds(proxy_pid) if proxy_pid is not None else 0.0
+    upstream_before = cpu_seconds(upstream_pid)
+    own_before = time.process_time()
+    started = time.perf_counter()
+    ok = await concurrent_batch(target, total, concurrency, stream, tally)
+    seconds = time.perf_counter() - started
+    own = time.process_time() - own_before
+    upstream = cpu_seconds(upstream_pid) - upstream_before
+    proxy = cpu_seconds(proxy_pid) - proxy_before if proxy_pid is not None else None
+    per = 1000.0 / ok if ok else math.nan
+    return BatchFigures(
+        target=target.name,
+        requests=total,
+        ok=ok,
+        concurrency=concurrency,
+        seconds=seconds,
+        req_per_s=ok / seconds if seconds > 0 else math.nan,
+        proxy_cpu_ms_per_req=proxy * per if proxy is not None else None,
+        upstream_cpu_ms_per_req=upstream * per,
+        loadgen_cpu_ms_per_req=own * per,
+    )
+
+
+# ---------------------------------------------------------------------------------- run
+
+
+@dataclass
+class Settings:
+    requests: int
+    batch: int
+    stream_requests: int
+    stream_batch: int
+    concurrency: int
+    warmup: int
+    duration_cap: float
+    baseline: bool
+
+
+def make_target(name: str, port: int, key: str, via_relay: bool) -> Target:
+    return Target(
+        name,
+        port,
+        build_request(port, key, message_body(False)),
+        build_request(port, key, message_body(True)),
+        via_relay,
+    )
+
+
+async def run_phases(
+    settings: Settings, procs: Processes, deadline: float, results: dict[str, Any],
+    tallies: list[Tally],
+) -> None:
+    relay_pid, upstream_pid = procs.relay.pid, procs.upstream.pid
+    direct = make_target("direct", procs.upstream.port, UPSTREAM_KEY, False)
+    relay = make_target("relay", procs.relay.port, RELAY_KEY, True)
+    bare = (
+        make_target("bare-proxy", procs.bare.port, "unused", False)
+        if procs.bare is not None
+        else None
+    )
+    results["request_bytes"] = {"plain": len(relay.plain), "stream": len(relay.stream)}
+    results["request_body_bytes"] = {
+        "plain": len(message_body(False)),
+        "stream": len(message_body(True)),
+    }
+    c = settings.concurrency
+
+    async def phase(name: str, coro: Any) -> Any:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            coro.close()
+            raise BenchError(f"duration cap reached before phase {name!r}")
+        _progress(f"{name} ...")
+        # The load generator's own cyclic GC stays out of the measured phases.
+        gc.collect()
+        gc.disable()
+        started = time.monotonic()
+        try:
+            result = await asyncio.wait_for(coro, timeout=left)
+        except TimeoutError:
+            raise BenchError(f"duration cap reached during phase {name!r}") from None
+        finally:
+            gc.enable()
+        _progress(f"{name}: {time.monotonic() - started:.1f} s")
+        return result
+
+    def tally(name: str) -> Tally:
+        t = Tally(name)
+        tallies.append(t)
+        return t
+
+    # Warm-up: code paths, and every proxy's upstream pool filled to `c` connections.
+    w = settings.warmup
+    warm = tally("warm-up")
+    await phase("warm-up", _warmup([direct, relay], w, c, warm))
+    if bare is not None:
+        await phase("warm-up bare proxy", concurrent_batch(bare, w, c, False, warm))
+
+    # 1. Added latency: plain requests at concurrency 1, direct and relayed interleaved.
+    relay_cpu = cpu_seconds(relay_pid)
+    lat = await phase(
+        "latency (concurrency 1, plain)",
+        sequential_interleaved([direct, relay], settings.requests, False, tally("latency")),
+    )
+    relay_cpu = cpu_seconds(relay_pid) - relay_cpu
+    results["latency"] = {name: distribution(s) for name, s in lat.items()}
+    results["latency"]["relay_cpu_ms_per_req"] = _per_request(relay_cpu, len(lat["relay"]))
+
+    # 2. CPU per request and throughput: concurrent plain batches.
+    batches: dict[str, Any] = {}
+    runs: list[tuple[Target, int | None]] = [(direct, None), (relay, relay_pid)]
+    if bare is not None and procs.bare is not None:
+        runs.append((bare, procs.bare.pid))
+    for target, pid in runs:
+        figures = await phase(
+            f"batch {target.name} (concurrency {c}, plain)",
+            measured_batch(target, settings.batch, c, False, tally(f"batch-{target.name}"),
+                           pid, upstream_pid),
+        )
+        batches[target.name] = asdict(figures)
+    results["batch"] = batches
+
+    # 3. Streaming: time to first body byte at concurrency 1, then CPU per stream.
+    relay_cpu = cpu_seconds(relay_pid)
+    ttfb = await phase(
+        "streaming time to first byte (concurrency 1)",
+        sequential_interleaved([direct, relay], settings.stream_requests, True,
+                               tally("stream-ttfb")),
+    )
+    relay_cpu = cpu_seconds(relay_pid) - relay_cpu
+    results["stream_ttfb"] = {name: distribution(s) for name, s in ttfb.items()}
+    results["stream_ttfb"]["relay_cpu_ms_per_req"] = _per_request(relay_cpu, len(ttfb["relay"]))
+    stream_batches: dict[str, Any] = {}
+    for target, pid in ((direct, None), (relay, relay_pid)):
+        figures = await phase(
+            f"batch {target.name} (concurrency {c}, streaming)",
+            measured_batch(target, settings.stream_batch, c, True,
+                           tally(f"stream-batch-{target.name}"), pid, upstream_pid),
+        )
+        stream_batches[target.name] = asdict(figures)
+    results["stream_batch"] = stream_batches
+    results["relay_memory_kib"] = memory_kib(relay_pid)
+
+
+def _per_request(seconds: float, count: int) -> float:
+    return seconds * 1000.0 / count if count else math.nan
+
+
+async def _warmup(targets: list[Target], count: int, c: int, tally: Tally) -> None:
+    await sequential_interleaved(targets, count, False, tally)
+    await sequential_interleaved(targets, max(count // 4, 1), True, tally)
+    for target in targets:
+        await concurrent_batch(target, count, c, False, tally)
+        await concurrent_batch(target, max(count // 2, c), c, True, tally)
+
+
+def _progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import twisted
+
+        twisted_version = twisted.__version__
+    except ImportError:
+        twisted_version = "?"
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "twisted": twisted_version,
+    }
+
+
+def git_commit() -> str:
+    """``git rev-parse --short HEAD``, with ``+dirty`` when tracked files are modified."""
+    git = shutil.which("git")
+    if git is None:
+        return "unknown"
+    try:
+        commit = subprocess.run(
+            [git, "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+            timeout=10, check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [git, "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+            capture_output=True, text=True, timeout=10, check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:.3f}"
+
+
+def _diff(relay: float, direct: float) -> str:
+    return "-" if math.isnan(relay) or math.isnan(direct) else f"{relay - direct:+.3f}"
+
+
+def render_report(results: dict[str, Any]) -> str:
+    """The markdown pasted into docs/performance.md."""
+    lat, ttfb = results["latency"], results["stream_ttfb"]
+    plain, stream = results["batch"], results["stream_batch"]
+    mem = results["relay_memory_kib"]
+    s, m = results["settings"], results["machine"]
+    c = s["concurrency"]
+    lines = [
+        f"relayd benchmark: {results['date']}, commit {results['commit']}, "
+        f"{m['cpus']} CPUs ({m['cpu_model'] or 'unknown model'}), "
+        f"Python {m['python']}, Twisted {m['twisted']}",
+        "",
+        "| latency at concurrency 1, ms | direct to upstream | through relayd | relay adds |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for label, table, key in (
+        (f"non-streaming p50 (n={s['requests']})", lat, "p50_ms"),
+        (f"non-streaming p99 (n={s['requests']})", lat, "p99_ms"),
+        (f"streaming, first body byte p50 (n={s['stream_requests']})", ttfb, "p50_ms"),
+        (f"streaming, first body byte p99 (n={s['stream_requests']})", ttfb, "p99_ms"),
+    ):
+        d, r = table["direct"][key], table["relay"][key]
+        lines.append(f"| {label} | {_ms(d)} | {_ms(r)} | {_diff(r, d)} |")
+    lines += [
+        "",
+        f"| concurrency {c} | requests | req/s | proxy CPU ms/req | upstream CPU ms/req "
+        "| load generator CPU ms/req |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    rows: list[tuple[str, dict[str, Any]]] = [
+        ("non-streaming, direct to upstream", plain["direct"]),
+        ("non-streaming, through relayd", plain["relay"]),
+    ]
+    if "bare-proxy" in plain:
+        rows.append(("non-streaming, through a bare Twisted+treq proxy", plain["bare-proxy"]))
+    rows += [
+        ("streaming, direct to upstream", stream["direct"]),
+        ("streaming, through relayd", stream["relay"]),
+    ]
+    for label, fig in rows:
+        proxy = _ms(fig["proxy_cpu_ms_per_req"])
+        if fig["target"] == "relay":
+            proxy = f"**{proxy}**"
+        lines.append(
+            f"| {label} | {fig['requests']} | {fig['req_per_s']:.0f} | {proxy} "
+            f"| {_ms(fig['upstream_cpu_ms_per_req'])} | {_ms(fig['loadgen_cpu_ms_per_req'])} |"
+        )
+    relay_cpu = plain["relay"]["proxy_cpu_ms_per_req"]
+    verdict = "within" if relay_cpu <= CPU_BUDGET_MS else "over"
+    if math.isnan(relay_cpu):
+        verdict = "not measured against"
+    lines += [
+        "",
+        f"- relayd CPU per non-streaming request: {_ms(relay_cpu)} ms at concurrency {c}, "
+        f"{verdict} the {CPU_BUDGET_MS} ms budget",
+    ]
+    if "bare-proxy" in plain:
+        bare_cpu = plain["bare-proxy"]["proxy_cpu_ms_per_req"]
+        if bare_cpu and not math.isnan(bare_cpu):
+            lines[-1] += f" ({relay_cpu / bare_cpu:.2f} x the bare proxy's {_ms(bare_cpu)} ms)"
+    lines[-1] += (
+        f"; at concurrency 1: {_ms(lat['relay_cpu_ms_per_req'])} ms per non-streaming "
+        f"request, {_ms(ttfb['relay_cpu_ms_per_req'])} ms per stream."
+    )
+    log = results.get("relay_log") or {}
+    lines += [
+        f"- relayd RSS after the run: {mem.get('VmRSS', 0) / 1024:.1f} MiB "
+        f"(peak {mem.get('VmHWM', 0) / 1024:.1f} MiB).",
+        f"- requests that failed: {results['failed_requests']}; relayd access log: "
+        f"{log.get('access_ok', 0)} lines with outcome=ok, {log.get('access_not_ok', 0)} "
+        f"other, {log.get('errors', 0)} error lines; relayd opened "
+        f"{log.get('upstream_connections', 0)} upstream connections in all.",
+    ]
+    return "\n".join(lines)
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN (no samples) as null, so the file is strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+# -------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Benchmark relayd against the fake upstream (127.0.0.1 only)."
+    )
+    parser.add_argument("--requests", type=int, default=2000, metavar="N",
+                        help="sequential non-streaming requests per target for the latency "
+                             "figures (default %(default)s); the other sizes derive from it")
+    parser.add_argument("--batch", type=int, default=None, metavar="M",
+                        help="non-streaming requests per target in the concurrent CPU "
+                             "batch (default 5 x N)")
+    parser.add_argument("--stream-requests", type=int, default=None, metavar="S",
+                        help="sequential streaming requests per target for time to first "
+                             "byte (default N / 4)")
+    parser.add_argument("--stream-batch", type=int, default=None, metavar="B",
+                        help="streaming requests per target in the concurrent CPU batch "
+                             "(default N)")
+    parser.add_argument("--concurrency", type=int, default=16, metavar="C",
+                        help="keep-alive connections of the batches (default %(default)s)")
+    parser.add_argument("--warmup", type=int, default=None, metavar="W",
+                        help="warm-up requests per target (default N / 4)")
+    parser.add_argument("--no-baseline", dest="baseline", action="store_false",
+                        help="skip the bare Twisted+treq reference proxy")
+    parser.add_argument("--duration-cap", type=float, default=300.0, metavar="S",
+                        help="hard limit on the whole run, in seconds (default %(default)s)")
+    parser.add_argument("--json", metavar="OUT", help="write the raw figures here")
+    parser.add_argument("--keep-logs", metavar="DIR",
+                        help="copy the subprocesses' logs here after the run")
+    args = parser.parse_args(argv)
+    for name in ("requests", "batch", "stream_requests", "stream_batch", "warmup"):
+        value = getattr(args, name)
+        if value is not None and not 1 <= value <= 1_000_000:
+            parser.error(f"--{name.replace('_', '-')} must be between 1 and 1000000")
+    if not 1 <= args.concurrency <= 256:
+        parser.error("--concurrency must be between 1 and 256")
+    if not 0 < args.duration_cap <= 3600:
+        parser.error("--duration-cap must be in (0, 3600] seconds")
+    return args
+
+
+def _alarm(signum: int, frame: Any) -> None:
+    raise BenchError("hard duration cap: the run did not stop in time")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    n = args.requests
+    settings = Settings(
+        requests=n,
+        batch=args.batch or 5 * n,
+        stream_requests=args.stream_requests or max(n // 4, 1),
+        stream_batch=args.stream_batch or n,
+        concurrency=args.concurrency,
+        warmup=args.warmup or max(n // 4, 1),
+        duration_cap=args.duration_cap,
+        baseline=args.baseline,
+    )
+    deadline = time.monotonic() + settings.duration_cap
+    # Last resort if a phase ignores the deadline: SIGALRM a little after it.
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(math.ceil(settings.duration_cap) + 30)
+    results: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "commit": git_commit(),
+        "machine": machine_info(),
+        "settings": asdict(settings),
+        "fake_upstream_knobs": FAKE_UPSTREAM_KNOBS,
+        "cpu_budget_ms": CPU_BUDGET_MS,
+    }
+    tallies: list[Tally] = []
+    error: str | None = None
+    workdir = Path(tempfile.mkdtemp(prefix="relay-bench-"))
+    procs = Processes(workdir, settings.baseline)
+    log_summary: dict[str, int] = {}
+    try:
+        try:
+            _progress(f"starting the fake upstream and relayd in {workdir}")
+            procs.start(deadline)
+            _progress(
+                ", ".join(f"{s.name} on :{s.port} (pid {s.pid})" for s in procs.all())
+            )
+            asyncio.run(run_phases(settings, procs, deadline, results, tallies))
+        except BenchError as exc:
+            error = str(exc)
+        except KeyboardInterrupt:
+            error = "interrupted"
+        finally:
+            procs.stop()
+            if args.keep_logs:
+                keep = Path(args.keep_logs)
+                keep.mkdir(parents=True, exist_ok=True)
+                for service in procs.all():
+                    if service.log.exists():
+                        shutil.copy(service.log, keep / service.log.name)
+            if procs.relay.log.exists():
+                log_summary = relay_log_summary(procs.relay.log)
+            shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        signal.alarm(0)
+
+    failures = sum(t.failures for t in tallies)
+    results["failed_requests"] = failures
+    results["failures"] = {
+        t.phase: {"failures": t.failures, "reconnects": t.reconnects, "first": t.reasons}
+        for t in tallies
+    }
+    results["relay_log"] = log_summary
+    if error is None:
+        print(render_report(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(_jsonable(results), indent=2) + "\n")
+    for t in tallies:
+        if t.failures or t.reconnects:
+            print(f"{t.phase}: {t.failures} failed, {t.reconnects} reconnects; "
+                  f"first: {t.reasons}", file=sys.stderr)
+    if log_summary.get("access_not_ok") or log_summary.get("errors"):
+        print(f"relayd log: {log_summary}", file=sys.stderr)
+    if error is not None:
+        print(f"bench aborted: {error}", file=sys.stderr)
+        return 2
+    if failures:
+        print(f"FAILED: {failures} requests failed", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
