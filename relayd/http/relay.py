@@ -51,19 +51,10 @@ log = Logger(namespace="relayd.relay")
 
 REQUEST_ID_HEADER = b"x-relayd-request-id"
 
-# Never forwarded upstream: the client's relay credential (both places it can be),
-# browser and proxy credentials, headers that are the relay's to set, and hop-by-hop
-# headers (RFC 9110 7.6.1). Headers named by Connection are dropped too.
-_DROP_REQUEST_HEADERS = frozenset(
+# Hop-by-hop headers (RFC 9110 7.6.1), never relayed in either direction; the headers
+# named by a request's Connection header are dropped too.
+_HOP_BY_HOP = frozenset(
     {
-        b"authorization",
-        b"x-api-key",
-        b"proxy-authorization",
-        b"cookie",
-        b"origin",
-        b"anthropic-dangerous-direct-browser-access",
-        b"host",
-        b"content-length",
         b"connection",
         b"proxy-connection",
         b"keep-alive",
@@ -71,31 +62,35 @@ _DROP_REQUEST_HEADERS = frozenset(
         b"transfer-encoding",
         b"upgrade",
         b"trailer",
-        b"expect",
     }
 )
 
-# Never relayed back: hop-by-hop headers, cookies, and upstream identity details.
-_DROP_RESPONSE_HEADERS = frozenset(
-    {
-        b"connection",
-        b"proxy-connection",
-        b"keep-alive",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"trailer",
-        b"set-cookie",
-        b"server",
-        b"date",
-        b"cf-ray",
-        b"cf-cache-status",
-        b"anthropic-organization-id",
-        b"openai-organization",
-        b"alt-svc",
-        b"via",
-    }
-)
+# Never forwarded upstream: the client's relay credential (both places it can be),
+# browser and proxy credentials, and headers that are the relay's to set.
+_DROP_REQUEST_HEADERS = _HOP_BY_HOP | {
+    b"authorization",
+    b"x-api-key",
+    b"proxy-authorization",
+    b"cookie",
+    b"origin",
+    b"anthropic-dangerous-direct-browser-access",
+    b"host",
+    b"content-length",
+    b"expect",
+}
+
+# Never relayed back: cookies and upstream identity details.
+_DROP_RESPONSE_HEADERS = _HOP_BY_HOP | {
+    b"set-cookie",
+    b"server",
+    b"date",
+    b"cf-ray",
+    b"cf-cache-status",
+    b"anthropic-organization-id",
+    b"openai-organization",
+    b"alt-svc",
+    b"via",
+}
 
 _MAX_COLLECTED_BODY = 4 * 1024 * 1024  # JSON bodies larger than this are not parsed for usage
 

@@ -9,8 +9,14 @@ from typing import Any
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from relayd.providers.base import Endpoint, IProvider, IStreamWatcher, Usage, endpoint
-from relayd.sse import SseParser
+from relayd.providers.base import (
+    Endpoint,
+    IProvider,
+    IStreamWatcher,
+    StreamWatcherBase,
+    Usage,
+    endpoint,
+)
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -76,7 +82,7 @@ def usage_from_mapping(raw: object, into: Usage) -> None:
 
 
 @implementer(IStreamWatcher)
-class AnthropicStreamWatcher:
+class AnthropicStreamWatcher(StreamWatcherBase):
     """Usage and completeness of a Messages SSE stream.
 
     Only ``message_start``, ``message_delta`` and ``error`` are JSON-decoded; content
@@ -84,13 +90,7 @@ class AnthropicStreamWatcher:
     overwrite earlier ones.
     """
 
-    __slots__ = ("_parser", "complete", "error_seen", "usage")
-
-    def __init__(self) -> None:
-        self._parser = SseParser()
-        self.usage = Usage()
-        self.complete = False
-        self.error_seen = False
+    __slots__ = ()
 
     def feed(self, data: bytes) -> None:
         for event in self._parser.feed(data):

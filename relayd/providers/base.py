@@ -19,6 +19,8 @@ from typing import Any
 from twisted.web.http_headers import Headers
 from zope.interface import Attribute, Interface
 
+from relayd.sse import SseParser
+
 
 @dataclass(slots=True)
 class Usage:
@@ -81,6 +83,18 @@ class IStreamWatcher(Interface):
 
     def feed(data: bytes) -> None:
         """Consume the next chunk of the response body."""
+
+
+class StreamWatcherBase:
+    """State every :class:`IStreamWatcher` keeps: a parser, usage so far, and the end."""
+
+    __slots__ = ("_parser", "complete", "error_seen", "usage")
+
+    def __init__(self) -> None:
+        self._parser = SseParser()
+        self.usage = Usage()
+        self.complete = False
+        self.error_seen = False
 
 
 class IProvider(Interface):

@@ -9,8 +9,14 @@ from typing import Any
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
-from relayd.providers.base import Endpoint, IProvider, IStreamWatcher, Usage, endpoint
-from relayd.sse import SseParser
+from relayd.providers.base import (
+    Endpoint,
+    IProvider,
+    IStreamWatcher,
+    StreamWatcherBase,
+    Usage,
+    endpoint,
+)
 
 # (type, code) per status, as the OpenAI API reports them.
 _ERRORS = {
@@ -80,20 +86,14 @@ _TERMINAL_RESPONSE_EVENTS = frozenset(
 
 
 @implementer(IStreamWatcher)
-class OpenAIStreamWatcher:
+class OpenAIStreamWatcher(StreamWatcherBase):
     """Usage and completeness of a Chat/Completions chunk stream or a Responses stream.
 
     A chunk is JSON-decoded only when it mentions ``usage`` or ``error``, so the
     content chunks pass by untouched.
     """
 
-    __slots__ = ("_parser", "complete", "error_seen", "usage")
-
-    def __init__(self) -> None:
-        self._parser = SseParser()
-        self.usage = Usage()
-        self.complete = False
-        self.error_seen = False
+    __slots__ = ()
 
     def feed(self, data: bytes) -> None:
         for event in self._parser.feed(data):
