@@ -32,14 +32,18 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def summarize(config: Config) -> str:
-    """A one-line count of what the configuration defines."""
+    """A one-line count of what the configuration defines, and the admin listener if any."""
     backends = sum(len(provider.backends) for provider in config.providers)
-    return (
+    summary = (
         f"{_count(len(config.listen), 'listener')}, "
         f"{_count(len(config.clients), 'client')}, "
         f"{_count(len(config.providers), 'provider')} ({_count(backends, 'backend')}), "
         f"{_count(len(config.routes), 'route')}"
     )
+    if config.admin is not None:
+        access = "token required" if config.admin.token is not None else "no token"
+        summary += f", admin on {config.admin.address} ({access})"
+    return summary
 
 
 def _count(number: int, noun: str) -> str:

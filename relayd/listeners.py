@@ -8,18 +8,26 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relayd.config.model import ListenerConfig
-from relayd.tls import certificate_options
+from relayd.tls import ReloadableServerContext
 
 
-def listen(reactor: Any, listener: ListenerConfig, factory: Any) -> IListeningPort:
+def listen(
+    reactor: Any,
+    listener: ListenerConfig,
+    factory: Any,
+    context: ReloadableServerContext | None = None,
+) -> IListeningPort:
     """Bind one listener now (raises ``CannotListenError`` or ``TlsSetupError``).
 
     TLS is layered with :class:`TLSMemoryBIOFactory` over a plain TCP port, which
     provides ``negotiatedProtocol`` so twisted.web serves HTTP/2 when ALPN picks it.
+    ``context`` (built from ``listener.tls`` when not given) supplies each new
+    connection's TLS context, so a reload can swap the certificate.
     """
     if listener.tls is not None:
-        options = certificate_options(listener.tls)
-        factory = TLSMemoryBIOFactory(options, False, factory)
+        if context is None:
+            context = ReloadableServerContext(listener.tls)
+        factory = TLSMemoryBIOFactory(context, False, factory)
     port: IListeningPort = reactor.listenTCP(listener.port, factory, interface=listener.host)
     return port
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from relayd.upstream import Backend
 
@@ -45,31 +45,26 @@ class ModelMatcher:
         return found
 
 
-class WeightedBalancer:
-    """Smooth weighted round-robin (as in nginx) over backends with free capacity.
+class _Tier:
+    """Smooth weighted round-robin (as in nginx) over the backends of one priority."""
 
-    Deterministic: weights 3:1 give exactly three picks of the first and one of the
-    second in every four consecutive choices, interleaved (a, a, b, a), not in bursts.
-    """
-
-    __slots__ = ("_backends", "_current")
+    __slots__ = ("backends", "current")
 
     def __init__(self, backends: Sequence[Backend]) -> None:
-        self._backends = tuple(backends)
-        self._current = [0] * len(self._backends)
+        self.backends = tuple(backends)
+        self.current = [0] * len(self.backends)
 
-    @property
-    def backends(self) -> tuple[Backend, ...]:
-        return self._backends
-
-    def choose(self) -> Backend | None:
-        """The next backend, or ``None`` when every backend is at its concurrency cap."""
+    def choose(self, exclude: Collection[Backend], need_healthy: bool) -> Backend | None:
         best = -1
         best_score = 0
         total = 0
-        current = self._current
-        for index, backend in enumerate(self._backends):
-            if backend.in_flight >= backend.max_concurrent:
+        current = self.current
+        for index, backend in enumerate(self.backends):
+            if (
+                backend in exclude
+                or not backend.is_available()
+                or (need_healthy and not backend.health.healthy)
+            ):
                 continue
             weight = backend.weight
             score = current[index] + weight
@@ -81,14 +76,55 @@ class WeightedBalancer:
         if best < 0:
             return None
         current[best] -= total
-        return self._backends[best]
+        return self.backends[best]
 
-    def primary(self) -> Backend | None:
-        """The first backend with capacity, for stateful calls that must stick to one."""
-        for backend in self._backends:
-            if backend.has_capacity():
+
+class WeightedBalancer:
+    """Picks a backend: best priority tier first, weighted round-robin within a tier.
+
+    Deterministic: weights 3:1 give exactly three picks of the first and one of the
+    second in every four consecutive choices, interleaved (a, a, b, a), not in bursts.
+    A backend is eligible when it is available (capacity, breaker not open, a usable
+    key) and actively healthy; only when no backend in any tier is healthy are
+    unhealthy ones tried (a failing probe should not turn a working provider off).
+    """
+
+    __slots__ = ("_backends", "_tiers")
+
+    def __init__(self, backends: Sequence[Backend]) -> None:
+        self._backends = tuple(backends)
+        priorities = sorted({b.priority for b in self._backends})
+        self._tiers = [
+            _Tier([b for b in self._backends if b.priority == p]) for p in priorities
+        ]
+
+    @property
+    def backends(self) -> tuple[Backend, ...]:
+        return self._backends
+
+    def choose(self, exclude: Collection[Backend] = ()) -> Backend | None:
+        """The next backend, or ``None`` when none is eligible."""
+        for need_healthy in (True, False):
+            for tier in self._tiers:
+                chosen = tier.choose(exclude, need_healthy)
+                if chosen is not None:
+                    return chosen
+        return None
+
+    def primary(self, exclude: Collection[Backend] = ()) -> Backend | None:
+        """The first eligible backend in config order, for stateful calls that must stick."""
+        for need_healthy in (True, False):
+            for backend in self._backends:
+                if backend in exclude or not backend.is_available():
+                    continue
+                if need_healthy and not backend.health.healthy:
+                    continue
                 return backend
         return None
+
+    def usable(self) -> bool:
+        """Whether some backend could take a request now (for readiness)."""
+        return any(b.is_available() for b in self._backends)
 
 
 class Route:
@@ -120,6 +156,10 @@ class Router:
 
     def __init__(self, routes: Sequence[Route]) -> None:
         self._routes = tuple(routes)
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return self._routes
 
     def route(self, api: str, model: str | None) -> ProviderRoute | None:
         for route in self._routes:

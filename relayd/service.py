@@ -1,45 +1,141 @@
-"""The relayd service: owns the runtime and the listeners."""
+"""The relayd service: owns the runtime, the listeners, reloads and the shutdown drain.
+
+Reload (SIGHUP): the file is read and validated off the reactor thread; an invalid file
+is logged with every error and changes nothing. A valid one is applied in two steps:
+first everything that can fail (new TLS contexts, new listening sockets), so a failure
+leaves the old configuration untouched; then one reference swap to the new runtime,
+after which TLS listeners hand new handshakes the new certificate, removed listeners
+stop accepting, and removed backends finish their in-flight requests before closing.
+Requests already in progress keep the runtime they started with. Reloads are
+serialised; SIGHUPs that arrive during one are coalesced into a single follow-up.
+
+Shutdown (SIGTERM): stop accepting, let in-flight requests and streams finish for up to
+``shutdown_timeout`` seconds, abort what is left, and exit 0.
+"""
 
 from __future__ import annotations
 
+import signal
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.interfaces import IListeningPort
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from relayd.config.model import Config
+from relayd.config import ConfigErrors, load_config
+from relayd.config.model import Config, ListenerConfig
+from relayd.http.admin import AdminResource, admin_site
 from relayd.http.site import RelaySite
 from relayd.listeners import describe, listen
+from relayd.metrics import RelayMetrics
 from relayd.runtime import RelayRuntime
+from relayd.sdnotify import Notifier
+from relayd.tls import ReloadableServerContext, TlsSetupError, certificate_options
+from relayd.upstream import Backend
 
 log = Logger(namespace="relayd.service")
 
 
-class RelayService(MultiService):
-    """Binds every listener at (privileged) start and serves the current runtime."""
+@dataclass
+class _OpenListener:
+    config: ListenerConfig
+    port: IListeningPort
+    context: ReloadableServerContext | None
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+
+class ReloadRefusedError(Exception):
+    """A valid configuration that cannot be applied to the running process."""
+
+
+def _listener_key(listener: ListenerConfig) -> str:
+    # Port-0 listeners are ephemeral: each configured one is its own listener.
+    return f"{listener.host}:{listener.port}"
+
+
+class RelayService(MultiService):
+    """Serves the current runtime on every configured listener, plus the admin listener."""
+
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        *,
+        config_path: str | None = None,
+        notifier: Notifier | None = None,
+        install_signal_handlers: bool = False,
+    ) -> None:
         super().__init__()
         self.reactor = reactor
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.install_signal_handlers = install_signal_handlers
+        self.metrics = RelayMetrics()
         self.runtime = RelayRuntime(config, reactor)
-        self.site = RelaySite(self.current_runtime, reactor)
-        self.ports: list[IListeningPort] = []
+        self.metrics.set_runtime_source(self.current_runtime, reactor)
+        self.site = RelaySite(self.current_runtime, reactor, self.metrics)
+        self.listeners: list[_OpenListener] = []
+        self.admin_port: IListeningPort | None = None
+        self.admin_address: str | None = None
+        self.draining = False
+        self.reloading = False
+        self.reload_pending = False
+        self.reload_count = 0
 
     def current_runtime(self) -> RelayRuntime:
         return self.runtime
 
+    # -- start ----------------------------------------------------------------------------------
+
     def privilegedStartService(self) -> None:
         """Bind now, before twistd drops privileges, so ports below 1024 work."""
-        for listener in self.runtime.config.listen:
-            port = listen(self.reactor, listener, self.site)
-            self.ports.append(port)
-            log.info("relayd listening on {url}", url=describe(listener, port))
+        config = self.runtime.config
+        for listener in config.listen:
+            self.listeners.append(self._open(listener))
+        self._open_admin(config)
         super().privilegedStartService()
+
+    def _open(self, listener: ListenerConfig) -> _OpenListener:
+        context = ReloadableServerContext(listener.tls) if listener.tls is not None else None
+        port = listen(self.reactor, listener, self.site, context)
+        log.info("relayd listening on {url}", url=describe(listener, port))
+        return _OpenListener(listener, port, context)
+
+    def _open_admin(self, config: Config) -> None:
+        admin = config.admin
+        if admin is None or admin.address == self.admin_address:
+            return
+        resource = AdminResource(
+            self.metrics,
+            self.current_runtime,
+            self.reactor,
+            get_token=self._admin_token,
+            is_draining=lambda: self.draining,
+        )
+        port = self.reactor.listenTCP(admin.port, admin_site(resource), interface=admin.host)
+        old = self.admin_port
+        self.admin_port = port
+        self.admin_address = admin.address
+        host = f"[{admin.host}]" if ":" in admin.host else admin.host
+        log.info(
+            "relayd admin listening on http://{host}:{port}", host=host, port=port.getHost().port
+        )
+        if old is not None:
+            old.stopListening()
+
+    def _admin_token(self) -> str | None:
+        admin = self.runtime.config.admin
+        return admin.token if admin is not None else None
 
     def startService(self) -> None:
         super().startService()
+        for backend in self.runtime.backends:
+            backend.start_health_checks(self._health_changed)
+        if self.install_signal_handlers:
+            signal.signal(signal.SIGHUP, self._on_sighup)
         config = self.runtime.config
         log.info(
             "relayd started: {clients} clients, {providers} providers, {routes} routes from {src}",
@@ -48,10 +144,175 @@ class RelayService(MultiService):
             routes=len(config.routes),
             src=config.source,
         )
+        self.notifier.ready()
+
+    def _health_changed(self, backend: Backend, healthy: bool) -> None:
+        if healthy:
+            log.info("backend {backend} is healthy again", backend=backend)
+        else:
+            log.warn(
+                "backend {backend} is unhealthy: {error}",
+                backend=backend,
+                error=backend.health.last_error,
+            )
+
+    # -- reload ---------------------------------------------------------------------------------
+
+    def _on_sighup(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self.request_reload)
+
+    def request_reload(self) -> None:
+        """Reload the config file; coalesces requests that arrive during a reload."""
+        if self.reloading:
+            self.reload_pending = True
+            return
+        if self.config_path is None:
+            log.warn("reload requested but relayd has no configuration file to read")
+            return
+        self.reloading = True
+        self.notifier.reloading()
+        log.info("reloading configuration from {path}", path=self.config_path)
+        d: Deferred[Config] = deferToThreadPool(
+            self.reactor, self.reactor.getThreadPool(), load_config, self.config_path
+        )
+        d.addCallbacks(self.apply_config, self._reload_failed)
+        d.addErrback(self._reload_failed)
+        d.addBoth(self._reload_done)
+
+    def _reload_failed(self, failure: Failure) -> None:
+        if failure.check(ConfigErrors):
+            errors = failure.value.errors  # type: ignore[union-attr]
+            for error in errors:
+                log.error("reload rejected: {error}", error=str(error))
+            log.error(
+                "invalid configuration {path} ({n} errors); still running the previous one",
+                path=self.config_path,
+                n=len(errors),
+            )
+            self.metrics.config_reload("invalid")
+        elif failure.check(ReloadRefusedError, TlsSetupError):
+            log.error(
+                "reload refused: {why}; still running the previous configuration",
+                why=str(failure.value),
+            )
+            self.metrics.config_reload("refused")
+        else:
+            log.failure("reload failed; still running the previous configuration", failure)
+            self.metrics.config_reload("refused")
+
+    def _reload_done(self, _: object) -> None:
+        self.reloading = False
+        self.notifier.ready()
+        if self.reload_pending:
+            self.reload_pending = False
+            self.request_reload()
+
+    def apply_config(self, config: Config) -> None:
+        """Switch to ``config``, or raise (changing nothing) when it can't be applied live."""
+        if self.draining:
+            raise ReloadRefusedError("relayd is shutting down")
+        current = {_listener_key(o.config): o for o in self.listeners if o.config.port != 0}
+        wanted: dict[str, ListenerConfig] = {}
+        for listener in config.listen:
+            key = _listener_key(listener)
+            existing = current.get(key)
+            if existing is not None and (existing.config.tls is None) != (listener.tls is None):
+                raise ReloadRefusedError(
+                    f"listener {listener.address} would switch between plain HTTP and TLS; "
+                    "that needs a restart"
+                )
+            wanted[key] = listener
+        # Step 1: everything that can fail.
+        new_contexts = {
+            key: certificate_options(listener.tls)
+            for key, listener in wanted.items()
+            if listener.tls is not None and key in current
+        }
+        opened: list[_OpenListener] = []
+        try:
+            for key, listener in wanted.items():
+                if key not in current:
+                    opened.append(self._open(listener))
+        except Exception as exc:
+            for listener_ in opened:
+                listener_.port.stopListening()
+            raise ReloadRefusedError(f"cannot open a new listener: {exc}") from exc
+        runtime = RelayRuntime(config, self.reactor, previous=self.runtime)
+        # Step 2: the swap.
+        self.runtime = runtime
+        kept: list[_OpenListener] = []
+        for key, open_listener in current.items():
+            if key in wanted:
+                if key in new_contexts and open_listener.context is not None:
+                    tls = wanted[key].tls
+                    assert tls is not None
+                    open_listener.context.replace(new_contexts[key], tls)
+                open_listener.config = wanted[key]
+                kept.append(open_listener)
+            else:
+                log.info("closing listener {address}", address=open_listener.config.address)
+                open_listener.port.stopListening()
+        ephemeral = [o for o in self.listeners if o.config.port == 0]
+        self.listeners = ephemeral + kept + opened
+        if config.admin is None and self.admin_port is not None:
+            self.admin_port.stopListening()
+            self.admin_port = None
+            self.admin_address = None
+        else:
+            self._open_admin(config)
+        for backend in runtime.retired:
+            log.info("backend {backend} removed; it finishes in-flight requests", backend=backend)
+            backend.retire()
+        for backend in runtime.new_backends:
+            if self.running:
+                backend.start_health_checks(self._health_changed)
+        self.reload_count += 1
+        self.metrics.config_reload("ok")
+        log.info(
+            "configuration reloaded: {clients} clients, {providers} providers, "
+            "{backends} backends, {routes} routes",
+            clients=len(config.clients),
+            providers=len(config.providers),
+            backends=len(runtime.backends),
+            routes=len(config.routes),
+        )
+
+    # -- stop -----------------------------------------------------------------------------------
 
     def stopService(self) -> Deferred[Any]:
+        """Drain: stop accepting, wait for in-flight requests, then abort the rest."""
         super().stopService()
-        stopping = [port.stopListening() for port in self.ports]
-        self.ports = []
-        stopping.append(self.runtime.close())
-        return DeferredList([d for d in stopping if d is not None], consumeErrors=True)
+        self.draining = True
+        self.notifier.stopping()
+        stopping = [o.port.stopListening() for o in self.listeners]
+        self.listeners = []
+        resource = self.site.resource
+        timeout = self.runtime.config.shutdown_timeout
+        active = len(resource.active)
+        if active:
+            log.info(
+                "draining {n} in-flight requests (up to {timeout:g}s)", n=active, timeout=timeout
+            )
+        drained = resource.wait_idle()
+        timer = self.reactor.callLater(timeout, self._abort_remaining, drained)
+
+        def finished(_: object) -> Deferred[Any]:
+            if timer.active():
+                timer.cancel()
+            closing: list[Deferred[Any] | None] = list(stopping)
+            if self.admin_port is not None:
+                closing.append(self.admin_port.stopListening())
+                self.admin_port = None
+            closing.append(self.runtime.close())
+            return DeferredList([d for d in closing if d is not None], consumeErrors=True)
+
+        return drained.addBoth(finished)
+
+    def _abort_remaining(self, drained: Deferred[None]) -> None:
+        remaining = list(self.site.resource.active)
+        log.warn("shutdown timeout: aborting {n} unfinished requests", n=len(remaining))
+        for exchange in remaining:
+            exchange.abort()
+        if not drained.called:
+            drained.callback(None)
+

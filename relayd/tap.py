@@ -35,4 +35,6 @@ def makeService(options: Options) -> IService:
 
     from relayd.service import RelayService
 
-    return RelayService(options.config, reactor)
+    return RelayService(
+        options.config, reactor, config_path=options["config"], install_signal_handlers=True
+    )

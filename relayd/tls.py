@@ -5,7 +5,9 @@ from __future__ import annotations
 import re
 
 from OpenSSL import SSL, crypto
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.ssl import Certificate, CertificateOptions, KeyPair, TLSVersion
+from zope.interface import implementer
 
 from relayd.config.model import TlsConfig
 
@@ -63,3 +65,24 @@ def certificate_options(tls: TlsConfig) -> CertificateOptions:
             f"private key {tls.private_key} does not match certificate {tls.certificate}"
         ) from exc
     return options
+
+
+@implementer(IOpenSSLContextFactory)
+class ReloadableServerContext:
+    """The TLS context of a listener, swappable on reload.
+
+    ``TLSMemoryBIOFactory`` asks ``getContext()`` for every new connection, so after
+    :meth:`replace` new handshakes get the new certificate while established
+    connections keep theirs.
+    """
+
+    def __init__(self, tls: TlsConfig) -> None:
+        self.tls = tls
+        self._options = certificate_options(tls)
+
+    def getContext(self) -> SSL.Context:
+        return self._options.getContext()
+
+    def replace(self, options: CertificateOptions, tls: TlsConfig) -> None:
+        self._options = options
+        self.tls = tls

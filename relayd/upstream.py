@@ -7,16 +7,28 @@ per-request URL or header re-processing on the hot path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
+from relayd import __version__
 from relayd.config.model import BackendConfig
+from relayd.health import ActiveHealth, CircuitBreaker, HealthChecker, KeyRing
 from relayd.providers.base import IProvider
+
+_CONNECTION_DONE = Failure(ConnectionDone())
+
+# Active probes say who they are, so upstream logs (and tests) can tell them apart.
+PROBE_USER_AGENT = b"relayd/" + __version__.encode() + b" health-probe"
 
 
 @implementer(IBodyProducer)
@@ -48,10 +60,13 @@ class BytesProducer:
 
 
 class Backend:
-    """One upstream endpoint: its pool, its Agent, its injected credentials, its load.
+    """One upstream endpoint at run time: pool, Agent, keys, breaker, health and load.
 
     ``in_flight`` counts requests between choosing this backend and finishing the
-    response; the balancer skips a backend once it reaches ``max_concurrent``.
+    response; the balancer skips a backend at ``max_concurrent``, with an open breaker,
+    or with every key cooling down. A backend survives a reload that keeps its provider,
+    name, URL, pool settings and connect timeout (see :meth:`same_connection_settings`);
+    other settings are applied in place by :meth:`reconfigure`.
     """
 
     def __init__(
@@ -64,16 +79,20 @@ class Backend:
         agent: IAgent | None = None,
         tls_policy: IPolicyForHTTPS | None = None,
     ) -> None:
-        self.config = config
-        self.name = config.name
         self.provider = provider
         self.provider_name = provider_name
-        self.weight = config.weight
-        self.max_concurrent = config.max_concurrent
-        self.timeouts = config.timeouts
+        self.name = config.name
+        self.clock: IReactorTime = reactor
+        self.url = config.url
         self.base_url = config.url.encode("ascii")
-        self.auth_headers = provider.auth_headers(config.api_key)
         self.in_flight = 0
+        self.retired = False
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.keys = KeyRing(self._key_material(config), reactor)
+        self.breaker = CircuitBreaker(config.breaker, reactor)
+        self.health = ActiveHealth(config.health)
+        self.checker: HealthChecker | None = None
         self.pool: HTTPConnectionPool | None = None
         if agent is None:
             pool = HTTPConnectionPool(reactor, persistent=True)
@@ -88,15 +107,171 @@ class Backend:
                 pool=pool,
             )
         self.agent = agent
+        self._apply(config)
+
+    def _key_material(self, config: BackendConfig) -> list[tuple[str, list[tuple[bytes, bytes]]]]:
+        return [(key, self.provider.auth_headers(key)) for key in config.api_keys]
+
+    def _apply(self, config: BackendConfig) -> None:
+        self.config = config
+        self.weight = config.weight
+        self.priority = config.priority
+        self.max_concurrent = config.max_concurrent
+        self.timeouts = config.timeouts
+        path = config.health.path
+        self.probe_url = self.base_url + (path.encode() if path else self.provider.health_path)
+
+    def same_connection_settings(self, config: BackendConfig) -> bool:
+        """Whether ``config`` can be served by this object's pool and Agent."""
+        return (
+            config.url == self.config.url
+            and config.pool == self.config.pool
+            and config.timeouts.connect == self.config.timeouts.connect
+        )
+
+    def reconfigure(self, config: BackendConfig) -> None:
+        """Apply a reloaded config with the same connection settings; keep all state."""
+        self._apply(config)
+        self.keys.reconfigure(self._key_material(config))
+        self.breaker.reconfigure(config.breaker)
+        self.health.reconfigure(config.health)
+        if self.checker is not None:
+            self.checker.reconfigure(config.health)
+
+    def is_available(self) -> bool:
+        """Can take a request now: capacity, breaker not open, a key not cooling down."""
+        return (
+            self.in_flight < self.max_concurrent
+            and self.breaker.state != "open"
+            and self.keys.available()
+        )
 
     def has_capacity(self) -> bool:
         return self.in_flight < self.max_concurrent
 
+    def note_error(self, message: str) -> None:
+        self.last_error = message
+        self.last_error_at = self.clock.seconds()
+
+    # -- active health checks -------------------------------------------------------------
+
+    def probe(self) -> Deferred[None]:
+        """One active probe: a cheap GET that must answer with a status below 500."""
+        key = self.keys.choose() or self.keys.keys[0]
+        headers = Headers()
+        for name, value in key.auth_headers:
+            headers.setRawHeaders(name, [value])
+        for name, value in self.provider.probe_headers:
+            headers.setRawHeaders(name, [value])
+        headers.setRawHeaders(b"user-agent", [PROBE_USER_AGENT])
+        d = self.agent.request(b"GET", self.probe_url, headers)
+
+        def check(response: IResponse) -> Deferred[None]:
+            done: Deferred[None] = Deferred()
+            response.deliverBody(_Drain(done))
+            if response.code >= 500:
+                raise ProbeFailedError(f"probe answered {response.code}")
+            return done
+
+        return d.addCallback(check)
+
+    def start_health_checks(self, on_change: Callable[[Backend, bool], None]) -> None:
+        if self.checker is None:
+            self.checker = HealthChecker(
+                self.config.health,
+                self.health,
+                self.probe,
+                self.clock,
+                on_change=lambda healthy: on_change(self, healthy),
+            )
+            self.checker.start()
+
+    def stop_health_checks(self) -> None:
+        if self.checker is not None:
+            self.checker.stop()
+            self.checker = None
+
+    # -- retirement ---------------------------------------------------------------------------
+
+    def retire(self) -> None:
+        """Removed by a reload: no new requests; close the pool once in-flight ones end."""
+        self.retired = True
+        self.stop_health_checks()
+        if self.in_flight == 0:
+            self.close()
+
+    def release(self) -> None:
+        """One request is done with this backend."""
+        self.in_flight -= 1
+        if self.retired and self.in_flight == 0:
+            self.close()
+
     def close(self) -> Deferred[None]:
         """Close idle pooled connections (in-flight ones finish on their own)."""
+        self.stop_health_checks()
         if self.pool is None:
             return succeed(None)
         return self.pool.closeCachedConnections()
 
+    def idle_connections(self) -> int:
+        connections = getattr(self.pool, "_connections", None) or {}
+        return sum(len(v) for v in connections.values())
+
+    def describe(self, now: float) -> dict[str, Any]:
+        """The backend's state as JSON-able data (for /admin/backends)."""
+        breaker = self.breaker
+        return {
+            "provider": self.provider_name,
+            "name": self.name,
+            "url": self.url,
+            "weight": self.weight,
+            "priority": self.priority,
+            "healthy": self.health.healthy,
+            "available": self.is_available(),
+            "breaker": {
+                "state": breaker.state,
+                "reopens_in": (
+                    round(max(breaker.opened_until - now, 0.0), 3)
+                    if breaker.state == "open" and breaker.opened_until is not None
+                    else None
+                ),
+                "last_failure": breaker.last_failure_reason,
+            },
+            "keys": [
+                {
+                    "index": key.index,
+                    "cooldown_remaining": round(max(key.cooldown_until - now, 0.0), 3),
+                    "cooldown_reason": key.cooldown_reason if key.cooldown_until > now else None,
+                    "rejections": key.rejections,
+                }
+                for key in self.keys.keys
+            ],
+            "in_flight": self.in_flight,
+            "max_concurrent": self.max_concurrent,
+            "pool_idle_connections": self.idle_connections(),
+            "last_error": self.last_error,
+            "last_error_at": self.last_error_at,
+            "last_probe_at": self.health.last_probe_at,
+            "last_probe_error": self.health.last_error,
+        }
+
     def __repr__(self) -> str:
-        return f"<Backend {self.provider_name}/{self.name} {self.config.url}>"
+        return f"<Backend {self.provider_name}/{self.name} {self.url}>"
+
+
+class ProbeFailedError(Exception):
+    """An active probe got an answer that means the backend is not serving."""
+
+
+class _Drain(Protocol):
+    """Reads a body to its end (so the connection can be reused) and fires ``done``."""
+
+    def __init__(self, done: Deferred[None]) -> None:
+        self.done = done
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        if not self.done.called:
+            self.done.callback(None)

@@ -7,7 +7,8 @@ silently widen access or route traffic somewhere unexpected.
 
 Every problem is collected before anything is raised, so one run reports them all.
 Error messages name the offending key by its path (``providers[0].backends[1].weight``)
-and never quote a secret: API keys, key file contents and environment values stay out.
+and never quote a secret: API keys, key and token file contents and environment values
+stay out.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import SplitResult, urlsplit
 
@@ -25,10 +27,14 @@ import yaml
 from relayd.config.model import (
     DEFAULT_LISTEN_ADDRESS,
     DEFAULT_MAX_BODY_BYTES,
+    AdminConfig,
     ApiFamily,
     BackendConfig,
+    BreakerConfig,
     ClientConfig,
     Config,
+    FailoverConfig,
+    HealthCheckConfig,
     ListenerConfig,
     PoolConfig,
     ProviderConfig,
@@ -50,15 +56,50 @@ __all__ = [
 DEFAULT_CONFIG_PATH = "/etc/relayd.yaml"
 ROOT_PATH = "(top level)"  # the error path used for the document itself
 
-_ROOT_KEYS = ("listen", "max_body_bytes", "timeouts", "pool", "clients", "providers", "routes")
+_ROOT_KEYS = (
+    "listen",
+    "admin",
+    "max_body_bytes",
+    "shutdown_timeout",
+    "timeouts",
+    "pool",
+    "health",
+    "breaker",
+    "failover",
+    "clients",
+    "providers",
+    "routes",
+)
 _LISTENER_KEYS = ("address", "tls")
 _TLS_KEYS = ("certificate", "private_key")
+_ADMIN_KEYS = ("address", "token_file")
 _TIMEOUT_KEYS = ("connect", "first_byte", "idle", "total")
 _POOL_KEYS = ("max_idle_connections", "idle_timeout")
+_HEALTH_KEYS = ("enabled", "path", "interval", "timeout", "unhealthy_after", "healthy_after")
+_BREAKER_KEYS = ("window", "failures", "cooldown", "max_cooldown", "half_open_requests")
+_FAILOVER_KEYS = (
+    "max_attempts",
+    "retry_budget_ratio",
+    "retry_budget_min_per_second",
+    "max_replay_bytes",
+    "max_retry_after",
+)
 _CLIENT_KEYS = ("name", "key_sha256", "models")
-_PROVIDER_KEYS = ("name", "type", "timeouts", "pool", "backends")
-_KEY_SOURCES = ("api_key", "api_key_env", "api_key_file")
-_BACKEND_KEYS = ("name", "url", *_KEY_SOURCES, "weight", "max_concurrent", "timeouts", "pool")
+_PROVIDER_KEYS = ("name", "type", "timeouts", "pool", "health", "breaker", "backends")
+_KEY_SOURCES = ("api_key", "api_key_env", "api_key_file")  # one key (also in api_keys items)
+_BACKEND_KEY_SOURCES = (*_KEY_SOURCES, "api_keys")
+_BACKEND_KEYS = (
+    "name",
+    "url",
+    *_BACKEND_KEY_SOURCES,
+    "weight",
+    "priority",
+    "max_concurrent",
+    "timeouts",
+    "pool",
+    "health",
+    "breaker",
+)
 _ROUTE_KEYS = ("api", "models", "provider")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
@@ -66,14 +107,31 @@ _HEX_DIGEST_RE = re.compile(r"[0-9A-Fa-f]{64}")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _UNSAFE_CHAR_RE = re.compile(r"[\x00-\x20\x7f]")  # whitespace and control characters
 
-# Key files are tiny; the cap keeps a mistaken path such as /dev/zero from hanging startup.
+# Key and token files are tiny; the cap keeps a mistaken path such as /dev/zero from
+# hanging startup.
 _MAX_KEY_FILE_BYTES = 64 * 1024
 
+_MAX_ATTEMPTS_LIMIT = 10  # failover.max_attempts, the first attempt included
+
 # Defaults come from the model so there is a single source of truth.
-_BACKEND_DEFAULTS = BackendConfig(name="", url="", api_key="")
+_BACKEND_DEFAULTS = BackendConfig(name="", url="")
+_CONFIG_DEFAULTS = Config(listen=())
 
 _T = TypeVar("_T")
 _Check = Callable[[object, str], _T | None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Levels:
+    """What a provider or backend inherits from the level above.
+
+    Each section is merged field by field: top level < provider < backend.
+    """
+
+    timeouts: TimeoutsConfig
+    pool: PoolConfig
+    health: HealthCheckConfig
+    breaker: BreakerConfig
 
 
 class ConfigError(Exception):
@@ -102,7 +160,7 @@ class ConfigErrors(Exception):  # noqa: N818 (the public name is part of the API
 def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Config:
     """Read, parse and validate the YAML file at ``path``.
 
-    Relative paths inside the file (TLS files, API key files) are resolved against the
+    Relative paths inside the file (TLS, API key and admin token files) are resolved against the
     file's own directory. Raises :class:`ConfigErrors` for an unreadable file, a YAML
     syntax error or any validation problem.
     """
@@ -330,6 +388,8 @@ class _Parser:
         # Provider name -> type (None if the type was invalid); None if the providers
         # section itself is unusable, in which case route references are not checked.
         self.provider_types: dict[str, ApiFamily | None] | None = {}
+        # (normalized host, port) of every valid listener -> its path, for admin.address.
+        self.listen_addresses: dict[tuple[str, int], str] = {}
 
     def error(self, path: str, message: str) -> None:
         """Record one problem."""
@@ -343,13 +403,26 @@ class _Parser:
         if fields is None:
             return Config(listen=(), source=source)
         listen = self.listeners(fields.get("listen"), "listen", "listen" in fields)
+        admin = self.admin(fields["admin"], "admin") if "admin" in fields else None
         max_body = self.optional(
             fields, "max_body_bytes", "", self.positive_int, DEFAULT_MAX_BODY_BYTES
         )
-        timeouts = self.timeouts_in(fields, "", TimeoutsConfig())
-        pool = self.pool_in(fields, "", PoolConfig())
+        shutdown_timeout = self.optional(
+            fields, "shutdown_timeout", "", self.positive_number, _CONFIG_DEFAULTS.shutdown_timeout
+        )
+        defaults = _Levels(
+            timeouts=self.timeouts_in(fields, "", TimeoutsConfig()),
+            pool=self.pool_in(fields, "", PoolConfig()),
+            health=self.health_in(fields, "", HealthCheckConfig()),
+            breaker=self.breaker_in(fields, "", BreakerConfig()),
+        )
+        failover = (
+            self.failover(fields["failover"], "failover")
+            if "failover" in fields
+            else FailoverConfig()
+        )
         clients = self.clients(fields.get("clients", []), "clients")
-        providers = self.providers(fields.get("providers", []), "providers", timeouts, pool)
+        providers = self.providers(fields.get("providers", []), "providers", defaults)
         routes = self.routes(fields.get("routes", []), "routes")
         return Config(
             listen=listen,
@@ -357,8 +430,13 @@ class _Parser:
             providers=providers,
             routes=routes,
             max_body_bytes=max_body,
-            timeouts=timeouts,
-            pool=pool,
+            timeouts=defaults.timeouts,
+            pool=defaults.pool,
+            health=defaults.health,
+            breaker=defaults.breaker,
+            failover=failover,
+            admin=admin,
+            shutdown_timeout=shutdown_timeout,
             source=source,
         )
 
@@ -442,6 +520,69 @@ class _Parser:
             return None
         return number
 
+    def non_negative_int(self, value: object, path: str) -> int | None:
+        """An integer of zero or more (booleans and floats are refused)."""
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            self.error(path, f"must be a non-negative integer, got {self.describe_number(value)}")
+            return None
+        return value
+
+    def non_negative_number(self, value: object, path: str) -> float | None:
+        """A finite int or float of zero or more (booleans are refused)."""
+        number = _as_float(value)
+        if number is None or not 0 <= number < math.inf:
+            self.error(path, f"must be a non-negative number, got {self.describe_number(value)}")
+            return None
+        return number
+
+    def int_between(self, low: int, high: int) -> _Check[int]:
+        """A check for an integer from ``low`` to ``high`` inclusive."""
+
+        def check(value: object, path: str) -> int | None:
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                shown = self.describe_number(value)
+                self.error(path, f"must be an integer from {low} to {high}, got {shown}")
+                return None
+            return value
+
+        return check
+
+    def fraction(self, value: object, path: str) -> float | None:
+        """An int or float from 0 to 1 inclusive (booleans are refused)."""
+        number = _as_float(value)
+        if number is None or not 0 <= number <= 1:
+            self.error(path, f"must be a number from 0 to 1, got {self.describe_number(value)}")
+            return None
+        return number
+
+    def boolean(self, value: object, path: str) -> bool | None:
+        """A YAML boolean (``true``/``false``); strings and numbers are refused."""
+        if not isinstance(value, bool):
+            self.error(path, f"must be true or false, got {_type_name(value)}")
+            return None
+        return value
+
+    def check_not_above(
+        self,
+        fields: Mapping[str, object],
+        path: str,
+        low: tuple[str, float],
+        high: tuple[str, float],
+    ) -> None:
+        """The merged value of key ``low[0]`` must not exceed that of key ``high[0]``.
+
+        Used after merging one level of ``health``/``breaker``: the error is reported
+        only if this level sets one of the two keys (at ``low``'s key if it sets it),
+        so a problem inherited from an upper level is reported once, up there.
+        """
+        (low_key, low_value), (high_key, high_value) = low, high
+        if low_value <= high_value:
+            return
+        if low_key in fields:
+            self.error(_key_path(path, low_key), f"must not exceed {high_key} ({high_value!r})")
+        elif high_key in fields:
+            self.error(_key_path(path, high_key), f"must not be below {low_key} ({low_value!r})")
+
     @staticmethod
     def describe_number(value: object) -> str:
         """Numbers are not secret, so show them; anything else only by type."""
@@ -497,7 +638,7 @@ class _Parser:
         if not given:
             value = [{"address": DEFAULT_LISTEN_ADDRESS}]
         pairs = self.items(value, path, empty="must contain at least one listener")
-        seen: dict[tuple[str, int], str] = {}
+        seen = self.listen_addresses
         listeners = [self.listener(item, item_path, seen) for item_path, item in pairs]
         return tuple(listener for listener in listeners if listener is not None)
 
@@ -544,6 +685,30 @@ class _Parser:
             self.error(_key_path(path, "address"), f"duplicate listener (same as {seen[key]})")
         else:
             seen[key] = path
+
+    def admin(self, value: object, path: str) -> AdminConfig | None:
+        """The admin listener: an address no ``listen`` entry uses, and an optional token."""
+        fields = self.mapping(value, path, _ADMIN_KEYS)
+        if fields is None:
+            return None
+        address = self.required(fields, "address", path, self.address)
+        if address is not None and address[2] != 0:
+            first = self.listen_addresses.get((_normalized_host(address[1]), address[2]))
+            if first is not None:
+                self.error(_key_path(path, "address"), f"already used by {first}")
+        token_file: str | None = None
+        token: str | None = None
+        if "token_file" in fields:
+            token_path = _key_path(path, "token_file")
+            token_file = self.local_path(fields["token_file"], token_path)
+            if token_file is not None:
+                token = self.read_secret_file(token_file, token_path, "token", "a token")
+            if token is None:
+                return None
+        if address is None:
+            return None
+        text, host, port = address
+        return AdminConfig(address=text, host=host, port=port, token_file=token_file, token=token)
 
     def tls(self, value: object, path: str) -> TlsConfig | None:
         """Certificate and private key paths; their existence is checked at startup."""
@@ -599,6 +764,117 @@ class _Parser:
             ),
         )
 
+    # -- health checks, breaker and failover -------------------------------------------
+
+    def health_in(
+        self, fields: Mapping[str, object], path: str, base: HealthCheckConfig
+    ) -> HealthCheckConfig:
+        """``base`` overridden by the optional ``health`` key of ``fields``."""
+        if "health" not in fields:
+            return base
+        return self.health(fields["health"], _key_path(path, "health"), base)
+
+    def health(self, value: object, path: str, base: HealthCheckConfig) -> HealthCheckConfig:
+        """A partial ``health`` mapping merged field by field over ``base``."""
+        errors = len(self.errors)
+        fields = self.mapping(value, path, _HEALTH_KEYS)
+        if fields is None:
+            return base
+        number, count = self.positive_number, self.positive_int
+        merged = HealthCheckConfig(
+            enabled=self.optional(fields, "enabled", path, self.boolean, base.enabled),
+            path=self.optional(fields, "path", path, self.probe_path, base.path),
+            interval=self.optional(fields, "interval", path, number, base.interval),
+            timeout=self.optional(fields, "timeout", path, number, base.timeout),
+            unhealthy_after=self.optional(
+                fields, "unhealthy_after", path, count, base.unhealthy_after
+            ),
+            healthy_after=self.optional(fields, "healthy_after", path, count, base.healthy_after),
+        )
+        if len(self.errors) == errors:  # a rejected value would be replaced by base's
+            self.check_not_above(
+                fields, path, ("timeout", merged.timeout), ("interval", merged.interval)
+            )
+        return merged
+
+    def probe_path(self, value: object, path: str) -> str | None:
+        """An HTTP request path for health probes: starts with ``/``, no whitespace."""
+        text = self.string(value, path)
+        if text is None:
+            return None
+        if not text.startswith("/"):
+            self.error(path, "must start with '/'")
+            return None
+        if _UNSAFE_CHAR_RE.search(text):
+            self.error(path, "must not contain whitespace or control characters")
+            return None
+        return text
+
+    def breaker_in(
+        self, fields: Mapping[str, object], path: str, base: BreakerConfig
+    ) -> BreakerConfig:
+        """``base`` overridden by the optional ``breaker`` key of ``fields``."""
+        if "breaker" not in fields:
+            return base
+        return self.breaker(fields["breaker"], _key_path(path, "breaker"), base)
+
+    def breaker(self, value: object, path: str, base: BreakerConfig) -> BreakerConfig:
+        """A partial ``breaker`` mapping merged field by field over ``base``."""
+        errors = len(self.errors)
+        fields = self.mapping(value, path, _BREAKER_KEYS)
+        if fields is None:
+            return base
+        number, count = self.positive_number, self.positive_int
+        merged = BreakerConfig(
+            window=self.optional(fields, "window", path, count, base.window),
+            failures=self.optional(fields, "failures", path, count, base.failures),
+            cooldown=self.optional(fields, "cooldown", path, number, base.cooldown),
+            max_cooldown=self.optional(fields, "max_cooldown", path, number, base.max_cooldown),
+            half_open_requests=self.optional(
+                fields, "half_open_requests", path, count, base.half_open_requests
+            ),
+        )
+        if len(self.errors) == errors:  # a rejected value would be replaced by base's
+            self.check_not_above(
+                fields, path, ("failures", merged.failures), ("window", merged.window)
+            )
+            self.check_not_above(
+                fields, path, ("cooldown", merged.cooldown), ("max_cooldown", merged.max_cooldown)
+            )
+        return merged
+
+    def failover(self, value: object, path: str) -> FailoverConfig:
+        """The top-level ``failover`` mapping; every key is optional."""
+        base = FailoverConfig()
+        fields = self.mapping(value, path, _FAILOVER_KEYS)
+        if fields is None:
+            return base
+        return FailoverConfig(
+            max_attempts=self.optional(
+                fields,
+                "max_attempts",
+                path,
+                self.int_between(1, _MAX_ATTEMPTS_LIMIT),
+                base.max_attempts,
+            ),
+            retry_budget_ratio=self.optional(
+                fields, "retry_budget_ratio", path, self.fraction, base.retry_budget_ratio
+            ),
+            retry_budget_min_per_second=self.optional(
+                fields,
+                "retry_budget_min_per_second",
+                path,
+                self.non_negative_number,
+                base.retry_budget_min_per_second,
+            ),
+            max_replay_bytes=self.optional(
+                fields, "max_replay_bytes", path, self.non_negative_int, base.max_replay_bytes
+            ),
+            max_retry_after=self.optional(
+                fields, "max_retry_after", path, self.positive_number, base.max_retry_after
+            ),
+        )
+
     # -- clients ----------------------------------------------------------------------
 
     def clients(self, value: object, path: str) -> tuple[ClientConfig, ...]:
@@ -648,29 +924,22 @@ class _Parser:
 
     # -- providers and backends -------------------------------------------------------
 
-    def providers(
-        self, value: object, path: str, timeouts: TimeoutsConfig, pool: PoolConfig
-    ) -> tuple[ProviderConfig, ...]:
+    def providers(self, value: object, path: str, inherited: _Levels) -> tuple[ProviderConfig, ...]:
         """The ``providers`` list; names must be unique."""
         if not isinstance(value, list):
             self.provider_types = None
         names: dict[str, str] = {}
         result = []
         for item_path, item in self.items(value, path, empty=None):
-            provider = self.provider(item, item_path, names, timeouts, pool)
+            provider = self.provider(item, item_path, names, inherited)
             if provider is not None:
                 result.append(provider)
         return tuple(result)
 
     def provider(
-        self,
-        value: object,
-        path: str,
-        names: dict[str, str],
-        timeouts: TimeoutsConfig,
-        pool: PoolConfig,
+        self, value: object, path: str, names: dict[str, str], inherited: _Levels
     ) -> ProviderConfig | None:
-        """One provider: its API type and backends, with optional timeout/pool overrides."""
+        """One provider: its API type and backends, with optional partial overrides."""
         fields = self.mapping(value, path, _PROVIDER_KEYS)
         if fields is None:
             return None
@@ -679,60 +948,64 @@ class _Parser:
         family: ApiFamily | None = self.required(fields, "type", path, self.api_family)
         if name is not None and self.provider_types is not None:
             self.provider_types.setdefault(name, family)
-        timeouts = self.timeouts_in(fields, path, timeouts)
-        pool = self.pool_in(fields, path, pool)
+        inherited = self.levels_in(fields, path, inherited)
         backends = self.required(
-            fields, "backends", path, lambda v, p: self.backends(v, p, timeouts, pool)
+            fields, "backends", path, lambda v, p: self.backends(v, p, inherited)
         )
         if name is None or family is None or not backends:
             return None
         return ProviderConfig(name=name, type=family, backends=backends)
 
+    def levels_in(self, fields: Mapping[str, object], path: str, base: _Levels) -> _Levels:
+        """``base`` with this level's optional timeouts/pool/health/breaker merged in."""
+        return _Levels(
+            timeouts=self.timeouts_in(fields, path, base.timeouts),
+            pool=self.pool_in(fields, path, base.pool),
+            health=self.health_in(fields, path, base.health),
+            breaker=self.breaker_in(fields, path, base.breaker),
+        )
+
     def backends(
-        self, value: object, path: str, timeouts: TimeoutsConfig, pool: PoolConfig
+        self, value: object, path: str, inherited: _Levels
     ) -> tuple[BackendConfig, ...] | None:
         """A provider's non-empty backend list; names are unique within the provider."""
         pairs = self.items(value, path, empty="must contain at least one backend")
         names: dict[str, str] = {}
-        backends = [
-            self.backend(item, item_path, names, timeouts, pool) for item_path, item in pairs
-        ]
+        backends = [self.backend(item, item_path, names, inherited) for item_path, item in pairs]
         valid = [backend for backend in backends if backend is not None]
         return tuple(valid) if valid and len(valid) == len(backends) else None
 
     def backend(
-        self,
-        value: object,
-        path: str,
-        names: dict[str, str],
-        timeouts: TimeoutsConfig,
-        pool: PoolConfig,
+        self, value: object, path: str, names: dict[str, str], inherited: _Levels
     ) -> BackendConfig | None:
-        """One backend: URL, API key, weight, concurrency cap and effective timeouts/pool."""
+        """One backend: URL, API keys, weight, tier, concurrency cap and effective settings."""
         fields = self.mapping(value, path, _BACKEND_KEYS)
         if fields is None:
             return None
         name = self.required(fields, "name", path, self.name)
         self.unique(name, _key_path(path, "name"), names, "backend")
         url = self.required(fields, "url", path, self.url)
-        api_key = self.api_key(fields, path)
+        api_keys = self.backend_keys(fields, path)
         defaults = _BACKEND_DEFAULTS
         weight = self.optional(fields, "weight", path, self.positive_int, defaults.weight)
+        priority = self.optional(fields, "priority", path, self.non_negative_int, defaults.priority)
         max_concurrent = self.optional(
             fields, "max_concurrent", path, self.positive_int, defaults.max_concurrent
         )
-        timeouts = self.timeouts_in(fields, path, timeouts)
-        pool = self.pool_in(fields, path, pool)
-        if name is None or url is None or api_key is None:
+        effective = self.levels_in(fields, path, inherited)
+        if name is None or url is None or api_keys is None:
             return None
         return BackendConfig(
             name=name,
             url=url,
-            api_key=api_key,
+            api_keys=api_keys,
             weight=weight,
+            priority=priority,
             max_concurrent=max_concurrent,
-            pool=pool,
-            timeouts=timeouts,
+            pool=effective.pool,
+            timeouts=effective.timeouts,
+            health=effective.health,
+            breaker=effective.breaker,
         )
 
     def url(self, value: object, path: str) -> str | None:
@@ -748,20 +1021,57 @@ class _Parser:
 
     # -- secrets ----------------------------------------------------------------------
 
-    def api_key(self, fields: Mapping[str, object], path: str) -> str | None:
-        """The backend's API key from exactly one of api_key, api_key_env, api_key_file."""
-        given = [key for key in _KEY_SOURCES if key in fields]
+    def backend_keys(self, fields: Mapping[str, object], path: str) -> tuple[str, ...] | None:
+        """The backend's API keys: exactly one of api_key, api_key_env, api_key_file (one
+        key) or api_keys (a list of such sources)."""
+        given = self.one_source(fields, path, _BACKEND_KEY_SOURCES)
+        if given is None:
+            return None
+        if given == "api_keys":
+            return self.key_list(fields[given], _key_path(path, given))
+        key = self.api_key(given, fields[given], _key_path(path, given))
+        return None if key is None else (key,)
+
+    def one_source(
+        self, fields: Mapping[str, object], path: str, sources: Sequence[str]
+    ) -> str | None:
+        """The one key of ``sources`` present in ``fields``; none or several is an error."""
+        given = [key for key in sources if key in fields]
         if len(given) != 1:
             found = f" (found {', '.join(given)})" if given else ""
-            self.error(path, f"needs exactly one of {', '.join(_KEY_SOURCES)}{found}")
+            self.error(path, f"needs exactly one of {', '.join(sources)}{found}")
             return None
-        key = given[0]
+        return given[0]
+
+    def key_list(self, value: object, path: str) -> tuple[str, ...] | None:
+        """A non-empty ``api_keys`` list of ``{api_key|api_key_env|api_key_file: ...}``
+        mappings; the same key twice is an error at the later item."""
+        pairs = self.items(value, path, empty="must list at least one key")
+        first_seen: dict[str, str] = {}
+        keys: list[str | None] = []
+        for item_path, item in pairs:
+            fields = self.mapping(item, item_path, _KEY_SOURCES)
+            given = None if fields is None else self.one_source(fields, item_path, _KEY_SOURCES)
+            key = None
+            if fields is not None and given is not None:
+                key = self.api_key(given, fields[given], _key_path(item_path, given))
+            if key is not None and key in first_seen:
+                self.error(item_path, f"duplicate API key (same as {first_seen[key]})")
+                key = None
+            elif key is not None:
+                first_seen[key] = item_path
+            keys.append(key)
+        valid = [key for key in keys if key is not None]
+        return tuple(valid) if valid and len(valid) == len(keys) else None
+
+    def api_key(self, source: str, value: object, path: str) -> str | None:
+        """One API key from ``source`` (api_key, api_key_env or api_key_file) at ``path``."""
         loaders: dict[str, Callable[[object, str], str | None]] = {
             "api_key": self.literal_key,
             "api_key_env": self.env_key,
             "api_key_file": self.file_key,
         }
-        return loaders[key](fields[key], _key_path(path, key))
+        return loaders[source](value, path)
 
     def literal_key(self, value: object, path: str) -> str | None:
         """A key written inline in the file."""
@@ -786,21 +1096,26 @@ class _Parser:
         key_file = self.local_path(value, path)
         if key_file is None:
             return None
+        return self.read_secret_file(key_file, path, "key", "an API key")
+
+    def read_secret_file(self, file: str, path: str, what: str, holds: str) -> str | None:
+        """The secret held in ``file`` (a ``what`` file): at most 64 KiB of UTF-8, checked
+        by :meth:`secret`. Errors name the file, never its contents."""
         try:
-            with open(key_file, "rb") as stream:
+            with open(file, "rb") as stream:
                 raw = stream.read(_MAX_KEY_FILE_BYTES + 1)
         except (OSError, ValueError) as exc:
-            self.error(path, f"cannot read key file {key_file}: {_os_reason(exc)}")
+            self.error(path, f"cannot read {what} file {file}: {_os_reason(exc)}")
             return None
         if len(raw) > _MAX_KEY_FILE_BYTES:
-            self.error(path, f"key file {key_file} is too large to hold an API key")
+            self.error(path, f"{what} file {file} is too large to hold {holds}")
             return None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            self.error(path, f"key file {key_file} is not valid UTF-8")
+            self.error(path, f"{what} file {file} is not valid UTF-8")
             return None
-        return self.secret(text, path, f"key file {key_file}")
+        return self.secret(text, path, f"{what} file {file}")
 
     def secret(self, value: str, path: str, origin: str) -> str | None:
         """Strip surrounding whitespace; the key must then be non-empty and header-safe.

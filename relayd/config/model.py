@@ -71,16 +71,88 @@ class PoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HealthCheckConfig:
+    """Active health probes of a backend.
+
+    Every ``interval`` seconds a probe (``path``, or the provider type's default probe
+    when ``None``) must answer within ``timeout``; ``unhealthy_after`` consecutive failed
+    probes mark the backend unhealthy, ``healthy_after`` consecutive good ones mark it
+    healthy again.
+    """
+
+    enabled: bool = True
+    path: str | None = None
+    interval: float = 10.0
+    timeout: float = 5.0
+    unhealthy_after: int = 3
+    healthy_after: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BreakerConfig:
+    """Passive outlier detection: a circuit breaker over a backend's recent outcomes.
+
+    The breaker opens when ``failures`` of the last ``window`` outcomes were failures,
+    stays open for ``cooldown`` seconds (doubling on each re-open up to ``max_cooldown``),
+    then lets ``half_open_requests`` trial requests through; a successful trial closes
+    it, a failed one re-opens it.
+    """
+
+    window: int = 20
+    failures: int = 5
+    cooldown: float = 5.0
+    max_cooldown: float = 300.0
+    half_open_requests: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverConfig:
+    """Retrying a failed request on another backend, before any byte reached the client.
+
+    ``max_attempts`` counts the first attempt. Retries are refused once they exceed
+    ``retry_budget_ratio`` of the requests of the last 10 seconds plus
+    ``retry_budget_min_per_second`` x 10. Bodies over ``max_replay_bytes`` are never
+    retried. A ``retry-after`` relayd sends to a client is clamped to ``max_retry_after``.
+    """
+
+    max_attempts: int = 3
+    retry_budget_ratio: float = 0.2
+    retry_budget_min_per_second: float = 1.0
+    max_replay_bytes: int = 4 * 1024 * 1024
+    max_retry_after: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    """The admin listener: /metrics, /healthz, /readyz and /admin/*."""
+
+    address: str
+    host: str
+    port: int
+    token_file: str | None = None
+    token: str | None = field(default=None, repr=False)  # read from token_file at load
+
+
+@dataclass(frozen=True, slots=True)
 class BackendConfig:
-    """One upstream endpoint of a provider (an account, a region, a gateway)."""
+    """One upstream endpoint of a provider (an account, a region, a gateway).
+
+    ``api_keys`` holds one or more upstream keys (from ``api_key``/``api_key_env``/
+    ``api_key_file``, or the ``api_keys`` list), used round-robin. ``priority`` is the
+    tier: 0 is the first; a backend of tier 1 gets traffic only when no tier-0 backend
+    is available.
+    """
 
     name: str
     url: str  # scheme://host[:port][/prefix], no trailing slash
-    api_key: str = field(repr=False)
+    api_keys: tuple[str, ...] = field(repr=False, default=())
     weight: int = 1
+    priority: int = 0
     max_concurrent: int = 256
     pool: PoolConfig = PoolConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()  # effective: global < provider < backend
+    health: HealthCheckConfig = HealthCheckConfig()  # effective, merged the same way
+    breaker: BreakerConfig = BreakerConfig()  # effective, merged the same way
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,4 +184,9 @@ class Config:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     timeouts: TimeoutsConfig = TimeoutsConfig()
     pool: PoolConfig = PoolConfig()
+    health: HealthCheckConfig = HealthCheckConfig()
+    breaker: BreakerConfig = BreakerConfig()
+    failover: FailoverConfig = FailoverConfig()
+    admin: AdminConfig | None = None
+    shutdown_timeout: float = 30.0
     source: str = "<defaults>"

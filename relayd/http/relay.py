@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
@@ -32,8 +34,10 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from relayd.health import UpstreamKey, parse_retry_after
 from relayd.http.body import BoundedBody
 from relayd.logs import log_access
+from relayd.metrics import RelayMetrics
 from relayd.providers import (
     DEFAULT_FAMILY,
     PROVIDERS,
@@ -44,6 +48,7 @@ from relayd.providers import (
     family_of,
 )
 from relayd.providers.base import model_entries
+from relayd.routing import ProviderRoute
 from relayd.runtime import Client, RelayRuntime
 from relayd.upstream import Backend, BytesProducer
 
@@ -125,18 +130,46 @@ class EndpointTable:
 
 
 class RelayResource(Resource):
-    """The root resource of a relay listener: every path is handled by an :class:`Exchange`."""
+    """The root resource of a relay listener: every path is handled by an :class:`Exchange`.
+
+    ``active`` holds the exchanges in progress, so a shutdown can wait for them.
+    """
 
     isLeaf = True
 
-    def __init__(self, get_runtime: Callable[[], RelayRuntime], clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        get_runtime: Callable[[], RelayRuntime],
+        clock: IReactorTime,
+        metrics: RelayMetrics | None = None,
+    ) -> None:
         super().__init__()
         self.get_runtime = get_runtime
         self.clock = clock
+        self.metrics = metrics if metrics is not None else RelayMetrics()
         self.endpoints = EndpointTable(list(PROVIDERS.values()))
+        self.active: set[Exchange] = set()
+        self._idle_waiters: list[Deferred[None]] = []
+
+    def exchange_done(self, exchange: Exchange) -> None:
+        self.active.discard(exchange)
+        if not self.active and self._idle_waiters:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    def wait_idle(self) -> Deferred[None]:
+        """Fires once no exchange is in progress."""
+        waiter: Deferred[None] = Deferred()
+        if not self.active:
+            waiter.callback(None)
+        else:
+            self._idle_waiters.append(waiter)
+        return waiter
 
     def render(self, request: Request) -> Any:
         exchange = Exchange(self, request, self.get_runtime())
+        self.active.add(exchange)
         try:
             exchange.start()
         except Exception:
@@ -153,6 +186,7 @@ class Exchange:
         self.request = request
         self.runtime = runtime
         self.clock = resource.clock
+        self.metrics = resource.metrics
         self.started = self.clock.seconds()
         self.request_id = "req_" + os.urandom(12).hex()
         self.family: IProvider = PROVIDERS[DEFAULT_FAMILY]
@@ -160,21 +194,31 @@ class Exchange:
         self.client: Client | None = None
         self.model: str | None = None
         self.stream_requested = False
-        self.backend: Backend | None = None
+        self.provider: ProviderRoute | None = None
         self.provider_name: str | None = None
+        self.body = b""
+        self.upstream_headers = Headers()
+        self.backend: Backend | None = None  # of the current (or last) attempt
+        self.attempt: Attempt | None = None
+        self.attempts = 0
+        self.tried: list[Backend] = []
+        self.response: IResponse | None = None
         self.status: int | None = None
         self.outcome = "ok"
+        self.first_sent_at: float | None = None
         self.first_byte_at: float | None = None
+        self.upstream_done_at: float | None = None
         self.usage: Usage | None = None
         self.watcher: IStreamWatcher | None = None
+        self.holding = False
+        self.held: list[bytes] = []
         self.collected: list[bytes] | None = None
         self.collected_size = 0
         self.gzip_body = False
-        self.upstream_request: Deferred[IResponse] | None = None
-        self.upstream_body: Any = None  # the transport of the upstream response body
-        self.timer: IDelayedCall | None = None
         self.total_deadline = 0.0
         self.timed_out: str | None = None
+        self.counted = False
+        self.stream_open = False
         self.client_gone = False
         self.done = False
 
@@ -304,6 +348,8 @@ class Exchange:
 
     # -- forwarding --------------------------------------------------------------------------
 
+    # -- forwarding, with failover before the first byte --------------------------------------
+
     def _forward(self, body: bytes) -> None:
         assert self.endpoint is not None
         runtime = self.runtime
@@ -314,24 +360,9 @@ class Exchange:
             what = f"model {self.model!r}" if self.model else "this request"
             self.reply_error(404, f"no route for {what} on the {self.family.name} API")
             return
+        self.provider = provider
         self.provider_name = provider.name
-        balancer = provider.balancer
-        backend = balancer.primary() if self.endpoint.sticky else balancer.choose()
-        if backend is None:
-            self.request.setHeader(b"retry-after", b"1")
-            self.reply_error(
-                503,
-                f"every backend of provider {provider.name!r} is at its concurrency limit",
-            )
-            return
-        self.backend = backend
-        backend.in_flight += 1
-        timeouts = backend.timeouts
-        now = self.clock.seconds()
-        self.total_deadline = now + timeouts.total
-        self.timer = self.clock.callLater(
-            min(timeouts.first_byte, timeouts.total), self._on_timeout
-        )
+        self.body = body
         request = self.request
         headers = Headers()
         set_raw = headers.setRawHeaders
@@ -342,94 +373,324 @@ class Exchange:
             if lower in _DROP_REQUEST_HEADERS or lower in named:
                 continue
             set_raw(name, values)
-        for name, value in backend.auth_headers:
-            set_raw(name, [value])
         if self.stream_requested:
             set_raw(b"accept-encoding", [b"identity"])
+        self.upstream_headers = headers
+        runtime.retry_budget.record_request()
+        self.metrics.request_started()
+        self.counted = True
+        target = self._pick_target()
+        if target is None:
+            self.outcome = "no_backend"
+            self._set_retry_after(self._unavailable_for())
+            self.reply_error(
+                503,
+                f"no backend of provider {provider.name!r} is available now "
+                "(all at their concurrency limit, circuit-broken or rate-limited)",
+            )
+            return
+        self._send(*target)
+
+    def _pick_target(self) -> tuple[Backend, UpstreamKey] | None:
+        """The next backend and key to try, skipping backends already tried."""
+        assert self.provider is not None and self.endpoint is not None
+        balancer = self.provider.balancer
+        exclude = list(self.tried)
+        while True:
+            backend = (
+                balancer.primary(exclude) if self.endpoint.sticky else balancer.choose(exclude)
+            )
+            if backend is None:
+                return None
+            if not backend.breaker.allow_request():  # half-open, trial slots taken
+                exclude.append(backend)
+                continue
+            key = backend.keys.choose()
+            if key is None:
+                backend.breaker.release_trial()
+                exclude.append(backend)
+                continue
+            return backend, key
+
+    def _send(self, backend: Backend, key: UpstreamKey) -> None:
+        attempt = Attempt(backend, key)
+        self.attempt = attempt
+        self.attempts += 1
+        self.tried.append(backend)
+        self.backend = backend
+        backend.in_flight += 1
+        now = self.clock.seconds()
+        if self.first_sent_at is None:
+            self.first_sent_at = now
+            self.total_deadline = self.started + backend.timeouts.total
+        headers = self.upstream_headers.copy()
+        for name, value in key.auth_headers:
+            headers.setRawHeaders(name, [value])
+        timeouts = backend.timeouts
+        attempt.timer = self.clock.callLater(
+            max(min(timeouts.first_byte, self.total_deadline - now), 0.0),
+            self._on_timeout,
+            attempt,
+        )
+        request = self.request
+        body = self.body
         producer = BytesProducer(body) if body or request.method == b"POST" else None
         d = backend.agent.request(
             request.method, backend.base_url + request.uri, headers, producer
         )
-        self.upstream_request = d
-        d.addCallbacks(self._on_response, self._on_upstream_error)
+        attempt.request = d
+        d.addCallbacks(
+            self._on_response,
+            self._on_upstream_error,
+            callbackArgs=(attempt,),
+            errbackArgs=(attempt,),
+        )
         d.addErrback(self._on_unexpected)
 
-    def _on_timeout(self) -> None:
-        self.timer = None
-        if self.done:
+    def _may_retry(self, reason: str) -> tuple[Backend, UpstreamKey] | None:
+        """Whether (and where) a failed attempt may be retried; counts refusals."""
+        assert self.provider is not None
+        failover = self.runtime.config.failover
+        provider = self.provider.name
+        if self.client_gone or self.done:
+            return None
+        if self.attempts >= failover.max_attempts:
+            if failover.max_attempts > 1:
+                self.metrics.retry_refused(provider, "attempts")
+            return None
+        if len(self.body) > failover.max_replay_bytes:
+            self.metrics.retry_refused(provider, "body_too_large")
+            return None
+        target = self._pick_target()
+        if target is None:
+            self.metrics.retry_refused(provider, "no_backend")
+            return None
+        if not self.runtime.retry_budget.try_acquire_retry():
+            target[0].breaker.release_trial()
+            self.metrics.retry_refused(provider, "budget")
+            return None
+        self.metrics.retry(provider, reason)
+        if target[0] is not self.backend:
+            self.metrics.failover(provider, reason)
+        return target
+
+    def _end_attempt(self, attempt: Attempt) -> None:
+        """Release an attempt's backend slot and timer (once)."""
+        if attempt.ended:
             return
-        if self.upstream_body is None:
-            self.timed_out = "first_byte"
-            if self.upstream_request is not None:
-                self.upstream_request.cancel()
+        attempt.ended = True
+        if attempt.timer is not None and attempt.timer.active():
+            attempt.timer.cancel()
+        attempt.timer = None
+        attempt.backend.release()
+
+    def _record(self, attempt: Attempt, result: str, *, failure: str | None = None) -> None:
+        """Count an attempt's outcome for the breaker (once) and the metrics."""
+        backend = attempt.backend
+        self.metrics.upstream_attempt(backend.provider_name, backend.name, result)
+        if attempt.judged:
+            if failure is not None:
+                backend.breaker.record_failure(failure)
+            return
+        attempt.judged = True
+        if failure is not None:
+            backend.breaker.record_failure(failure)
+            backend.note_error(failure)
+        elif result == "ok":
+            backend.breaker.record_success()
+        else:
+            backend.breaker.release_trial()
+
+    def _on_timeout(self, attempt: Attempt) -> None:
+        attempt.timer = None
+        if self.done or attempt is not self.attempt:
+            return
+        if attempt.body is None:
+            attempt.timed_out = "first_byte"
+            if attempt.request is not None:
+                attempt.request.cancel()
             return
         now = self.clock.seconds()
         self.timed_out = "total" if now >= self.total_deadline else "idle"
-        upstream_body = self.upstream_body
-        self.on_body_end(Failure(ConnectTimeoutError(f"{self.timed_out} timeout")))
+        upstream_body = attempt.body
+        self.on_body_end(attempt, Failure(ConnectTimeoutError(f"{self.timed_out} timeout")))
         upstream_body.stopProducing()
 
-    def _on_response(self, response: IResponse) -> None:
-        self.upstream_request = None
-        if self.done:
-            response.deliverBody(_Discard())
+    def _on_upstream_error(self, failure: Failure, attempt: Attempt) -> None:
+        attempt.request = None
+        if attempt.timed_out is None and failure.check(CancelledError):
+            # The client went away (or the exchange ended): not the backend's fault.
+            self._record(attempt, "cancelled")
+            self._end_attempt(attempt)
             return
-        request = self.request
-        self.first_byte_at = self.clock.seconds()
+        if attempt.timed_out is not None:
+            result = "timeout"
+            message = f"no response within {attempt.backend.timeouts.first_byte:g}s"
+        elif failure.check(
+            ConnectError, ConnectingCancelledError, DNSLookupError, ConnectTimeoutError
+        ):
+            result = "connect_error"
+            message = f"could not connect: {failure.getErrorMessage()}"
+        else:
+            result = "no_response"
+            message = f"connection closed without a response: {failure.getErrorMessage()}"
+        self._record(attempt, result, failure=message)
+        self._end_attempt(attempt)
+        log.warn(
+            "{request_id}: attempt {n} on {backend} failed: {message}",
+            request_id=self.request_id,
+            n=self.attempts,
+            backend=attempt.backend,
+            message=message,
+        )
+        if self.done:
+            return
+        target = self._may_retry(result)
+        if target is not None:
+            self._send(*target)
+            return
+        self.outcome = "upstream_timeout" if result == "timeout" else "upstream_error"
+        self._set_retry_after(self._unavailable_for())
+        if self.attempts > 1:
+            self.request.setHeader(b"x-should-retry", b"false")
+        status = 504 if result == "timeout" else 502
+        self.reply_error(
+            status,
+            f"upstream failed after {self.attempts} attempt(s); last: {message}",
+        )
+
+    def _on_response(self, response: IResponse, attempt: Attempt) -> None:
+        attempt.request = None
+        if self.done:
+            self._record(attempt, "cancelled")
+            self._end_attempt(attempt)
+            response.deliverBody(_Drain())
+            return
+        backend = attempt.backend
         status = response.code
+        family = backend.provider
+        if status == 429:
+            seconds = parse_retry_after(
+                _first(response.headers.getRawHeaders(b"retry-after")), self.clock.seconds()
+            )
+            cooldown = min(max(seconds if seconds is not None else 5.0, 1.0), 600.0)
+            backend.keys.cool_down(attempt.key, cooldown, "rate_limited")
+            self._record(attempt, "status_429")
+        elif status in (401, 403):
+            backend.keys.reject(attempt.key)
+            log.error(
+                "upstream key #{index} of {backend} was rejected with {status}: check it; "
+                "it is benched and retried later",
+                index=attempt.key.index,
+                backend=backend,
+                status=status,
+            )
+            self._record(attempt, f"status_{status}")
+        elif family.is_backend_failure(status):
+            self._record(attempt, f"status_{status}", failure=f"upstream answered {status}")
+        else:
+            self._record(attempt, "ok" if status < 400 else "client_error")
+            backend.keys.record_success(attempt.key)
+        if family.is_retryable(status):
+            target = self._may_retry(f"status_{status}")
+            if target is not None:
+                self._end_attempt(attempt)
+                response.deliverBody(_Drain())
+                self._send(*target)
+                return
+        self.response = response
         self.status = status
-        request.setResponseCode(status, response.phrase)
+        self.first_byte_at = self.clock.seconds()
+        content_type = _first(response.headers.getRawHeaders(b"content-type")) or b""
+        if content_type.startswith(b"text/event-stream"):
+            assert self.endpoint is not None
+            self.watcher = family.stream_watcher(self.endpoint)
+            # Hold the stream's first events back until content starts, so an error
+            # event before any content can still be failed over invisibly.
+            self.holding = status == 200
+            if not self.holding:
+                self._begin_client_response()
+        else:
+            self._begin_client_response()
+            if status < 300 and b"json" in content_type:
+                self.collected = []
+        self._arm_idle_timer(attempt)
+        response.deliverBody(_BodyRelay(self, attempt))
+
+    def _begin_client_response(self) -> None:
+        """Send status and headers of the final upstream response to the client."""
+        response = self.response
+        assert response is not None
+        request = self.request
+        request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
         out.removeHeader(b"content-type")
-        content_type = b""
+        max_retry_after = self.runtime.config.failover.max_retry_after
         for name, values in response.headers.getAllRawHeaders():
             lower = name.lower()
             if lower in _DROP_RESPONSE_HEADERS:
                 continue
-            if lower == b"content-type":
-                content_type = values[0]
-            elif lower == b"content-encoding" and values[0].lower() == b"gzip":
+            if lower == b"content-encoding" and values[0].lower() == b"gzip":
                 self.gzip_body = True
+            elif lower == b"retry-after":
+                seconds = parse_retry_after(values[0], self.clock.seconds())
+                if seconds is not None and seconds > max_retry_after:
+                    values = [b"%d" % max_retry_after]
+            elif lower == b"retry-after-ms":
+                try:
+                    if float(values[0]) > max_retry_after * 1000:
+                        values = [b"%d" % (max_retry_after * 1000)]
+                except ValueError:
+                    continue
             out.setRawHeaders(name, values)
-        if content_type.startswith(b"text/event-stream"):
-            assert self.endpoint is not None
-            self.watcher = self.family.stream_watcher(self.endpoint)
-            out.removeHeader(b"content-length")
+        if self.attempts > 1 and self.backend is not None and (
+            self.backend.provider.is_retryable(response.code)
+        ):
+            out.setRawHeaders(b"x-should-retry", [b"false"])
+        if self.watcher is not None:
             out.setRawHeaders(b"cache-control", [b"no-cache"])
             out.setRawHeaders(b"x-accel-buffering", [b"no"])
-        else:
+            self.metrics.stream_opened()
+            self.stream_open = True
+        elif response.length is not UNKNOWN_LENGTH:
             # Agent keeps Content-Length out of response.headers; relay it so the client
             # gets a length-delimited body rather than chunked encoding.
-            if response.length is not UNKNOWN_LENGTH:
-                out.setRawHeaders(b"content-length", [b"%d" % response.length])
-            if status < 300 and b"json" in content_type:
-                self.collected = []
-        self._arm_idle_timer()
-        response.deliverBody(_BodyRelay(self))
+            out.setRawHeaders(b"content-length", [b"%d" % response.length])
 
-    def _arm_idle_timer(self) -> None:
+    def _arm_idle_timer(self, attempt: Attempt) -> None:
         assert self.backend is not None
-        delay = min(self.backend.timeouts.idle, self.total_deadline - self.clock.seconds())
-        if self.timer is not None and self.timer.active():
-            self.timer.reset(max(delay, 0.0))
+        delay = max(
+            min(self.backend.timeouts.idle, self.total_deadline - self.clock.seconds()), 0.0
+        )
+        if attempt.timer is not None and attempt.timer.active():
+            attempt.timer.reset(delay)
         else:
-            self.timer = self.clock.callLater(max(delay, 0.0), self._on_timeout)
+            attempt.timer = self.clock.callLater(delay, self._on_timeout, attempt)
 
-    def on_body_start(self, transport: Any) -> None:
-        self.upstream_body = transport
-        if not self.done:
+    def on_body_start(self, attempt: Attempt, transport: Any) -> None:
+        attempt.body = transport
+        if not self.done and attempt is self.attempt:
             self.request.registerProducer(transport, True)
 
-    def on_body_data(self, data: bytes) -> None:
-        if self.done:
+    def on_body_data(self, attempt: Attempt, data: bytes) -> None:
+        if self.done or attempt is not self.attempt:
             return
-        timer = self.timer
+        timer = attempt.timer
         if timer is not None:
-            assert self.backend is not None
-            delay = min(self.backend.timeouts.idle, self.total_deadline - self.clock.seconds())
+            delay = min(attempt.backend.timeouts.idle, self.total_deadline - self.clock.seconds())
             timer.reset(max(delay, 0.0))
-        if self.watcher is not None:
-            self.watcher.feed(data)
+        watcher = self.watcher
+        if watcher is not None:
+            watcher.feed(data)
+            if self.holding:
+                self.held.append(data)
+                if watcher.error_seen and not watcher.content_started:
+                    self._fail_over_held_stream(
+                        attempt, "stream_error", "in-stream error before content"
+                    )
+                elif watcher.content_started or watcher.complete:
+                    self._release_held()
+                return
         elif self.collected is not None:
             self.collected_size += len(data)
             if self.collected_size <= _MAX_COLLECTED_BODY:
@@ -438,37 +699,89 @@ class Exchange:
                 self.collected = None
         self.request.write(data)
 
-    def on_body_end(self, reason: Failure) -> None:
-        if self.done:
-            return
+    def _release_held(self) -> None:
+        """The stream is past the point of failover: send what was held, then relay live."""
+        self.holding = False
+        self._begin_client_response()
+        held, self.held = self.held, []
+        for chunk in held:
+            self.request.write(chunk)
+
+    def _fail_over_held_stream(self, attempt: Attempt, result: str, message: str) -> bool:
+        """A held stream failed before any content reached the client: try elsewhere.
+
+        Returns False (having released what was held) when no retry is possible, so the
+        caller goes on relaying this attempt's outcome to the client.
+        """
+        self._record(attempt, result, failure=message)
+        target = self._may_retry(result)
+        if target is None:
+            self._release_held()
+            return False
         self.request.unregisterProducer()
+        self.watcher = None
+        self.held = []
+        self.holding = False
+        self.response = None
+        self.status = None
+        self.timed_out = None
+        body = attempt.body
+        self.attempt = None
+        self._end_attempt(attempt)
+        log.warn(
+            "{request_id}: {backend} failed before any content ({message}); retrying",
+            request_id=self.request_id,
+            backend=attempt.backend,
+            message=message,
+        )
+        if body is not None:
+            body.stopProducing()
+        self._send(*target)
+        return True
+
+    def on_body_end(self, attempt: Attempt, reason: Failure) -> None:
+        if self.done or attempt is not self.attempt:
+            return
         clean = reason.check(ResponseDone, PotentialDataLoss) is not None
+        if self.holding:
+            if self.timed_out is not None or not clean:
+                result = "timeout" if self.timed_out else "stream_broken"
+                if self._fail_over_held_stream(attempt, result, f"stream {result} before content"):
+                    return
+            else:
+                self._release_held()
+        self.upstream_done_at = self.clock.seconds()
+        self.request.unregisterProducer()
         watcher = self.watcher
+        backend = attempt.backend
         if watcher is not None:
             self.usage = watcher.usage
             if self.timed_out is not None:
                 self.outcome = f"timeout_{self.timed_out}"
+                self._record(attempt, "timeout", failure=f"stream {self.timed_out} timeout")
                 self._end_stream_with_error(
                     f"upstream stream stopped: no data within the {self.timed_out} timeout"
                 )
                 return
             if not clean:
                 self.outcome = "upstream_broken"
+                self._record(attempt, "stream_broken", failure="stream broke off")
                 self._end_stream_with_error(
                     "upstream connection broke off before the stream ended"
                 )
                 return
             if not (watcher.complete or watcher.error_seen) and self.status == 200:
                 self.outcome = "upstream_truncated"
+                self._record(attempt, "stream_truncated", failure="stream truncated")
                 self._end_stream_with_error("upstream stream ended without its final event")
                 return
             self._finish()
             return
         if not clean or self.timed_out is not None:
             # Headers are gone; the only honest signal left is an incomplete body.
-            self.outcome = (
-                f"timeout_{self.timed_out}" if self.timed_out else "upstream_broken"
-            )
+            self.outcome = f"timeout_{self.timed_out}" if self.timed_out else "upstream_broken"
+            self._record(attempt, "body_broken", failure=f"body {self.outcome}")
+            backend.note_error(f"response body {self.outcome}")
             self.request.loseConnection()
             self._complete()
             return
@@ -480,8 +793,6 @@ class Exchange:
         assert self.collected is not None
         body = b"".join(self.collected)
         if self.gzip_body:
-            import zlib
-
             try:
                 body = zlib.decompress(body, 16 + zlib.MAX_WBITS)
             except zlib.error:
@@ -498,35 +809,25 @@ class Exchange:
         self.request.write(self.family.stream_error_event(message, self.request_id))
         self._finish()
 
-    def _on_upstream_error(self, failure: Failure) -> None:
-        self.upstream_request = None
-        if self.done:
-            return
-        if self.timed_out is not None:
-            assert self.backend is not None
-            self.outcome = "timeout_first_byte"
-            self.reply_error(
-                504,
-                f"upstream did not answer within {self.backend.timeouts.first_byte:g}s",
-            )
-            return
-        if failure.check(CancelledError):
-            return  # the client went away; already accounted for
-        if failure.check(
-            ConnectError, ConnectingCancelledError, DNSLookupError, ConnectTimeoutError
-        ):
-            message = "could not connect to the upstream backend"
-        else:
-            message = "the upstream backend closed the connection without a response"
-        log.warn(
-            "{request_id}: {message}: {error} (backend {backend})",
-            request_id=self.request_id,
-            message=message,
-            error=failure.getErrorMessage(),
-            backend=self.backend,
-        )
-        self.outcome = "upstream_error"
-        self.reply_error(502, message)
+    def _unavailable_for(self) -> float:
+        """Seconds until some backend of the provider may take requests again (>= 1)."""
+        assert self.provider is not None
+        now = self.clock.seconds()
+        soonest: float | None = None
+        for backend in self.provider.balancer.backends:
+            candidates = []
+            if backend.breaker.state == "open" and backend.breaker.opened_until is not None:
+                candidates.append(backend.breaker.opened_until - now)
+            key_time = backend.keys.next_available_at()
+            if key_time is not None:
+                candidates.append(key_time - now)
+            wait = max(candidates) if candidates else 0.0
+            soonest = wait if soonest is None else min(soonest, wait)
+        return max(soonest or 0.0, 1.0)
+
+    def _set_retry_after(self, seconds: float) -> None:
+        clamped = min(seconds, self.runtime.config.failover.max_retry_after)
+        self.request.setHeader(b"retry-after", b"%d" % math.ceil(clamped))
 
     def _on_unexpected(self, failure: Failure) -> None:
         log.failure(
@@ -537,12 +838,11 @@ class Exchange:
     def fail_unexpectedly(self) -> None:
         if self.done:
             return
+        self.outcome = "relay_error"
         if self.request.startedWriting:
-            self.outcome = "relay_error"
             self.request.loseConnection()
             self._complete()
             return
-        self.outcome = "relay_error"
         self.reply_error(500, "internal relay error; see the relay log for this request id")
 
     # -- the local model list -----------------------------------------------------------------
@@ -551,29 +851,33 @@ class Exchange:
         """Ask each provider this API routes to for its models; keep the client's."""
         runtime = self.runtime
         api = self.family.name
+        asked: list[ProviderRoute] = []
         fetches: list[Deferred[list[dict[str, Any]]]] = []
         providers = runtime.router.providers_for(api)
         for provider in providers:
             backend = provider.balancer.choose()
             if backend is None:
                 continue
+            asked.append(provider)
             fetches.append(self._fetch_models(backend))
         if not fetches:
             self.reply_error(502 if providers else 404, "no provider can list models now")
             return
         d = DeferredList(fetches, consumeErrors=True)
-        d.addCallback(self._merge_model_lists)
+        d.addCallback(self._merge_model_lists, asked)
         d.addErrback(self._on_unexpected)
 
     def _fetch_models(self, backend: Backend) -> Deferred[list[dict[str, Any]]]:
         headers = Headers()
-        for name, value in backend.auth_headers:
+        key = backend.keys.choose() or backend.keys.keys[0]
+        for name, value in key.auth_headers:
             headers.setRawHeaders(name, [value])
         version = self.request.requestHeaders.getRawHeaders(b"anthropic-version")
         if version:
             headers.setRawHeaders(b"anthropic-version", version)
-        elif backend.provider.name == "anthropic":
-            headers.setRawHeaders(b"anthropic-version", [b"2023-06-01"])
+        else:
+            for name, value in backend.provider.probe_headers:
+                headers.setRawHeaders(name, [value])
         suffix = b"?limit=1000" if backend.provider.name == "anthropic" else b""
         backend.in_flight += 1
         d = backend.agent.request(b"GET", backend.base_url + b"/v1/models" + suffix, headers)
@@ -584,7 +888,7 @@ class Exchange:
             return readBody(response)
 
         def release(result: object) -> object:
-            backend.in_flight -= 1
+            backend.release()
             return result
 
         entries: Deferred[list[dict[str, Any]]] = d.addCallback(read).addCallback(model_entries)
@@ -592,13 +896,14 @@ class Exchange:
         entries.addTimeout(backend.timeouts.first_byte, self.clock)
         return entries
 
-    def _merge_model_lists(self, results: list[tuple[bool, Any]]) -> None:
+    def _merge_model_lists(
+        self, results: list[tuple[bool, Any]], providers: list[ProviderRoute]
+    ) -> None:
         if self.done:
             return
         assert self.client is not None
         router = self.runtime.router
         api = self.family.name
-        providers = router.providers_for(api)
         merged: dict[str, dict[str, Any]] = {}
         ok = 0
         for provider, (success, entries) in zip(providers, results, strict=False):
@@ -648,31 +953,65 @@ class Exchange:
         self.request.finish()
         self._complete()
 
-    def _client_went_away(self, failure: Failure) -> None:
+    def abort(self) -> None:
+        """Drop the client connection now (shutdown drain ran out of time)."""
+        if self.done:
+            return
+        self.outcome = "aborted"
+        self.request.loseConnection()
+        self._client_went_away(None)
+
+    def _client_went_away(self, failure: Failure | None) -> None:
         if self.done:
             return
         self.client_gone = True
-        self.outcome = "client_gone"
+        if self.outcome == "ok":
+            self.outcome = "client_gone"
         if self.watcher is not None:
             self.usage = self.watcher.usage
-        if self.upstream_request is not None:
-            self.upstream_request.cancel()
-        elif self.upstream_body is not None:
-            self.upstream_body.stopProducing()
+        attempt = self.attempt
+        if attempt is not None:
+            if attempt.request is not None:
+                attempt.request.cancel()
+            elif attempt.body is not None:
+                attempt.body.stopProducing()
         self._complete()
 
     def _complete(self) -> None:
-        """Release the backend, stop the timer and write the access-log line (once)."""
+        """Release the backend, stop timers, count and log the request (once)."""
         if self.done:
             return
         self.done = True
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
-        if self.backend is not None:
-            self.backend.in_flight -= 1
+        self.resource.exchange_done(self)
+        attempt = self.attempt
+        if attempt is not None:
+            if not attempt.judged:
+                self._record(attempt, "cancelled")
+            self._end_attempt(attempt)
         now = self.clock.seconds()
         usage = self.usage
+        status = 499 if self.client_gone and self.status is None else self.status
+        total = now - self.started
+        ttfb = self.first_byte_at - self.started if self.first_byte_at is not None else None
+        if self.counted:
+            upstream_wait = 0.0
+            if self.first_sent_at is not None:
+                upstream_wait = (self.upstream_done_at or now) - self.first_sent_at
+            if self.stream_open:
+                self.metrics.stream_closed()
+            self.metrics.request_finished(
+                client=self.client.name if self.client else "-",
+                api=self.family.name,
+                provider=self.provider_name or "-",
+                backend=self.backend.name if self.backend else "-",
+                model=self.model or "-",
+                status=status or 0,
+                outcome=self.outcome,
+                total=total,
+                ttfb=ttfb,
+                upstream_wait=upstream_wait,
+                usage=usage,
+            )
         log_access(
             {
                 "request_id": self.request_id,
@@ -683,14 +1022,11 @@ class Exchange:
                 "backend": self.backend.name if self.backend else None,
                 "model": self.model,
                 "stream": self.watcher is not None,
-                "status": 499 if self.client_gone and self.status is None else self.status,
+                "status": status,
                 "outcome": self.outcome,
-                "total_ms": round((now - self.started) * 1000, 1),
-                "ttfb_ms": (
-                    round((self.first_byte_at - self.started) * 1000, 1)
-                    if self.first_byte_at is not None
-                    else None
-                ),
+                "attempts": self.attempts,
+                "total_ms": round(total * 1000, 1),
+                "ttfb_ms": round(ttfb * 1000, 1) if ttfb is not None else None,
                 "input_tokens": usage.input_tokens if usage else None,
                 "output_tokens": usage.output_tokens if usage else None,
                 "cache_read_tokens": usage.cache_read_tokens if usage else None,
@@ -699,30 +1035,54 @@ class Exchange:
         )
 
 
+class Attempt:
+    """One try of an exchange on one backend with one key."""
+
+    __slots__ = ("backend", "body", "ended", "judged", "key", "request", "timed_out", "timer")
+
+    def __init__(self, backend: Backend, key: UpstreamKey) -> None:
+        self.backend = backend
+        self.key = key
+        self.request: Deferred[IResponse] | None = None
+        self.body: Any = None  # the upstream response body's transport
+        self.timer: IDelayedCall | None = None
+        self.timed_out: str | None = None
+        self.ended = False  # backend slot released
+        self.judged = False  # breaker outcome recorded
+
+
 _RESPONSE_DONE = Failure(ResponseDone())
 
 
 class _BodyRelay(Protocol):
-    """Receives the upstream body and hands each chunk to the exchange at once."""
+    """Receives one attempt's upstream body and hands each chunk to the exchange at once."""
 
-    def __init__(self, exchange: Exchange) -> None:
+    def __init__(self, exchange: Exchange, attempt: Attempt) -> None:
         self.exchange = exchange
+        self.attempt = attempt
 
     def connectionMade(self) -> None:
-        self.exchange.on_body_start(self.transport)
+        self.exchange.on_body_start(self.attempt, self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        self.exchange.on_body_data(data)
+        self.exchange.on_body_data(self.attempt, data)
 
     def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
-        self.exchange.on_body_end(reason)
+        self.exchange.on_body_end(self.attempt, reason)
 
 
-class _Discard(Protocol):
-    """Drains and drops a body nobody wants (its connection is then reusable or closed)."""
+class _Drain(Protocol):
+    """Reads and drops a body nobody wants, so its connection can go back to the pool."""
 
-    def connectionMade(self) -> None:
-        self.transport.stopProducing()  # type: ignore[union-attr]
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
+        pass
+
+
+def _first(values: Sequence[bytes] | None) -> bytes | None:
+    return values[0] if values else None
 
 
 def _connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:

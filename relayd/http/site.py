@@ -10,6 +10,7 @@ from twisted.web.server import Request, Site
 
 from relayd.http.body import BoundedBody
 from relayd.http.relay import RelayResource
+from relayd.metrics import RelayMetrics
 from relayd.runtime import RelayRuntime
 
 
@@ -26,11 +27,16 @@ class RelaySite(Site):
     noisy = False
     displayTracebacks = False
 
-    def __init__(self, get_runtime: Callable[[], RelayRuntime], clock: IReactorTime) -> None:
+    def __init__(
+        self,
+        get_runtime: Callable[[], RelayRuntime],
+        clock: IReactorTime,
+        metrics: RelayMetrics | None = None,
+    ) -> None:
         # Bodies are JSON relayed as bytes: never parse them as HTML form submissions
         # (that costs a MIME parse of Content-Type on every POST).
         super().__init__(
-            RelayResource(get_runtime, clock),
+            RelayResource(get_runtime, clock, metrics),
             requestFactory=Request,
             reactor=clock,
             parsePOSTFormSubmission=False,

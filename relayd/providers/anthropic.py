@@ -81,6 +81,10 @@ def usage_from_mapping(raw: object, into: Usage) -> None:
         into.cache_write_tokens = v
 
 
+# Events that may precede the first content: an error after only these can be failed over.
+_PREAMBLE_EVENTS = frozenset({b"message_start", b"ping", b"error"})
+
+
 @implementer(IStreamWatcher)
 class AnthropicStreamWatcher(StreamWatcherBase):
     """Usage and completeness of a Messages SSE stream.
@@ -112,6 +116,8 @@ class AnthropicStreamWatcher(StreamWatcherBase):
                 self.complete = True
             elif name == b"error":
                 self.error_seen = True
+            if not self.content_started and name not in _PREAMBLE_EVENTS:
+                self.content_started = True
 
 
 @implementer(IProvider)
@@ -120,6 +126,8 @@ class AnthropicProvider:
 
     name = "anthropic"
     endpoints = ENDPOINTS
+    health_path = b"/v1/models?limit=1"
+    probe_headers = [(b"anthropic-version", b"2023-06-01")]
 
     def auth_headers(self, api_key: str) -> list[tuple[bytes, bytes]]:
         return [(b"x-api-key", api_key.encode())]
@@ -159,6 +167,9 @@ class AnthropicProvider:
 
     def is_retryable(self, status: int) -> bool:
         return status == 429 or status >= 500
+
+    def is_backend_failure(self, status: int) -> bool:
+        return status >= 500  # includes 529 overloaded; 429 is a key cooldown, not a failure
 
     def claims(self, request_headers: Headers) -> bool:
         # Every Anthropic SDK sends anthropic-version; older ones and curl use x-api-key.

@@ -80,6 +80,10 @@ class IStreamWatcher(Interface):
     usage = Attribute("The :class:`Usage` seen so far.")
     complete = Attribute("True once the stream's terminal event has been seen.")
     error_seen = Attribute("True once the upstream sent an in-stream error event.")
+    content_started = Attribute(
+        "True once an event other than preamble (start, ping) or an error was seen: "
+        "before that, an in-stream error can still be failed over."
+    )
 
     def feed(data: bytes) -> None:
         """Consume the next chunk of the response body."""
@@ -88,13 +92,14 @@ class IStreamWatcher(Interface):
 class StreamWatcherBase:
     """State every :class:`IStreamWatcher` keeps: a parser, usage so far, and the end."""
 
-    __slots__ = ("_parser", "complete", "error_seen", "usage")
+    __slots__ = ("_parser", "complete", "content_started", "error_seen", "usage")
 
     def __init__(self) -> None:
         self._parser = SseParser()
         self.usage = Usage()
         self.complete = False
         self.error_seen = False
+        self.content_started = False
 
 
 class IProvider(Interface):
@@ -102,6 +107,8 @@ class IProvider(Interface):
 
     name = Attribute("The family name, as used in the config: 'anthropic' or 'openai'.")
     endpoints = Attribute("The client-facing :class:`Endpoint` objects, most specific first.")
+    health_path = Attribute("The default active-probe path (a cheap GET), e.g. b'/v1/models'.")
+    probe_headers = Attribute("Headers a probe needs besides the key, as (name, value) pairs.")
 
     def auth_headers(api_key: str) -> list[tuple[bytes, bytes]]:
         """The headers that carry ``api_key`` to the upstream."""
@@ -119,7 +126,10 @@ class IProvider(Interface):
         """A fresh watcher for one SSE response of ``endpoint``."""
 
     def is_retryable(status: int) -> bool:
-        """Whether an upstream status means another backend might succeed."""
+        """Whether an upstream status means another backend might succeed (failover)."""
+
+    def is_backend_failure(status: int) -> bool:
+        """Whether an upstream status counts against the backend's circuit breaker."""
 
     def claims(request_headers: Headers) -> bool:
         """Whether a request on a path several families share is this family's."""

@@ -107,6 +107,7 @@ class OpenAIStreamWatcher(StreamWatcherBase):
             if name == b"error":
                 self.error_seen = True
             if b'"usage"' not in body and b'"error"' not in body:
+                self.content_started = True
                 continue
             try:
                 payload = json.loads(body)
@@ -116,6 +117,8 @@ class OpenAIStreamWatcher(StreamWatcherBase):
                 continue
             if payload.get("error") or payload.get("type") == "error":
                 self.error_seen = True
+            else:
+                self.content_started = True
             raw = payload.get("usage")
             response = payload.get("response")
             if raw is None and isinstance(response, dict):
@@ -131,6 +134,8 @@ class OpenAIProvider:
 
     name = "openai"
     endpoints = ENDPOINTS
+    health_path = b"/v1/models"
+    probe_headers: list[tuple[bytes, bytes]] = []
 
     def auth_headers(self, api_key: str) -> list[tuple[bytes, bytes]]:
         return [(b"authorization", b"Bearer " + api_key.encode())]
@@ -165,6 +170,9 @@ class OpenAIProvider:
 
     def is_retryable(self, status: int) -> bool:
         return status == 429 or status >= 500
+
+    def is_backend_failure(self, status: int) -> bool:
+        return status >= 500
 
     def claims(self, request_headers: Headers) -> bool:
         return False  # the default family: no header marks an OpenAI call

@@ -84,9 +84,12 @@ class FakeUpstreamProcess:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read() or b"null")
 
-    def requests(self) -> list[dict[str, Any]]:
+    def requests(self, include_probes: bool = False) -> list[dict[str, Any]]:
+        """What the fake upstream received; relayd's health probes left out by default."""
         result: list[dict[str, Any]] = self._call("GET", "/_fake/requests")
-        return result
+        if include_probes:
+            return result
+        return [r for r in result if not _is_probe(r)]
 
     def reset(self) -> None:
         self._call("POST", "/_fake/reset", {})
@@ -96,6 +99,11 @@ class FakeUpstreamProcess:
 
     def stop(self) -> None:
         stop_process(self.process)
+
+
+def _is_probe(recorded: dict[str, Any]) -> bool:
+    agents = recorded.get("headers", {}).get("user-agent", [])
+    return any("health-probe" in agent for agent in agents)
 
 
 @dataclass

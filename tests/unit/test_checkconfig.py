@@ -11,6 +11,7 @@ import pytest
 from relayd import checkconfig
 
 SECRET = "sk-checkconfig-SECRET-42"
+TOKEN = "admin-checkconfig-TOKEN-7"
 
 VALID_YAML = """\
 listen:
@@ -23,7 +24,10 @@ providers:
     type: anthropic
     backends:
       - {name: us, url: "https://api.anthropic.com", api_key_env: RELAYD_CHECK_KEY}
-      - {name: eu, url: "https://eu.example.com", api_key_file: key}
+      - name: eu
+        url: "https://eu.example.com"
+        priority: 1
+        api_keys: [{api_key_file: key}, {api_key: "sk-second"}]
   - name: openai
     type: openai
     backends:
@@ -82,6 +86,57 @@ def test_empty_file_counts_the_default_listener(
         f"relayd-checkconfig: {path} OK: 1 listener, 0 clients, 0 providers (0 backends),"
         " 0 routes\n"
     )
+
+
+ADMIN_YAML = """\
+listen: [{address: "127.0.0.1:8080"}]
+admin: {address: "127.0.0.1:9091", token_file: admin-token}
+shutdown_timeout: 10
+health: {path: /v1/models}
+breaker: {window: 10}
+failover: {max_attempts: 2}
+"""
+
+
+def test_summary_names_the_admin_listener(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "admin-token").write_text(f"{TOKEN}\n")
+    path = write(tmp_path, ADMIN_YAML)
+    assert checkconfig.main(["-c", path]) == 0
+    out, err = capsys.readouterr()
+    assert out == (
+        f"relayd-checkconfig: {path} OK: 1 listener, 0 clients, 0 providers (0 backends),"
+        " 0 routes, admin on 127.0.0.1:9091 (token required)\n"
+    )
+    assert TOKEN not in out
+    assert err == ""
+
+
+def test_summary_says_when_the_admin_listener_has_no_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, 'admin: {address: "[::1]:9091"}\n')
+    assert checkconfig.main(["-c", path]) == 0
+    assert capsys.readouterr().out.endswith(", 0 routes, admin on [::1]:9091 (no token)\n")
+
+
+def test_admin_errors_never_show_the_token(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    token_file = tmp_path / "admin-token"
+    token_file.write_text(f"{TOKEN} {TOKEN}\n")
+    path = write(tmp_path, ADMIN_YAML.replace("9091", "8080").replace("max_attempts: 2", "x: 1"))
+    assert checkconfig.main(["-c", path]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.splitlines() == [
+        "admin.address: already used by listen[0]",
+        f"admin.token_file: token file {token_file} contains whitespace or control characters",
+        "failover.x: unknown key",
+        f"relayd-checkconfig: {path}: 3 errors",
+    ]
+    assert TOKEN not in err
 
 
 def test_invalid_file_prints_every_error(

@@ -11,11 +11,15 @@ import pytest
 
 from relayd.config import (
     DEFAULT_MAX_BODY_BYTES,
+    AdminConfig,
     BackendConfig,
+    BreakerConfig,
     ClientConfig,
     Config,
     ConfigError,
     ConfigErrors,
+    FailoverConfig,
+    HealthCheckConfig,
     ListenerConfig,
     PoolConfig,
     ProviderConfig,
@@ -27,6 +31,7 @@ from relayd.config import (
 )
 
 SECRET = "sk-test-SECRET-value-0123456789"
+TOKEN = "admin-TOKEN-value-9876543210"
 DIGEST_A = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 DIGEST_B = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
 DEFAULT_LISTENER = ListenerConfig(address="127.0.0.1:8080", host="127.0.0.1", port=8080)
@@ -36,9 +41,19 @@ listen:
   - address: "127.0.0.1:8080"
   - address: "0.0.0.0:8443"
     tls: {certificate: tls/fullchain.pem, private_key: /etc/relayd/tls/privkey.pem}
+admin: {address: "127.0.0.1:9091", token_file: admin-token}
 max_body_bytes: 1048576
+shutdown_timeout: 12.5
 timeouts: {connect: 10, first_byte: 600, idle: 300, total: 3600}
 pool: {max_idle_connections: 32, idle_timeout: 50}
+health: {interval: 15, unhealthy_after: 2}
+breaker: {window: 10, failures: 4}
+failover:
+  max_attempts: 2
+  retry_budget_ratio: 0
+  retry_budget_min_per_second: 0.5
+  max_replay_bytes: 0
+  max_retry_after: 30
 clients:
   - name: team-a
     key_sha256: "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08"
@@ -49,17 +64,23 @@ providers:
   - name: anthropic
     type: anthropic
     timeouts: {connect: 5}
+    health: {path: /v1/models, timeout: 2}
     backends:
       - name: us
         url: "https://api.anthropic.com/"
-        api_key_env: ANTHROPIC_API_KEY
+        api_keys:
+          - {api_key_env: ANTHROPIC_API_KEY}
+          - {api_key_file: keys/second}
         weight: 3
       - name: backup
         url: "http://gateway.internal:8000/anthropic/"
         api_key_file: keys/backup
+        priority: 1
         max_concurrent: 8
         timeouts: {idle: 30.5}
         pool: {max_idle_connections: 4}
+        health: {enabled: false}
+        breaker: {cooldown: 1, half_open_requests: 2}
   - name: openai
     type: openai
     pool: {idle_timeout: 20}
@@ -109,6 +130,8 @@ def only_backend(config: Config) -> BackendConfig:
 def test_example_parses_to_the_expected_objects(tmp_path: Path) -> None:
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys" / "backup").write_text("\n  sk-from-file \n")
+    (tmp_path / "keys" / "second").write_text("sk-second\n")
+    (tmp_path / "admin-token").write_text(f"{TOKEN}\n")
     config_file = tmp_path / "relayd.yaml"
     config_file.write_text(EXAMPLE_YAML)
 
@@ -117,6 +140,11 @@ def test_example_parses_to_the_expected_objects(tmp_path: Path) -> None:
     global_timeouts = TimeoutsConfig(connect=10.0, first_byte=600.0, idle=300.0, total=3600.0)
     anthropic_timeouts = TimeoutsConfig(connect=5.0, first_byte=600.0, idle=300.0, total=3600.0)
     global_pool = PoolConfig(max_idle_connections=32, idle_timeout=50.0)
+    global_health = HealthCheckConfig(interval=15.0, unhealthy_after=2)
+    anthropic_health = HealthCheckConfig(
+        path="/v1/models", interval=15.0, timeout=2.0, unhealthy_after=2
+    )
+    global_breaker = BreakerConfig(window=10, failures=4)
     assert config == Config(
         listen=(
             ListenerConfig(address="127.0.0.1:8080", host="127.0.0.1", port=8080),
@@ -144,21 +172,34 @@ def test_example_parses_to_the_expected_objects(tmp_path: Path) -> None:
                     BackendConfig(
                         name="us",
                         url="https://api.anthropic.com",
-                        api_key="sk-from-env",
+                        api_keys=("sk-from-env", "sk-second"),
                         weight=3,
                         max_concurrent=256,
                         pool=global_pool,
                         timeouts=anthropic_timeouts,
+                        health=anthropic_health,
+                        breaker=global_breaker,
                     ),
                     BackendConfig(
                         name="backup",
                         url="http://gateway.internal:8000/anthropic",
-                        api_key="sk-from-file",
+                        api_keys=("sk-from-file",),
                         weight=1,
+                        priority=1,
                         max_concurrent=8,
                         pool=PoolConfig(max_idle_connections=4, idle_timeout=50.0),
                         timeouts=TimeoutsConfig(
                             connect=5.0, first_byte=600.0, idle=30.5, total=3600.0
+                        ),
+                        health=HealthCheckConfig(
+                            enabled=False,
+                            path="/v1/models",
+                            interval=15.0,
+                            timeout=2.0,
+                            unhealthy_after=2,
+                        ),
+                        breaker=BreakerConfig(
+                            window=10, failures=4, cooldown=1.0, half_open_requests=2
                         ),
                     ),
                 ),
@@ -170,9 +211,11 @@ def test_example_parses_to_the_expected_objects(tmp_path: Path) -> None:
                     BackendConfig(
                         name="main",
                         url="https://api.openai.com",
-                        api_key="sk-inline",
+                        api_keys=("sk-inline",),
                         pool=PoolConfig(max_idle_connections=32, idle_timeout=20.0),
                         timeouts=global_timeouts,
+                        health=global_health,
+                        breaker=global_breaker,
                     ),
                 ),
             ),
@@ -184,8 +227,27 @@ def test_example_parses_to_the_expected_objects(tmp_path: Path) -> None:
         max_body_bytes=1048576,
         timeouts=global_timeouts,
         pool=global_pool,
+        health=global_health,
+        breaker=global_breaker,
+        failover=FailoverConfig(
+            max_attempts=2,
+            retry_budget_ratio=0.0,
+            retry_budget_min_per_second=0.5,
+            max_replay_bytes=0,
+            max_retry_after=30.0,
+        ),
+        admin=AdminConfig(
+            address="127.0.0.1:9091",
+            host="127.0.0.1",
+            port=9091,
+            token_file=str(tmp_path / "admin-token"),
+            token=TOKEN,
+        ),
+        shutdown_timeout=12.5,
         source=str(config_file),
     )
+    assert TOKEN not in repr(config)
+    assert "sk-from-env" not in repr(config)
 
 
 @pytest.mark.parametrize("data", [None, {}])
@@ -201,6 +263,11 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
     assert config.max_body_bytes == DEFAULT_MAX_BODY_BYTES
     assert config.timeouts == TimeoutsConfig()
     assert config.pool == PoolConfig()
+    assert config.health == HealthCheckConfig()
+    assert config.breaker == BreakerConfig()
+    assert config.failover == FailoverConfig()
+    assert config.admin is None
+    assert config.shutdown_timeout == 30.0
 
 
 def test_source_argument_is_kept() -> None:
@@ -210,7 +277,7 @@ def test_source_argument_is_kept() -> None:
 def test_backend_defaults_follow_the_global_settings() -> None:
     config = parse_config({"providers": [provider()]})
     assert only_backend(config) == BackendConfig(
-        name="b0", url="https://api.example.com", api_key=SECRET
+        name="b0", url="https://api.example.com", api_keys=(SECRET,)
     )
 
 
@@ -281,13 +348,13 @@ def test_uppercase_and_lowercase_digests_decode_alike() -> None:
 def test_api_key_from_environment_is_stripped() -> None:
     data = {"providers": [provider(backends=[_backend_without_key(api_key_env="KEY_VAR")])]}
     config = parse_config(data, environ={"KEY_VAR": f"  {SECRET}\n"})
-    assert only_backend(config).api_key == SECRET
+    assert only_backend(config).api_keys == (SECRET,)
 
 
 def test_api_key_file_is_relative_to_base_dir(tmp_path: Path) -> None:
     (tmp_path / "key").write_text(f"{SECRET}\n")
     data = {"providers": [provider(backends=[_backend_without_key(api_key_file="key")])]}
-    assert only_backend(parse_config(data, base_dir=str(tmp_path))).api_key == SECRET
+    assert only_backend(parse_config(data, base_dir=str(tmp_path))).api_keys == (SECRET,)
 
 
 def test_relative_paths_default_to_the_current_directory(
@@ -300,7 +367,7 @@ def test_relative_paths_default_to_the_current_directory(
         "providers": [provider(backends=[_backend_without_key(api_key_file="key")])],
     }
     config = parse_config(data)
-    assert only_backend(config).api_key == SECRET
+    assert only_backend(config).api_keys == (SECRET,)
     assert config.listen[0].tls == TlsConfig(
         certificate=os.path.join(os.getcwd(), "c.pem"), private_key=os.path.join(os.getcwd(), "k")
     )
@@ -677,15 +744,16 @@ def test_duplicate_listeners_compare_normalized_addresses() -> None:
 def test_a_missing_api_key_is_an_error() -> None:
     data = {"providers": [provider(backends=[_backend_without_key()])]}
     assert errors_of(data) == [
-        "providers[0].backends[0]: needs exactly one of api_key, api_key_env, api_key_file"
+        "providers[0].backends[0]: needs exactly one of api_key, api_key_env, api_key_file,"
+        " api_keys"
     ]
 
 
 def test_two_api_key_sources_are_an_error() -> None:
     data = with_backend(api_key_env="KEY_VAR", api_key_file="/k")
     assert errors_of(data, environ={"KEY_VAR": SECRET}) == [
-        "providers[0].backends[0]: needs exactly one of api_key, api_key_env, api_key_file"
-        " (found api_key, api_key_env, api_key_file)"
+        "providers[0].backends[0]: needs exactly one of api_key, api_key_env, api_key_file,"
+        " api_keys (found api_key, api_key_env, api_key_file)"
     ]
 
 
@@ -775,12 +843,524 @@ def test_a_provider_with_a_bad_type_still_exists_for_routes() -> None:
     assert errors_of(data) == ["providers[0].type: must be one of anthropic, openai, got 'gemini'"]
 
 
+# -- health checks, breaker, failover, shutdown ------------------------------------------
+
+
+def test_health_and_breaker_merge_across_three_levels() -> None:
+    data = {
+        "health": {"interval": 30, "path": "/global", "healthy_after": 4},
+        "breaker": {"window": 50, "max_cooldown": 60},
+        "providers": [
+            provider(
+                health={"timeout": 3, "path": "/provider"},
+                breaker={"failures": 10, "cooldown": 2},
+                backends=[
+                    backend(
+                        health={"enabled": False, "unhealthy_after": 1},
+                        breaker={"window": 40, "half_open_requests": 3},
+                    ),
+                    backend(name="b1"),
+                ],
+            ),
+            provider(name="p1", backends=[backend(health={"interval": 20})]),
+        ],
+    }
+    config = parse_config(data)
+    assert config.health == HealthCheckConfig(interval=30.0, path="/global", healthy_after=4)
+    assert config.breaker == BreakerConfig(window=50, max_cooldown=60.0)
+    first, second = config.providers[0].backends
+    assert first.health == HealthCheckConfig(
+        enabled=False,
+        path="/provider",
+        interval=30.0,
+        timeout=3.0,
+        unhealthy_after=1,
+        healthy_after=4,
+    )
+    assert first.breaker == BreakerConfig(
+        window=40, failures=10, cooldown=2.0, max_cooldown=60.0, half_open_requests=3
+    )
+    assert second.health == HealthCheckConfig(
+        path="/provider", interval=30.0, timeout=3.0, healthy_after=4
+    )
+    assert second.breaker == BreakerConfig(window=50, failures=10, cooldown=2.0, max_cooldown=60.0)
+    (other,) = config.providers[1].backends
+    assert other.health == HealthCheckConfig(path="/global", interval=20.0, healthy_after=4)
+    assert other.breaker == config.breaker
+
+
+def test_health_and_breaker_numbers_have_model_types() -> None:
+    config = parse_config({"health": {"interval": 7}, "breaker": {"cooldown": 2, "window": 30}})
+    assert type(config.health.interval) is float
+    assert type(config.breaker.cooldown) is float
+    assert type(config.breaker.window) is int
+
+
+def test_failover_and_shutdown_timeout() -> None:
+    data = {
+        "failover": {
+            "max_attempts": 10,
+            "retry_budget_ratio": 1,
+            "retry_budget_min_per_second": 0,
+            "max_replay_bytes": 1024,
+            "max_retry_after": 0.5,
+        },
+        "shutdown_timeout": 5,
+    }
+    config = parse_config(data)
+    assert config.failover == FailoverConfig(
+        max_attempts=10,
+        retry_budget_ratio=1.0,
+        retry_budget_min_per_second=0.0,
+        max_replay_bytes=1024,
+        max_retry_after=0.5,
+    )
+    assert type(config.failover.retry_budget_ratio) is float
+    assert config.shutdown_timeout == 5.0
+    assert type(config.shutdown_timeout) is float
+
+
+def test_failover_keys_are_each_optional() -> None:
+    config = parse_config({"failover": {"max_attempts": 1}})
+    assert config.failover == FailoverConfig(max_attempts=1)
+    assert parse_config({"failover": {}}).failover == FailoverConfig()
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        # shutdown_timeout
+        ({"shutdown_timeout": 0}, "shutdown_timeout: must be a positive number, got 0"),
+        ({"shutdown_timeout": "30s"}, "shutdown_timeout: must be a positive number, got string"),
+        ({"shutdown_timeout": math.inf}, "shutdown_timeout: must be a positive number, got inf"),
+        # failover
+        ({"failover": None}, "failover: must be a mapping, got null"),
+        ({"failover": {"retries": 2}}, "failover.retries: unknown key"),
+        (
+            {"failover": {"max_attempts": 0}},
+            "failover.max_attempts: must be an integer from 1 to 10, got 0",
+        ),
+        (
+            {"failover": {"max_attempts": 11}},
+            "failover.max_attempts: must be an integer from 1 to 10, got 11",
+        ),
+        (
+            {"failover": {"max_attempts": 2.0}},
+            "failover.max_attempts: must be an integer from 1 to 10, got 2.0",
+        ),
+        (
+            {"failover": {"max_attempts": True}},
+            "failover.max_attempts: must be an integer from 1 to 10, got boolean",
+        ),
+        (
+            {"failover": {"retry_budget_ratio": 1.01}},
+            "failover.retry_budget_ratio: must be a number from 0 to 1, got 1.01",
+        ),
+        (
+            {"failover": {"retry_budget_ratio": -0.1}},
+            "failover.retry_budget_ratio: must be a number from 0 to 1, got -0.1",
+        ),
+        (
+            {"failover": {"retry_budget_ratio": math.nan}},
+            "failover.retry_budget_ratio: must be a number from 0 to 1, got nan",
+        ),
+        (
+            {"failover": {"retry_budget_ratio": False}},
+            "failover.retry_budget_ratio: must be a number from 0 to 1, got boolean",
+        ),
+        (
+            {"failover": {"retry_budget_min_per_second": -1}},
+            "failover.retry_budget_min_per_second: must be a non-negative number, got -1",
+        ),
+        (
+            {"failover": {"retry_budget_min_per_second": math.inf}},
+            "failover.retry_budget_min_per_second: must be a non-negative number, got inf",
+        ),
+        (
+            {"failover": {"max_replay_bytes": -1}},
+            "failover.max_replay_bytes: must be a non-negative integer, got -1",
+        ),
+        (
+            {"failover": {"max_replay_bytes": 1.5}},
+            "failover.max_replay_bytes: must be a non-negative integer, got 1.5",
+        ),
+        (
+            {"failover": {"max_retry_after": 0}},
+            "failover.max_retry_after: must be a positive number, got 0",
+        ),
+        # health
+        ({"health": True}, "health: must be a mapping, got boolean"),
+        ({"health": {"port": 80}}, "health.port: unknown key"),
+        ({"health": {"enabled": "yes"}}, "health.enabled: must be true or false, got string"),
+        ({"health": {"enabled": 1}}, "health.enabled: must be true or false, got integer"),
+        ({"health": {"path": "v1/models"}}, "health.path: must start with '/'"),
+        ({"health": {"path": ""}}, "health.path: must not be empty"),
+        ({"health": {"path": None}}, "health.path: must be a string, got null"),
+        (
+            {"health": {"path": "/v1/x y"}},
+            "health.path: must not contain whitespace or control characters",
+        ),
+        ({"health": {"interval": 0}}, "health.interval: must be a positive number, got 0"),
+        ({"health": {"timeout": -1}}, "health.timeout: must be a positive number, got -1"),
+        (
+            {"health": {"unhealthy_after": 0}},
+            "health.unhealthy_after: must be a positive integer, got 0",
+        ),
+        (
+            {"health": {"healthy_after": 1.0}},
+            "health.healthy_after: must be a positive integer, got 1.0",
+        ),
+        ({"health": {"timeout": 11}}, "health.timeout: must not exceed interval (10.0)"),
+        ({"health": {"interval": 4}}, "health.interval: must not be below timeout (5.0)"),
+        (
+            {"health": {"interval": 2, "timeout": 3}},
+            "health.timeout: must not exceed interval (2.0)",
+        ),
+        (
+            {"providers": [provider(health={"enabled": None})]},
+            "providers[0].health.enabled: must be true or false, got null",
+        ),
+        (
+            {"providers": [provider(health={"timeout": 20})]},
+            "providers[0].health.timeout: must not exceed interval (10.0)",
+        ),
+        (
+            with_backend(health={"intervall": 5}),
+            "providers[0].backends[0].health.intervall: unknown key",
+        ),
+        (
+            with_backend(health={"interval": 1}),
+            "providers[0].backends[0].health.interval: must not be below timeout (5.0)",
+        ),
+        # breaker
+        ({"breaker": []}, "breaker: must be a mapping, got list"),
+        ({"breaker": {"threshold": 1}}, "breaker.threshold: unknown key"),
+        ({"breaker": {"window": 0}}, "breaker.window: must be a positive integer, got 0"),
+        ({"breaker": {"failures": 0}}, "breaker.failures: must be a positive integer, got 0"),
+        ({"breaker": {"cooldown": 0}}, "breaker.cooldown: must be a positive number, got 0"),
+        (
+            {"breaker": {"max_cooldown": "5m"}},
+            "breaker.max_cooldown: must be a positive number, got string",
+        ),
+        (
+            {"breaker": {"half_open_requests": 0}},
+            "breaker.half_open_requests: must be a positive integer, got 0",
+        ),
+        ({"breaker": {"failures": 21}}, "breaker.failures: must not exceed window (20)"),
+        ({"breaker": {"window": 4}}, "breaker.window: must not be below failures (5)"),
+        ({"breaker": {"cooldown": 301}}, "breaker.cooldown: must not exceed max_cooldown (300.0)"),
+        (
+            {"breaker": {"max_cooldown": 4.5}},
+            "breaker.max_cooldown: must not be below cooldown (5.0)",
+        ),
+        (
+            {"providers": [provider(breaker={"window": 3})]},
+            "providers[0].breaker.window: must not be below failures (5)",
+        ),
+        (
+            with_backend(breaker={"failures": 30}),
+            "providers[0].backends[0].breaker.failures: must not exceed window (20)",
+        ),
+        # priority
+        (
+            with_backend(priority=-1),
+            "providers[0].backends[0].priority: must be a non-negative integer, got -1",
+        ),
+        (
+            with_backend(priority="1"),
+            "providers[0].backends[0].priority: must be a non-negative integer, got string",
+        ),
+        (
+            with_backend(priority=True),
+            "providers[0].backends[0].priority: must be a non-negative integer, got boolean",
+        ),
+    ],
+)
+def test_single_error_in_new_sections(data: object, expected: str) -> None:
+    assert errors_of(data) == [expected]
+
+
+def test_limits_are_inclusive() -> None:
+    data = {
+        "health": {"interval": 5, "timeout": 5},
+        "breaker": {"window": 5, "failures": 5, "cooldown": 7, "max_cooldown": 7},
+    }
+    config = parse_config(data)
+    assert (config.health.interval, config.health.timeout) == (5.0, 5.0)
+    assert (config.breaker.window, config.breaker.failures) == (5, 5)
+
+
+def test_priority_defaults_to_zero() -> None:
+    assert only_backend(parse_config(with_backend())).priority == 0
+    assert only_backend(parse_config(with_backend(priority=0))).priority == 0
+    assert only_backend(parse_config(with_backend(priority=2))).priority == 2
+
+
+def test_ordering_rule_is_checked_on_the_merged_result_of_each_level() -> None:
+    # The level that sets one of the two keys is blamed; an inherited problem is
+    # reported once, where it was made, not again for every provider and backend.
+    data = {
+        "health": {"timeout": 12},
+        "breaker": {"failures": 8},
+        "providers": [
+            provider(
+                breaker={"window": 6},
+                backends=[backend(), backend(name="b1", health={"healthy_after": 1})],
+            ),
+            provider(
+                name="p1",
+                health={"interval": 15},
+                breaker={"window": 8},
+                backends=[backend(health={"interval": 11, "timeout": 12.5})],
+            ),
+        ],
+    }
+    assert errors_of(data) == [
+        "health.timeout: must not exceed interval (10.0)",
+        "providers[0].breaker.window: must not be below failures (8)",
+        "providers[1].backends[0].health.timeout: must not exceed interval (11.0)",
+    ]
+
+
+def test_a_lower_level_can_repair_an_inherited_value() -> None:
+    data = {
+        "providers": [
+            provider(
+                health={"interval": 2, "timeout": 1},
+                backends=[backend(health={"interval": 30, "timeout": 20})],
+            )
+        ]
+    }
+    assert only_backend(parse_config(data)).health.timeout == 20.0
+
+
+def test_ordering_rule_is_skipped_when_a_value_is_rejected() -> None:
+    # With interval rejected, comparing timeout against the inherited interval would
+    # only add noise.
+    assert errors_of({"health": {"interval": 0, "timeout": 20}}) == [
+        "health.interval: must be a positive number, got 0"
+    ]
+    assert errors_of({"breaker": {"window": "x", "failures": 50}}) == [
+        "breaker.window: must be a positive integer, got string"
+    ]
+
+
+# -- api_keys --------------------------------------------------------------------------
+
+
+def test_api_keys_resolve_every_source_in_order(tmp_path: Path) -> None:
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "c").write_text(" sk-c\n")
+    keys = [{"api_key": "sk-a"}, {"api_key_env": "KEY_B"}, {"api_key_file": "keys/c"}]
+    data = {"providers": [provider(backends=[_backend_without_key(api_keys=keys)])]}
+    config = parse_config(data, environ={"KEY_B": "sk-b\n"}, base_dir=str(tmp_path))
+    assert only_backend(config).api_keys == ("sk-a", "sk-b", "sk-c")
+
+
+def test_a_single_item_api_keys_list_equals_api_key() -> None:
+    listed = with_backend(api_keys=[{"api_key": SECRET}])
+    del listed["providers"][0]["backends"][0]["api_key"]
+    assert parse_config(listed) == parse_config(with_backend())
+
+
+def _with_keys(keys: object) -> dict[str, Any]:
+    """A document whose only backend gets its keys from ``api_keys: keys``."""
+    return {"providers": [provider(backends=[_backend_without_key(api_keys=keys)])]}
+
+
+KEYS_PATH = "providers[0].backends[0].api_keys"
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ([], ": must list at least one key"),
+        ({"api_key": "k"}, ": must be a list, got mapping"),
+        (None, ": must be a list, got null"),
+        (["sk-plain"], "[0]: must be a mapping, got string"),
+        ([{}], "[0]: needs exactly one of api_key, api_key_env, api_key_file"),
+        (
+            [{"api_key": "k1"}, {"api_key": "k2", "api_key_env": "KEY_VAR"}],
+            "[1]: needs exactly one of api_key, api_key_env, api_key_file"
+            " (found api_key, api_key_env)",
+        ),
+        ([{"api_key": "k", "api_keys": [{"api_key": "k2"}]}], "[0].api_keys: unknown key"),
+        ([{"api_key": "k1"}, {"api_key": ""}], "[1].api_key: the key is empty"),
+        (
+            [{"api_key": "k1"}, {"api_key": "k2"}, {"api_key_env": "MISSING"}],
+            "[2].api_key_env: environment variable MISSING is not set",
+        ),
+        ([{"api_key_file": 3}], "[0].api_key_file: must be a string, got integer"),
+    ],
+)
+def test_bad_api_keys(keys: object, expected: str) -> None:
+    assert errors_of(_with_keys(keys), environ={"KEY_VAR": "k3"}) == [f"{KEYS_PATH}{expected}"]
+
+
+def test_an_unknown_key_in_an_api_keys_item_is_reported_with_the_key() -> None:
+    assert errors_of(_with_keys([{"api_key": "k", "weight": 2}])) == [
+        f"{KEYS_PATH}[0].weight: unknown key"
+    ]
+
+
+def test_api_keys_and_another_source_are_an_error() -> None:
+    data = with_backend(api_keys=[{"api_key": "k"}])
+    assert errors_of(data) == [
+        "providers[0].backends[0]: needs exactly one of api_key, api_key_env, api_key_file,"
+        " api_keys (found api_key, api_keys)"
+    ]
+
+
+def test_duplicate_keys_are_reported_at_the_later_item(tmp_path: Path) -> None:
+    (tmp_path / "k").write_text(f"{SECRET}\n")
+    keys = [
+        {"api_key": SECRET},
+        {"api_key": "sk-other"},
+        {"api_key_env": "SAME"},
+        {"api_key_file": "k"},
+    ]
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(_with_keys(keys), environ={"SAME": f" {SECRET}"}, base_dir=str(tmp_path))
+    assert SECRET not in str(info.value)
+    assert str(info.value).splitlines() == [
+        f"{KEYS_PATH}[2]: duplicate API key (same as {KEYS_PATH}[0])",
+        f"{KEYS_PATH}[3]: duplicate API key (same as {KEYS_PATH}[0])",
+    ]
+
+
+def test_the_same_key_in_two_backends_is_allowed() -> None:
+    data = {"providers": [provider(backends=[backend(), backend(name="b1")])]}
+    assert [b.api_keys for b in parse_config(data).providers[0].backends] == [(SECRET,)] * 2
+
+
+# -- admin -----------------------------------------------------------------------------
+
+
+def test_admin_without_token() -> None:
+    config = parse_config({"admin": {"address": "[::1]:9091"}})
+    assert config.admin == AdminConfig(address="[::1]:9091", host="::1", port=9091)
+
+
+def test_admin_token_file_is_relative_to_base_dir_and_stripped(tmp_path: Path) -> None:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "token").write_text(f"\n {TOKEN}\n")
+    data = {"admin": {"address": "127.0.0.1:9091", "token_file": "secrets/token"}}
+    config = parse_config(data, base_dir=str(tmp_path))
+    assert config.admin == AdminConfig(
+        address="127.0.0.1:9091",
+        host="127.0.0.1",
+        port=9091,
+        token_file=str(tmp_path / "secrets" / "token"),
+        token=TOKEN,
+    )
+    assert TOKEN not in repr(config)
+
+
+def test_admin_may_share_port_0_with_a_listener() -> None:
+    data = {"listen": [{"address": "127.0.0.1:0"}], "admin": {"address": "127.0.0.1:0"}}
+    admin = parse_config(data).admin
+    assert admin is not None
+    assert admin.port == 0
+
+
+def test_admin_may_use_the_port_of_a_listener_on_another_host() -> None:
+    data = {"listen": [{"address": "127.0.0.1:8080"}], "admin": {"address": "[::1]:8080"}}
+    assert parse_config(data).admin is not None
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"admin": None}, "admin: must be a mapping, got null"),
+        ({"admin": "127.0.0.1:9091"}, "admin: must be a mapping, got string"),
+        ({"admin": {}}, "admin.address: is required"),
+        ({"admin": {"address": "127.0.0.1:9091", "tls": {}}}, "admin.tls: unknown key"),
+        (
+            {"admin": {"address": 9091}},
+            'admin.address: must be a string such as "127.0.0.1:8080", got integer',
+        ),
+        ({"admin": {"address": "9091"}}, 'admin.address: must be "host:port" or "[ipv6]:port"'),
+        (
+            {"admin": {"address": "admin.internal:9091"}},
+            'admin.address: host must be an IP address or "localhost"',
+        ),
+        (
+            {"admin": {"address": "127.0.0.1:70000"}},
+            "admin.address: port must be a number from 0 to 65535",
+        ),
+        # The default listener is 127.0.0.1:8080.
+        ({"admin": {"address": "127.0.0.1:8080"}}, "admin.address: already used by listen[0]"),
+        (
+            {
+                "listen": [{"address": "127.0.0.1:8080"}, {"address": "[::1]:9091"}],
+                "admin": {"address": "[0:0::1]:9091"},
+            },
+            "admin.address: already used by listen[1]",
+        ),
+        (
+            {"admin": {"address": "127.0.0.1:9091", "token_file": ""}},
+            "admin.token_file: must not be empty",
+        ),
+        (
+            {"admin": {"address": "127.0.0.1:9091", "token_file": ["t"]}},
+            "admin.token_file: must be a string, got list",
+        ),
+    ],
+)
+def test_bad_admin(data: object, expected: str) -> None:
+    assert errors_of(data) == [expected]
+
+
+UNSAFE_TOKEN = "token file {file} contains whitespace or control characters"
+
+
+@pytest.mark.parametrize(
+    ("write", "message"),
+    [
+        (None, "cannot read token file {file}: No such file or directory"),
+        (b" \n", "token file {file} is empty"),
+        (b"\xff" + TOKEN.encode(), "token file {file} is not valid UTF-8"),
+        (b"t" * (64 * 1024 + 1), "token file {file} is too large to hold a token"),
+        (f"{TOKEN} {TOKEN}\n".encode(), UNSAFE_TOKEN),
+        (f"{TOKEN}\x00".encode(), UNSAFE_TOKEN),
+    ],
+)
+def test_bad_admin_token_file(tmp_path: Path, write: bytes | None, message: str) -> None:
+    token_file = tmp_path / "token"
+    if write is not None:
+        token_file.write_bytes(write)
+    data = {"admin": {"address": "127.0.0.1:9091", "token_file": "token"}}
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(data, base_dir=str(tmp_path))
+    assert str(info.value).splitlines() == ["admin.token_file: " + message.format(file=token_file)]
+    assert TOKEN not in str(info.value)
+    assert TOKEN not in repr(info.value)
+
+
+def test_admin_token_file_that_is_a_directory(tmp_path: Path) -> None:
+    data = {"admin": {"address": "127.0.0.1:9091", "token_file": "."}}
+    assert errors_of(data, base_dir=str(tmp_path)) == [
+        f"admin.token_file: cannot read token file {tmp_path}: Is a directory"
+    ]
+
+
+def test_admin_address_and_token_errors_are_both_reported(tmp_path: Path) -> None:
+    data = {"admin": {"address": "127.0.0.1:8080", "token_file": "absent"}}
+    assert errors_of(data, base_dir=str(tmp_path)) == [
+        "admin.address: already used by listen[0]",
+        f"admin.token_file: cannot read token file {tmp_path}/absent: No such file or directory",
+    ]
+
+
 # -- secrets never appear in errors -----------------------------------------------------
 
 
 def test_secrets_never_appear_in_errors(tmp_path: Path) -> None:
     (tmp_path / "key").write_text(f"{SECRET}\n{SECRET}\n")
+    (tmp_path / "good-key").write_text(SECRET)
+    (tmp_path / "token").write_text(f"{TOKEN}\t{SECRET}\n")
     data = {
+        "admin": {"address": "127.0.0.1:9091", "token_file": "token"},
         "providers": [
             provider(
                 backends=[
@@ -790,16 +1370,32 @@ def test_secrets_never_appear_in_errors(tmp_path: Path) -> None:
                     backend(name="b3", url=f"https://user:{SECRET}@api.example.com"),
                     backend(name="b4", url=f"https://api.example.com/?key={SECRET}"),
                     backend(name="b5", api_key=SECRET, api_key_env="KEY_VAR"),
+                    _backend_without_key(
+                        name="b6",
+                        api_keys=[
+                            {"api_key": f"{SECRET}\n{SECRET}"},
+                            {"api_key_env": "KEY_VAR"},
+                            {"api_key_file": "key"},
+                            {"api_key": SECRET, "api_key_file": "key"},
+                        ],
+                    ),
+                    _backend_without_key(
+                        name="b7",
+                        api_keys=[{"api_key_file": "good-key"}, {"api_key": f" {SECRET}\n"}],
+                    ),
                 ]
             )
-        ]
+        ],
     }
     with pytest.raises(ConfigErrors) as info:
         parse_config(data, environ={"KEY_VAR": f"{SECRET}\x00"}, base_dir=str(tmp_path))
     text = str(info.value)
-    assert SECRET not in text
-    assert SECRET not in repr(info.value)
+    for secret in (SECRET, TOKEN):
+        assert secret not in text
+        assert secret not in repr(info.value)
+    b6 = "providers[0].backends[6].api_keys"
     assert text.splitlines() == [
+        f"admin.token_file: token file {tmp_path}/token contains whitespace or control characters",
         "providers[0].backends[0].api_key: the key contains whitespace or control characters",
         "providers[0].backends[1].api_key_env: environment variable KEY_VAR contains whitespace"
         " or control characters",
@@ -808,8 +1404,16 @@ def test_secrets_never_appear_in_errors(tmp_path: Path) -> None:
         "providers[0].backends[3].url: must not contain user info (put credentials in api_key,"
         " api_key_env or api_key_file)",
         "providers[0].backends[4].url: must not contain a query string (?...)",
-        "providers[0].backends[5]: needs exactly one of api_key, api_key_env, api_key_file"
-        " (found api_key, api_key_env)",
+        "providers[0].backends[5]: needs exactly one of api_key, api_key_env, api_key_file,"
+        " api_keys (found api_key, api_key_env)",
+        f"{b6}[0].api_key: the key contains whitespace or control characters",
+        f"{b6}[1].api_key_env: environment variable KEY_VAR contains whitespace"
+        " or control characters",
+        f"{b6}[2].api_key_file: key file {tmp_path}/key contains whitespace or control characters",
+        f"{b6}[3]: needs exactly one of api_key, api_key_env, api_key_file"
+        " (found api_key, api_key_file)",
+        "providers[0].backends[7].api_keys[1]: duplicate API key"
+        " (same as providers[0].backends[7].api_keys[0])",
     ]
 
 
@@ -888,4 +1492,4 @@ def test_load_config_uses_os_environ_by_default(
         "    type: openai\n"
         "    backends: [{name: b, url: 'https://h', api_key_env: RELAYD_TEST_KEY}]\n"
     )
-    assert only_backend(load_config(str(config_file))).api_key == SECRET
+    assert only_backend(load_config(str(config_file))).api_keys == (SECRET,)

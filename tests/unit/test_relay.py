@@ -204,11 +204,14 @@ def test_upstream_status_and_error_body_pass_through(harness: Harness) -> None:
                                                                "message": "Overloaded"}}, 529)
 
     harness.upstreams["us"].handler = overloaded
+    harness.upstreams["eu"].handler = overloaded
     status, headers, body = harness.call("POST", "/v1/messages", MESSAGE)
     assert status == 529
     assert headers["retry-after"] == ["7"]
+    assert headers["x-should-retry"] == ["false"]  # relayd already tried both backends
     assert "set-cookie" not in headers
     assert json.loads(body)["error"]["type"] == "overloaded_error"
+    assert harness.logs.access()[-1]["attempts"] == 2
 
 
 def sse(request: Request, events: list[bytes], finish: bool = True) -> Any:
@@ -268,8 +271,10 @@ def test_openai_truncated_stream_ends_with_error_chunk(harness: Harness) -> None
     assert "error" in json.loads(tail[len(b"data: "):])
 
 
-def test_first_byte_timeout_gives_504(harness: Harness) -> None:
+def test_first_byte_timeout_fails_over_then_gives_504(harness: Harness) -> None:
+    """A hanging backend times out and the request moves on; when all hang, 504."""
     harness.upstreams["us"].handler = hang
+    harness.upstreams["eu"].handler = hang
     d = harness.client.request(
         "POST", "http://relay.test/v1/messages",
         headers={"x-api-key": CLIENT_KEY}, data=json.dumps(MESSAGE).encode(),
@@ -283,13 +288,19 @@ def test_first_byte_timeout_gives_504(harness: Harness) -> None:
     assert not results
     harness.clock.advance(2)
     harness.client.flush()
+    assert not results  # the second backend got the request
+    assert len(harness.upstreams["eu"].seen) == 1
+    harness.clock.advance(601)
+    harness.client.flush()
     assert results and results[0].code == 504
-    assert harness.logs.access()[-1]["outcome"] == "timeout_first_byte"
-    assert harness.runtime.backends[0].in_flight == 0
+    assert results[0].headers.getRawHeaders(b"x-should-retry") == [b"false"]
+    line = harness.logs.access()[-1]
+    assert (line["outcome"], line["attempts"]) == ("upstream_timeout", 2)
+    assert [b.in_flight for b in harness.runtime.backends] == [0, 0, 0]
 
 
 def test_idle_timeout_mid_stream_ends_with_error_event(harness: Harness) -> None:
-    harness.upstreams["us"].handler = lambda r, b: sse(r, ANTHROPIC_EVENTS[:1], finish=False)
+    harness.upstreams["us"].handler = lambda r, b: sse(r, ANTHROPIC_EVENTS[:2], finish=False)
     d = harness.client.request(
         "POST", "http://relay.test/v1/messages",
         headers={"x-api-key": CLIENT_KEY}, data=json.dumps(dict(MESSAGE, stream=True)).encode(),
@@ -303,7 +314,7 @@ def test_idle_timeout_mid_stream_ends_with_error_event(harness: Harness) -> None
     done: list[Any] = []
     harness.client.collect(responses[0], chunks.append).addBoth(done.append)
     harness.client.flush()
-    assert b"".join(chunks) == ANTHROPIC_EVENTS[0]
+    assert b"".join(chunks) == b"".join(ANTHROPIC_EVENTS[:2])
     harness.clock.advance(301)
     harness.client.flush()
     assert done

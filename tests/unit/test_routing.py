@@ -8,14 +8,23 @@ from relayd.routing import ModelMatcher, WeightedBalancer
 
 
 class FakeBackend:
-    def __init__(self, name: str, weight: int, max_concurrent: int = 100) -> None:
+    def __init__(
+        self, name: str, weight: int, max_concurrent: int = 100, priority: int = 0
+    ) -> None:
         self.name = name
         self.weight = weight
+        self.priority = priority
         self.max_concurrent = max_concurrent
         self.in_flight = 0
+        self.healthy = True
+        self.broken = False
+        self.health = self
 
     def has_capacity(self) -> bool:
         return self.in_flight < self.max_concurrent
+
+    def is_available(self) -> bool:
+        return self.has_capacity() and not self.broken
 
 
 def picks(balancer: WeightedBalancer, n: int) -> list[str]:
@@ -58,3 +67,32 @@ def test_model_matcher_globs() -> None:
     assert not matcher("gpt-5") and not matcher(None) and not matcher("xclaude-1")
     assert ModelMatcher(None)(None) and ModelMatcher(None)("anything")
     assert ModelMatcher(["a?c"])("abc") and not ModelMatcher(["a?c"])("abbc")
+
+
+def test_lower_priority_tier_only_when_higher_unavailable() -> None:
+    a, b = FakeBackend("a", 1), FakeBackend("b", 1)
+    backup = FakeBackend("backup", 5, priority=1)
+    lb = balancer(a, b, backup)
+    assert picks(lb, 4) == ["a", "b", "a", "b"]
+    a.broken = True
+    assert picks(lb, 2) == ["b", "b"]
+    b.broken = True
+    assert picks(lb, 2) == ["backup", "backup"]
+    a.broken = False
+    assert picks(lb, 1) == ["a"]
+
+
+def test_unhealthy_backends_get_traffic_only_when_none_is_healthy() -> None:
+    a, b = FakeBackend("a", 1), FakeBackend("b", 1, priority=1)
+    lb = balancer(a, b)
+    a.healthy = False
+    assert picks(lb, 2) == ["b", "b"]  # a healthy lower tier beats an unhealthy higher one
+    b.healthy = False
+    assert picks(lb, 2) == ["a", "a"]  # nobody healthy: fall back to tier order
+
+
+def test_exclude_skips_already_tried_backends() -> None:
+    a, b = FakeBackend("a", 3), FakeBackend("b", 1)
+    lb = balancer(a, b)
+    assert lb.choose(exclude=[a]) is b  # type: ignore[comparison-overlap,list-item]
+    assert lb.choose(exclude=[a, b]) is None  # type: ignore[list-item]

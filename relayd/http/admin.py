@@ -1,0 +1,205 @@
+"""The admin HTTP interface: metrics, liveness, readiness and backend state.
+
+Served on its own listener, meant for a private address. Routes (GET and HEAD only,
+other methods get 405; unknown paths 404; errors are JSON ``{"error": "..."}``):
+
+``/metrics``
+    Prometheus text exposition of the process's metrics registry. Not behind the admin
+    token, so Prometheus can scrape it without a secret.
+``/healthz``
+    200 ``{"status": "ok"}`` whenever the reactor turns: liveness, nothing more.
+``/readyz``
+    503 ``{"status": "draining"}`` while draining, else the runtime's readiness:
+    200 ``{"status": "ready"}`` or 503 ``{"status": "not ready", "problems": [...]}``.
+``/admin/backends``
+    200 ``{"backends": [...]}``, one ``backend.describe(now)`` per backend.
+
+Every ``/admin/*`` path, known or not, first needs ``Authorization: Bearer <token>``
+when an admin token is configured (401 otherwise, so unknown admin paths reveal
+nothing). With no token configured the ``/admin/*`` endpoints are open to anyone who
+can reach the listener: the admin address should then be loopback only.
+
+Adding an admin endpoint is one entry in :attr:`AdminResource.admin_routes`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import Request, Site
+
+from relayd.http.body import BoundedBody
+from relayd.metrics import RelayMetrics
+
+log = Logger()
+
+#: A route handler: returns the status code, the content type and the body.
+Handler = Callable[["AdminResource", Request], tuple[int, bytes, bytes]]
+
+JSON_TYPE = b"application/json"
+ALLOWED_METHODS = (b"GET", b"HEAD")
+ADMIN_PREFIX = b"/admin/"
+
+
+def _json(status: int, document: object) -> tuple[int, bytes, bytes]:
+    """A JSON response triple."""
+    return status, JSON_TYPE, json.dumps(document, separators=(",", ":")).encode() + b"\n"
+
+
+def _error(status: int, message: str) -> tuple[int, bytes, bytes]:
+    """A JSON error response triple: ``{"error": message}``."""
+    return _json(status, {"error": message})
+
+
+class AdminResource(Resource):
+    """The root resource of the admin listener.
+
+    ``get_runtime`` returns the runtime currently serving requests (read per request, so
+    a reload shows at once); ``clock`` gives "now" for backend descriptions and is also
+    the reactor :func:`admin_site` hands to its Site; ``get_token`` returns the admin
+    token, or ``None`` when none is configured (read per request, so a reload can change
+    it); ``is_draining`` tells whether the process is shutting down.
+    """
+
+    isLeaf = True
+
+    #: Unauthenticated routes: exact path -> handler.
+    routes: Mapping[bytes, Handler]
+    #: Routes behind the admin token: exact path (under ``/admin/``) -> handler.
+    admin_routes: Mapping[bytes, Handler]
+
+    def __init__(
+        self,
+        metrics: RelayMetrics,
+        get_runtime: Callable[[], Any],
+        clock: IReactorTime,
+        *,
+        get_token: Callable[[], str | None],
+        is_draining: Callable[[], bool],
+    ) -> None:
+        super().__init__()
+        self.metrics = metrics
+        self.get_runtime = get_runtime
+        self.clock = clock
+        self.get_token = get_token
+        self.is_draining = is_draining
+
+    def render(self, request: Request) -> bytes:
+        """Route ``request``: token check for ``/admin/*``, then path, then method."""
+        path = request.path
+        try:
+            status, content_type, body = self._dispatch(request, path)
+        except Exception:
+            log.failure("relayd: admin request {path!r} failed", path=path)
+            status, content_type, body = _error(500, "internal error")
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", content_type)
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        if request.method == b"HEAD":
+            return b""
+        return body
+
+    def _dispatch(self, request: Request, path: bytes) -> tuple[int, bytes, bytes]:
+        """Find and run the handler of ``path``, or produce the right error."""
+        if path.startswith(ADMIN_PREFIX):
+            denied = self._check_token(request)
+            if denied is not None:
+                return denied
+            handler = self.admin_routes.get(path)
+        else:
+            handler = self.routes.get(path)
+        if handler is None:
+            return _error(404, "not found")
+        if request.method not in ALLOWED_METHODS:
+            request.setHeader(b"allow", b", ".join(ALLOWED_METHODS))
+            return _error(405, "method not allowed")
+        return handler(self, request)
+
+    def _check_token(self, request: Request) -> tuple[int, bytes, bytes] | None:
+        """``None`` if the request may use ``/admin/*``, else the 401 response.
+
+        The comparison is constant-time on bytes. An empty configured token counts as
+        no token (the endpoints are then open).
+        """
+        token = self.get_token()
+        if not token:
+            return None
+        header = request.getHeader(b"authorization")
+        if header is None:
+            request.setHeader(b"www-authenticate", b"Bearer")
+            return _error(401, "admin token required")
+        scheme, _, presented = header.strip().partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(
+            presented.strip(), token.encode()
+        ):
+            request.setHeader(b"www-authenticate", b'Bearer error="invalid_token"')
+            return _error(401, "invalid admin token")
+        return None
+
+    # -- handlers ----------------------------------------------------------------------
+
+    def render_metrics(self, request: Request) -> tuple[int, bytes, bytes]:
+        """Prometheus text exposition of the metrics registry."""
+        return 200, CONTENT_TYPE_LATEST.encode(), generate_latest(self.metrics.registry)
+
+    def render_healthz(self, request: Request) -> tuple[int, bytes, bytes]:
+        """Liveness: answering at all means the reactor turns."""
+        return _json(200, {"status": "ok"})
+
+    def render_readyz(self, request: Request) -> tuple[int, bytes, bytes]:
+        """Readiness: not while draining, else whatever the runtime says."""
+        if self.is_draining():
+            return _json(503, {"status": "draining"})
+        ready, problems = self.get_runtime().readiness()
+        if ready:
+            return _json(200, {"status": "ready"})
+        return _json(503, {"status": "not ready", "problems": list(problems)})
+
+    def render_backends(self, request: Request) -> tuple[int, bytes, bytes]:
+        """Every backend of the current runtime, as its ``describe(now)`` dict."""
+        now = self.clock.seconds()
+        return _json(200, {"backends": [b.describe(now) for b in self.get_runtime().backends]})
+
+    routes = {
+        b"/metrics": render_metrics,
+        b"/healthz": render_healthz,
+        b"/readyz": render_readyz,
+    }
+    admin_routes = {
+        b"/admin/backends": render_backends,
+    }
+
+
+class AdminSite(Site):
+    """The admin listener's Site: no access log, no tracebacks, no request bodies.
+
+    No admin endpoint takes a body, so any body is dropped as it arrives rather than
+    buffered (the method then gets 405 anyway).
+    """
+
+    noisy = False
+    displayTracebacks = False
+
+    def getContentFile(self, length: int | None) -> Any:
+        return BoundedBody(0)
+
+    def log(self, request: Any) -> None:
+        pass
+
+
+def admin_site(resource: AdminResource) -> Site:
+    """A Site serving ``resource``; its reactor is ``resource.clock`` (the reactor)."""
+    return AdminSite(
+        resource,
+        requestFactory=Request,
+        reactor=resource.clock,
+        parsePOSTFormSubmission=False,
+    )

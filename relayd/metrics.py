@@ -1,0 +1,380 @@
+"""Prometheus metrics of a relayd process.
+
+Every metric lives in one :class:`~prometheus_client.CollectorRegistry` owned by a
+:class:`RelayMetrics`, which is created once per process and survives configuration
+reloads: counters must keep counting across a reload, and a second registration of the
+same names would fail. The global default registry is never touched, so tests and
+embedding code can build as many independent instances as they like.
+
+Two kinds of metrics live here:
+
+* Request-path metrics (counters, histograms, gauges) updated by the relay as requests
+  go by. Those calls sit on the hot path, so each keeps its labelled children in a plain
+  dict keyed by the raw label values: after the first request with a given label set, an
+  update is one tuple, one dict hit and the increment itself, with no string building and
+  none of prometheus-client's label validation or locking.
+* Backend state (health, breaker, load, weights, key cooldowns, idle pooled connections)
+  read by :class:`RuntimeCollector` from the *current* runtime at scrape time. Nothing is
+  recorded per request for these, and nothing goes stale when a reload swaps the runtime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Any, Generic, Protocol, TypeVar
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+import relayd
+from relayd.providers.base import Usage
+
+log = Logger()
+
+#: Whole-request durations: LLM calls run from tens of milliseconds to many minutes.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)
+#: Time to the first response byte: model latency, mostly under a few seconds.
+TTFB_BUCKETS: tuple[float, ...] = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0,
+)
+#: Time the relay itself adds: should be well under a millisecond, so fine at the low end.
+OVERHEAD_BUCKETS: tuple[float, ...] = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+)
+
+#: Circuit breaker states, each exported as its own 0/1 series.
+BREAKER_STATES: tuple[str, ...] = ("closed", "open", "half_open")
+#: Results of a configuration reload.
+RELOAD_RESULTS: tuple[str, ...] = ("ok", "invalid", "refused")
+
+
+class _Labelled(Protocol):
+    """What :class:`_Children` needs of a prometheus-client metric."""
+
+    def labels(self, *labelvalues: Any) -> Any: ...
+
+
+_M = TypeVar("_M", bound=_Labelled)
+
+
+class _Children(Generic[_M]):
+    """A cache of one metric's labelled children keyed by the raw label values.
+
+    ``metric.labels(...)`` validates and stringifies its arguments and takes a lock on
+    every call (about 4 µs); a dict hit on a tuple of the caller's own values is a
+    fraction of that. The cache holds exactly the children the metric holds itself, so it
+    adds no cardinality of its own.
+    """
+
+    __slots__ = ("_cache", "_metric")
+
+    def __init__(self, metric: _M) -> None:
+        self._metric = metric
+        self._cache: dict[tuple[Hashable, ...], Any] = {}
+
+    def get(self, key: tuple[Hashable, ...]) -> Any:
+        """The child for ``key``; label values are ``str(v)`` of the key's items."""
+        child = self._cache.get(key)
+        if child is None:
+            child = self._metric.labels(*[str(v) for v in key])
+            self._cache[key] = child
+        return child
+
+
+class RelayMetrics:
+    """Every relayd metric, registered once in ``registry``.
+
+    Create one per process and keep it across configuration reloads. Label values passed
+    to the methods must come from bounded sets (configured clients, providers, backends
+    and models, HTTP status codes, fixed reason words): each new combination is a new
+    time series.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+
+        self._build_info = Gauge(
+            "relayd_build_info", "relayd build information; always 1.", ["version"], registry=r
+        )
+        self._build_info.labels(relayd.__version__).set(1)
+
+        self._in_flight = Gauge(
+            "relayd_requests_in_flight", "Client requests being served right now.", registry=r
+        )
+        self._streams_open = Gauge(
+            "relayd_streams_open", "Streamed (SSE) responses being relayed right now.",
+            registry=r,
+        )
+        requests_total = Counter(
+            "relayd_requests_total",
+            "Finished client requests, by the status code sent to the client.",
+            ["client", "api", "provider", "backend", "model", "status"],
+            registry=r,
+        )
+        duration = Histogram(
+            "relayd_request_duration_seconds",
+            "Client request duration, from the request to the last response byte.",
+            ["api", "provider"], buckets=DURATION_BUCKETS, registry=r,
+        )
+        ttfb = Histogram(
+            "relayd_time_to_first_byte_seconds",
+            "Time from the client request to the first response byte sent to the client.",
+            ["api", "provider"], buckets=TTFB_BUCKETS, registry=r,
+        )
+        overhead = Histogram(
+            "relayd_relay_overhead_seconds",
+            "Request duration not spent waiting for an upstream: the relay's own cost.",
+            ["api"], buckets=OVERHEAD_BUCKETS, registry=r,
+        )
+        tokens = Counter(
+            "relayd_tokens_total",
+            "Tokens reported by upstreams, by kind (input, output, cache_read, cache_write).",
+            ["client", "provider", "model", "kind"], registry=r,
+        )
+        attempts = Counter(
+            "relayd_upstream_attempts_total",
+            "Upstream attempts, by result (ok, connect_error, timeout, status_429, ...).",
+            ["provider", "backend", "result"], registry=r,
+        )
+        retries = Counter(
+            "relayd_upstream_retries_total", "Upstream retries, by the reason for the retry.",
+            ["provider", "reason"], registry=r,
+        )
+        failovers = Counter(
+            "relayd_failovers_total",
+            "Retries that moved to another backend or priority tier, by reason.",
+            ["provider", "reason"], registry=r,
+        )
+        refused = Counter(
+            "relayd_retries_refused_total",
+            "Retries that were warranted but not made (budget, attempts, body_too_large).",
+            ["provider", "reason"], registry=r,
+        )
+        self._reloads = Counter(
+            "relayd_config_reloads_total", "Configuration reloads, by result.", ["result"],
+            registry=r,
+        )
+        for result in RELOAD_RESULTS:
+            self._reloads.labels(result)
+        self._last_reload = Gauge(
+            "relayd_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration reload.", registry=r,
+        )
+
+        self._requests_total = _Children(requests_total)
+        self._duration = _Children(duration)
+        self._ttfb = _Children(ttfb)
+        self._overhead = _Children(overhead)
+        self._tokens = _Children(tokens)
+        self._attempts = _Children(attempts)
+        self._retries = _Children(retries)
+        self._failovers = _Children(failovers)
+        self._refused = _Children(refused)
+
+        self._runtime_collector = RuntimeCollector()
+        r.register(self._runtime_collector)
+
+    # -- the request path ---------------------------------------------------------------
+
+    def request_started(self, stream: bool = False) -> None:
+        """Count a client request as in flight.
+
+        ``stream`` is accepted for the caller's convenience and not used: open streams
+        are counted by :meth:`stream_opened` once a streamed response actually starts.
+        """
+        self._in_flight.inc()
+
+    def stream_opened(self) -> None:
+        """A streamed response started flowing to the client."""
+        self._streams_open.inc()
+
+    def stream_closed(self) -> None:
+        """A streamed response ended (completed, failed or abandoned by the client)."""
+        self._streams_open.dec()
+
+    def request_finished(
+        self,
+        *,
+        client: str,
+        api: str,
+        provider: str,
+        backend: str,
+        model: str,
+        status: int,
+        outcome: str,
+        total: float,
+        ttfb: float | None,
+        upstream_wait: float,
+        usage: Usage | None,
+    ) -> None:
+        """Record a finished client request; call once per :meth:`request_started`.
+
+        ``outcome`` is accepted but not a label (the status code already splits requests,
+        and the access log carries the detail). ``upstream_wait`` is the time spent
+        waiting on upstreams, so ``total - upstream_wait`` is what the relay added.
+        """
+        self._in_flight.dec()
+        self._requests_total.get((client, api, provider, backend, model, status)).inc()
+        api_provider = (api, provider)
+        self._duration.get(api_provider).observe(total)
+        if ttfb is not None:
+            self._ttfb.get(api_provider).observe(ttfb)
+        overhead = total - upstream_wait
+        self._overhead.get((api,)).observe(overhead if overhead > 0.0 else 0.0)
+        if usage is not None:
+            if usage.input_tokens:
+                self._tokens.get((client, provider, model, "input")).inc(usage.input_tokens)
+            if usage.output_tokens:
+                self._tokens.get((client, provider, model, "output")).inc(usage.output_tokens)
+            if usage.cache_read_tokens:
+                self._tokens.get((client, provider, model, "cache_read")).inc(
+                    usage.cache_read_tokens
+                )
+            if usage.cache_write_tokens:
+                self._tokens.get((client, provider, model, "cache_write")).inc(
+                    usage.cache_write_tokens
+                )
+
+    def upstream_attempt(self, provider: str, backend: str, result: str) -> None:
+        """Count one upstream attempt and how it ended (``ok``, ``timeout``, ...)."""
+        self._attempts.get((provider, backend, result)).inc()
+
+    def retry(self, provider: str, reason: str) -> None:
+        """Count a retry of an upstream attempt."""
+        self._retries.get((provider, reason)).inc()
+
+    def failover(self, provider: str, reason: str) -> None:
+        """Count a retry that moved to another backend or priority tier."""
+        self._failovers.get((provider, reason)).inc()
+
+    def retry_refused(self, provider: str, reason: str) -> None:
+        """Count a retry that was warranted but not made (``budget``, ``attempts``, ...)."""
+        self._refused.get((provider, reason)).inc()
+
+    # -- the process --------------------------------------------------------------------
+
+    def config_reload(self, result: str) -> None:
+        """Count a configuration reload; on ``ok`` also stamp the last-success time."""
+        self._reloads.labels(result).inc()
+        if result == "ok":
+            self._last_reload.set_to_current_time()
+
+    def set_runtime_source(self, get_runtime: Callable[[], Any], clock: IReactorTime) -> None:
+        """Export backend state read from ``get_runtime()`` at each scrape.
+
+        ``get_runtime`` must return the runtime currently serving requests, so a reload
+        is reflected at the next scrape; ``clock`` gives "now" for key cooldowns.
+        """
+        self._runtime_collector.set_source(get_runtime, clock)
+
+
+class RuntimeCollector:
+    """A custom collector of per-backend state, read from the current runtime at scrape.
+
+    The runtime is duck-typed: ``runtime.backends`` is a list of objects with
+    ``provider_name``, ``name``, ``weight``, ``priority``, ``in_flight``,
+    ``health.healthy``, ``breaker.state``, ``keys.keys`` (objects with ``index`` and
+    ``cooldown_until``, a clock time, 0.0 when usable) and ``pool`` (an
+    ``HTTPConnectionPool`` or ``None``). Keys are labelled by index only: a key's value
+    never reaches a label. With no source set, nothing is collected.
+    """
+
+    def __init__(self) -> None:
+        self._get_runtime: Callable[[], Any] | None = None
+        self._clock: IReactorTime | None = None
+
+    def set_source(self, get_runtime: Callable[[], Any], clock: IReactorTime) -> None:
+        """Read from ``get_runtime()`` from the next scrape on."""
+        self._get_runtime = get_runtime
+        self._clock = clock
+
+    def describe(self) -> list[Metric]:
+        """The families this collector exports (without samples), for name checks."""
+        return list(_families())
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the backend families of the current runtime, or nothing.
+
+        A failure while reading the runtime is logged and yields nothing rather than
+        failing the whole scrape: the request-path metrics are still worth having.
+        """
+        if self._get_runtime is None or self._clock is None:
+            return iter(())
+        try:
+            families = _families()
+            _fill(families, self._get_runtime().backends, self._clock.seconds())
+        except Exception:
+            log.failure("relayd: could not collect backend metrics")
+            return iter(())
+        return iter(families)
+
+
+def _families() -> list[GaugeMetricFamily]:
+    """Fresh, empty backend metric families in exposition order."""
+    pb = ["provider", "backend"]
+    return [
+        GaugeMetricFamily(
+            "relayd_backend_healthy", "1 if the backend passes health checks, else 0.",
+            labels=pb,
+        ),
+        GaugeMetricFamily(
+            "relayd_backend_breaker_state",
+            "Circuit breaker state of the backend: 1 for the current state, 0 for others.",
+            labels=[*pb, "state"],
+        ),
+        GaugeMetricFamily(
+            "relayd_backend_in_flight", "Requests in flight to the backend.", labels=pb
+        ),
+        GaugeMetricFamily(
+            "relayd_backend_weight", "Configured balancing weight of the backend.", labels=pb
+        ),
+        GaugeMetricFamily(
+            "relayd_backend_priority", "Configured priority tier of the backend.", labels=pb
+        ),
+        GaugeMetricFamily(
+            "relayd_upstream_key_cooldown_seconds",
+            "Seconds until the upstream key (by index) is usable again; 0 when usable.",
+            labels=[*pb, "key"],
+        ),
+        GaugeMetricFamily(
+            "relayd_pool_connections", "Pooled upstream connections of the backend, by state.",
+            labels=[*pb, "state"],
+        ),
+    ]
+
+
+def _fill(families: Sequence[GaugeMetricFamily], backends: Iterable[Any], now: float) -> None:
+    """Add one sample set per backend to ``families`` (as made by :func:`_families`)."""
+    healthy, breaker, in_flight, weight, priority, cooldown, pool = families
+    for backend in backends:
+        pb = [backend.provider_name, backend.name]
+        healthy.add_metric(pb, 1.0 if backend.health.healthy else 0.0)
+        current = backend.breaker.state
+        states = BREAKER_STATES if current in BREAKER_STATES else (*BREAKER_STATES, current)
+        for state in states:
+            breaker.add_metric([*pb, state], 1.0 if state == current else 0.0)
+        in_flight.add_metric(pb, float(backend.in_flight))
+        weight.add_metric(pb, float(backend.weight))
+        priority.add_metric(pb, float(backend.priority))
+        keyset = getattr(backend, "keys", None)
+        for key in getattr(keyset, "keys", ()):
+            remaining = key.cooldown_until - now
+            cooldown.add_metric([*pb, str(key.index)], remaining if remaining > 0.0 else 0.0)
+        pool.add_metric([*pb, "idle"], float(_idle_connections(backend.pool)))
+
+
+def _idle_connections(pool: Any) -> int:
+    """Idle cached connections of an ``HTTPConnectionPool`` (0 if there is none).
+
+    Reads the pool's private ``_connections`` (key -> list of idle connections); a
+    Twisted that renames it makes this 0 instead of breaking the scrape.
+    """
+    connections = getattr(pool, "_connections", None)
+    if not isinstance(connections, dict):
+        return 0
+    return sum(len(idle) for idle in connections.values())
