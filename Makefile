@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit integration bench clean
+.PHONY: run test lint typecheck unit integration bench clean system-deps
 
 $(STAMP): setup.cfg requirements.lock
 	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || \
@@ -21,8 +21,12 @@ run: $(STAMP)
 	$(BIN)/python -m relayd.testing.demo
 
 ## test: lint, type-check and the whole test suite (unit + integration with real processes).
-test: $(STAMP) lint typecheck
+test: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest -q tests
+
+## system-deps: Debian packages the tests use (promtool), installed with apt when missing.
+system-deps:
+	@sh scripts/system-deps.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check relayd twisted tests bench
