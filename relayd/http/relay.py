@@ -170,6 +170,7 @@ class RelayResource(Resource):
     def render(self, request: Request) -> Any:
         exchange = Exchange(self, request, self.get_runtime())
         self.active.add(exchange)
+        self.metrics.request_started()
         try:
             exchange.start()
         except Exception:
@@ -217,7 +218,6 @@ class Exchange:
         self.gzip_body = False
         self.total_deadline = 0.0
         self.timed_out: str | None = None
-        self.counted = False
         self.stream_open = False
         self.client_gone = False
         self.done = False
@@ -377,8 +377,6 @@ class Exchange:
             set_raw(b"accept-encoding", [b"identity"])
         self.upstream_headers = headers
         runtime.retry_budget.record_request()
-        self.metrics.request_started()
-        self.counted = True
         target = self._pick_target()
         if target is None:
             self.outcome = "no_backend"
@@ -993,25 +991,26 @@ class Exchange:
         status = 499 if self.client_gone and self.status is None else self.status
         total = now - self.started
         ttfb = self.first_byte_at - self.started if self.first_byte_at is not None else None
-        if self.counted:
-            upstream_wait = 0.0
-            if self.first_sent_at is not None:
-                upstream_wait = (self.upstream_done_at or now) - self.first_sent_at
-            if self.stream_open:
-                self.metrics.stream_closed()
-            self.metrics.request_finished(
-                client=self.client.name if self.client else "-",
-                api=self.family.name,
-                provider=self.provider_name or "-",
-                backend=self.backend.name if self.backend else "-",
-                model=self.model or "-",
-                status=status or 0,
-                outcome=self.outcome,
-                total=total,
-                ttfb=ttfb,
-                upstream_wait=upstream_wait,
-                usage=usage,
-            )
+        upstream_wait = 0.0
+        if self.first_sent_at is not None:
+            upstream_wait = (self.upstream_done_at or now) - self.first_sent_at
+        if self.stream_open:
+            self.metrics.stream_closed()
+        self.metrics.request_finished(
+            client=self.client.name if self.client else "-",
+            api=self.family.name,
+            provider=self.provider_name or "-",
+            backend=self.backend.name if self.backend else "-",
+            # Only routed requests name a model: a label must never take arbitrary
+            # client-supplied values.
+            model=(self.model or "-") if self.provider is not None else "-",
+            status=status or 0,
+            outcome=self.outcome,
+            total=total,
+            ttfb=ttfb,
+            upstream_wait=upstream_wait,
+            usage=usage,
+        )
         log_access(
             {
                 "request_id": self.request_id,
