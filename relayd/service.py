@@ -105,9 +105,15 @@ class RelayService(MultiService):
         return _OpenListener(listener, port, context)
 
     def _open_admin(self, config: Config) -> None:
+        port = self._bind_admin(config)
+        if port is not None:
+            self._switch_admin(port, config)
+
+    def _bind_admin(self, config: Config) -> IListeningPort | None:
+        """Bind the admin listener of ``config`` if it is new or moved (may raise)."""
         admin = config.admin
         if admin is None or admin.address == self.admin_address:
-            return
+            return None
         resource = AdminResource(
             self.metrics,
             self.current_runtime,
@@ -115,13 +121,29 @@ class RelayService(MultiService):
             get_token=self._admin_token,
             is_draining=lambda: self.draining,
         )
-        port = self.reactor.listenTCP(admin.port, admin_site(resource), interface=admin.host)
+        port: IListeningPort = self.reactor.listenTCP(
+            admin.port, admin_site(resource), interface=admin.host
+        )
+        return port
+
+    def _switch_admin(self, port: IListeningPort | None, config: Config) -> None:
+        """Make ``port`` the admin listener (or close it when the config has none)."""
+        admin = config.admin
+        if port is None:
+            if admin is None and self.admin_port is not None:
+                self.admin_port.stopListening()
+                self.admin_port = None
+                self.admin_address = None
+            return
+        assert admin is not None
         old = self.admin_port
         self.admin_port = port
         self.admin_address = admin.address
         host = f"[{admin.host}]" if ":" in admin.host else admin.host
         log.info(
-            "relayd admin listening on http://{host}:{port}", host=host, port=port.getHost().port
+            "relayd admin listening on http://{host}:{port}",
+            host=host,
+            port=getattr(port.getHost(), "port", admin.port),
         )
         if old is not None:
             old.stopListening()
@@ -233,6 +255,7 @@ class RelayService(MultiService):
             for key, listener in wanted.items():
                 if key not in current:
                     opened.append(self._open(listener))
+            admin_port = self._bind_admin(config)
         except Exception as exc:
             for listener_ in opened:
                 listener_.port.stopListening()
@@ -254,12 +277,7 @@ class RelayService(MultiService):
                 open_listener.port.stopListening()
         ephemeral = [o for o in self.listeners if o.config.port == 0]
         self.listeners = ephemeral + kept + opened
-        if config.admin is None and self.admin_port is not None:
-            self.admin_port.stopListening()
-            self.admin_port = None
-            self.admin_address = None
-        else:
-            self._open_admin(config)
+        self._switch_admin(admin_port, config)
         for backend in runtime.retired:
             log.info("backend {backend} removed; it finishes in-flight requests", backend=backend)
             backend.retire()
@@ -299,6 +317,9 @@ class RelayService(MultiService):
         def finished(_: object) -> Deferred[Any]:
             if timer.active():
                 timer.cancel()
+            # The drain handled SIGTERM: exit 0 rather than have twistd re-raise it.
+            if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
+                self.reactor._exitSignal = None
             closing: list[Deferred[Any] | None] = list(stopping)
             if self.admin_port is not None:
                 closing.append(self.admin_port.stopListening())

@@ -492,8 +492,15 @@ class Exchange:
             return
         attempt.judged = True
         if failure is not None:
+            was_open = backend.breaker.state == "open"
             backend.breaker.record_failure(failure)
             backend.note_error(failure)
+            if not was_open and backend.breaker.state == "open":
+                log.warn(
+                    "circuit breaker of {backend} opened after: {failure}",
+                    backend=backend,
+                    failure=failure,
+                )
         elif result == "ok":
             backend.breaker.record_success()
         else:
