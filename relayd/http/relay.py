@@ -485,7 +485,11 @@ class Exchange:
     def _record(self, attempt: Attempt, result: str, *, failure: str | None = None) -> None:
         """Count an attempt's outcome for the breaker (once) and the metrics."""
         backend = attempt.backend
+        if attempt.failed:
+            return  # one failure per attempt: the breaker and metrics already have it
         self.metrics.upstream_attempt(backend.provider_name, backend.name, result)
+        if failure is not None:
+            attempt.failed = True
         if attempt.judged:
             if failure is not None:
                 backend.breaker.record_failure(failure)
@@ -1044,7 +1048,17 @@ class Exchange:
 class Attempt:
     """One try of an exchange on one backend with one key."""
 
-    __slots__ = ("backend", "body", "ended", "judged", "key", "request", "timed_out", "timer")
+    __slots__ = (
+        "backend",
+        "body",
+        "ended",
+        "failed",
+        "judged",
+        "key",
+        "request",
+        "timed_out",
+        "timer",
+    )
 
     def __init__(self, backend: Backend, key: UpstreamKey) -> None:
         self.backend = backend
@@ -1055,6 +1069,7 @@ class Attempt:
         self.timed_out: str | None = None
         self.ended = False  # backend slot released
         self.judged = False  # breaker outcome recorded
+        self.failed = False  # a failure was recorded (at most one per attempt)
 
 
 _RESPONSE_DONE = Failure(ResponseDone())
