@@ -42,6 +42,7 @@ log = Logger(namespace="relayd.service")
 
 @dataclass
 class _OpenListener:
+    key: str  # identity across reloads, see _listener_keys
     config: ListenerConfig
     port: IListeningPort
     context: ReloadableServerContext | None
@@ -51,9 +52,18 @@ class ReloadRefusedError(Exception):
     """A valid configuration that cannot be applied to the running process."""
 
 
-def _listener_key(listener: ListenerConfig) -> str:
-    # Port-0 listeners are ephemeral: each configured one is its own listener.
-    return f"{listener.host}:{listener.port}"
+def _listener_keys(listeners: list[ListenerConfig]) -> list[str]:
+    """Identities of listeners across reloads: host:port, or for ephemeral (port 0)
+    listeners host:0 with their position among that host's port-0 listeners."""
+    keys = []
+    ephemeral: dict[str, int] = {}
+    for listener in listeners:
+        key = f"{listener.host}:{listener.port}"
+        if listener.port == 0:
+            ephemeral[listener.host] = ephemeral.get(listener.host, -1) + 1
+            key += f"#{ephemeral[listener.host]}"
+        keys.append(key)
+    return keys
 
 
 class RelayService(MultiService):
@@ -93,16 +103,16 @@ class RelayService(MultiService):
     def privilegedStartService(self) -> None:
         """Bind now, before twistd drops privileges, so ports below 1024 work."""
         config = self.runtime.config
-        for listener in config.listen:
-            self.listeners.append(self._open(listener))
+        for key, listener in zip(_listener_keys(list(config.listen)), config.listen, strict=True):
+            self.listeners.append(self._open(key, listener))
         self._open_admin(config)
         super().privilegedStartService()
 
-    def _open(self, listener: ListenerConfig) -> _OpenListener:
+    def _open(self, key: str, listener: ListenerConfig) -> _OpenListener:
         context = ReloadableServerContext(listener.tls) if listener.tls is not None else None
         port = listen(self.reactor, listener, self.site, context)
         log.info("relayd listening on {url}", url=describe(listener, port))
-        return _OpenListener(listener, port, context)
+        return _OpenListener(key, listener, port, context)
 
     def _open_admin(self, config: Config) -> None:
         port = self._bind_admin(config)
@@ -233,10 +243,9 @@ class RelayService(MultiService):
         """Switch to ``config``, or raise (changing nothing) when it can't be applied live."""
         if self.draining:
             raise ReloadRefusedError("relayd is shutting down")
-        current = {_listener_key(o.config): o for o in self.listeners if o.config.port != 0}
+        current = {o.key: o for o in self.listeners}
         wanted: dict[str, ListenerConfig] = {}
-        for listener in config.listen:
-            key = _listener_key(listener)
+        for key, listener in zip(_listener_keys(list(config.listen)), config.listen, strict=True):
             existing = current.get(key)
             if existing is not None and (existing.config.tls is None) != (listener.tls is None):
                 raise ReloadRefusedError(
@@ -254,7 +263,7 @@ class RelayService(MultiService):
         try:
             for key, listener in wanted.items():
                 if key not in current:
-                    opened.append(self._open(listener))
+                    opened.append(self._open(key, listener))
             admin_port = self._bind_admin(config)
         except Exception as exc:
             for listener_ in opened:
@@ -275,8 +284,7 @@ class RelayService(MultiService):
             else:
                 log.info("closing listener {address}", address=open_listener.config.address)
                 open_listener.port.stopListening()
-        ephemeral = [o for o in self.listeners if o.config.port == 0]
-        self.listeners = ephemeral + kept + opened
+        self.listeners = kept + opened
         self._switch_admin(admin_port, config)
         for backend in runtime.retired:
             log.info("backend {backend} removed; it finishes in-flight requests", backend=backend)

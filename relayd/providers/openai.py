@@ -89,8 +89,9 @@ _TERMINAL_RESPONSE_EVENTS = frozenset(
 class OpenAIStreamWatcher(StreamWatcherBase):
     """Usage and completeness of a Chat/Completions chunk stream or a Responses stream.
 
-    A chunk is JSON-decoded only when it mentions ``usage`` or ``error``, so the
-    content chunks pass by untouched.
+    Until content starts every chunk is JSON-decoded (the first chunks, a role and maybe
+    an error, decide whether a failover is still possible); after that a chunk is decoded
+    only when it mentions ``usage`` or ``error``, so content chunks pass by untouched.
     """
 
     __slots__ = ()
@@ -106,8 +107,7 @@ class OpenAIStreamWatcher(StreamWatcherBase):
                 self.complete = True
             if name == b"error":
                 self.error_seen = True
-            if b'"usage"' not in body and b'"error"' not in body:
-                self.content_started = True
+            if self.content_started and b'"usage"' not in body and b'"error"' not in body:
                 continue
             try:
                 payload = json.loads(body)
@@ -117,8 +117,8 @@ class OpenAIStreamWatcher(StreamWatcherBase):
                 continue
             if payload.get("error") or payload.get("type") == "error":
                 self.error_seen = True
-            else:
-                self.content_started = True
+            elif not self.content_started:
+                self.content_started = _is_content(name, payload)
             raw = payload.get("usage")
             response = payload.get("response")
             if raw is None and isinstance(response, dict):
@@ -126,6 +126,40 @@ class OpenAIStreamWatcher(StreamWatcherBase):
             usage = usage_from_mapping(raw)
             if usage is not None:
                 self.usage = usage
+
+
+# Responses-API events that come before any output.
+_RESPONSE_PREAMBLE_EVENTS = frozenset(
+    {b"response.created", b"response.in_progress", b"response.queued"}
+)
+
+
+def _is_content(name: bytes | None, payload: dict[str, Any]) -> bool:
+    """Whether a decoded chunk carries output (so the stream can no longer be failed over).
+
+    A Chat chunk with only ``role`` and empty ``content`` (always the first) is not
+    content; text, tool calls, a refusal or a finish reason are. A Responses event is
+    content unless it is one of the preamble events.
+    """
+    if name is not None:
+        return name not in _RESPONSE_PREAMBLE_EVENTS
+    choices = payload.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        if choice.get("finish_reason") or choice.get("text"):
+            return True
+        delta = choice.get("delta")
+        if isinstance(delta, dict) and (
+            delta.get("content")
+            or delta.get("tool_calls")
+            or delta.get("refusal")
+            or delta.get("function_call")
+        ):
+            return True
+    return False
 
 
 @implementer(IProvider)

@@ -128,3 +128,23 @@ def test_providers_provide_the_interface() -> None:
     for provider in PROVIDERS.values():
         assert verifyObject(IProvider, provider)
         assert verifyObject(IStreamWatcher, provider.stream_watcher(EP))
+
+
+def test_openai_role_chunk_is_not_content_but_text_is() -> None:
+    """An error after only the role chunk can still be failed over."""
+    watcher = PROVIDERS["openai"].stream_watcher(EP)
+    watcher.feed(OPENAI.split(b"\n\n")[0] + b"\n\n")  # role + empty content
+    assert not watcher.content_started
+    watcher.feed(b'data: {"error":{"message":"boom"}}\n\n')
+    assert watcher.error_seen and not watcher.content_started
+    other = PROVIDERS["openai"].stream_watcher(EP)
+    other.feed(b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n')
+    assert other.content_started
+
+
+def test_responses_preamble_is_not_content() -> None:
+    watcher = PROVIDERS["openai"].stream_watcher(EP)
+    watcher.feed(RESPONSES.split(b"\n\n")[0] + b"\n\n")
+    assert not watcher.content_started
+    watcher.feed(b'event: response.output_text.delta\ndata: {"delta":"x"}\n\n')
+    assert watcher.content_started
