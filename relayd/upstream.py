@@ -11,13 +11,20 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS, IResponse
+from twisted.web.iweb import (
+    IAgent,
+    IAgentEndpointFactory,
+    IBodyProducer,
+    IPolicyForHTTPS,
+    IResponse,
+)
 from zope.interface import implementer
 
 from relayd import __version__
@@ -57,6 +64,37 @@ class BytesProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+@implementer(IAgentEndpointFactory)
+class CachedEndpointFactory:
+    """Agent endpoints built once per (scheme, host, port).
+
+    Agent's standard factory builds a ``HostnameEndpoint`` (with an IDNA encoding of the
+    host name) for every request, even when the pool then hands back a cached
+    connection; a backend always talks to the same host, so build it once.
+    """
+
+    def __init__(self, reactor: Any, tls_policy: IPolicyForHTTPS, connect_timeout: float):
+        self._reactor = reactor
+        self._tls_policy = tls_policy
+        self._connect_timeout = connect_timeout
+        self._cache: dict[tuple[bytes, bytes, int], IStreamClientEndpoint] = {}
+
+    def endpointForURI(self, uri: URI) -> IStreamClientEndpoint:
+        key = (uri.scheme, uri.host, uri.port)
+        endpoint = self._cache.get(key)
+        if endpoint is None:
+            endpoint = HostnameEndpoint(
+                self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connect_timeout
+            )
+            if uri.scheme == b"https":
+                creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
+                endpoint = wrapClientTLS(creator, endpoint)
+            elif uri.scheme != b"http":
+                raise ValueError(f"unsupported scheme {uri.scheme!r}")
+            self._cache[key] = endpoint
+        return endpoint
 
 
 class Backend:
@@ -100,12 +138,10 @@ class Backend:
             pool.cachedConnectionTimeout = config.pool.idle_timeout  # type: ignore[assignment]
             pool.retryAutomatically = False
             self.pool = pool
-            agent = Agent(
-                reactor,
-                contextFactory=tls_policy or BrowserLikePolicyForHTTPS(),
-                connectTimeout=config.timeouts.connect,
-                pool=pool,
+            endpoints = CachedEndpointFactory(
+                reactor, tls_policy or BrowserLikePolicyForHTTPS(), config.timeouts.connect
             )
+            agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
         self.agent = agent
         self._apply(config)
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -81,7 +82,9 @@ class FakeUpstreamProcess:
         data = json.dumps(payload).encode() if payload is not None else None
         request = urllib.request.Request(self.url + path, data=data, method=method)
         request.add_header("content-type", "application/json")
-        with urllib.request.urlopen(request, timeout=10) as response:
+        # The control endpoints are test plumbing: don't verify the fake's certificate.
+        context = ssl._create_unverified_context() if self.tls else None
+        with urllib.request.urlopen(request, timeout=10, context=context) as response:
             return json.loads(response.read() or b"null")
 
     def requests(self, include_probes: bool = False) -> list[dict[str, Any]]:
