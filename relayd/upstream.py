@@ -16,7 +16,13 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IConsumer, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    _HTTP11ClientFactory,
+)
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import (
     IAgent,
@@ -64,6 +70,10 @@ class BytesProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
+    noisy = False
 
 
 @implementer(IAgentEndpointFactory)
@@ -137,6 +147,7 @@ class Backend:
             pool.maxPersistentPerHost = config.pool.max_idle_connections
             pool.cachedConnectionTimeout = config.pool.idle_timeout  # type: ignore[assignment]
             pool.retryAutomatically = False
+            pool._factory = _QuietHTTP11ClientFactory  # no log line per new connection
             self.pool = pool
             endpoints = CachedEndpointFactory(
                 reactor, tls_policy or BrowserLikePolicyForHTTPS(), config.timeouts.connect
