@@ -452,6 +452,11 @@ class Exchange:
         provider = self.provider.name
         if self.client_gone or self.done:
             return None
+        assert self.endpoint is not None
+        if self.endpoint.sticky:
+            # Batches live in the upstream account that created them: another backend
+            # would answer for a different account.
+            return None
         if self.attempts >= failover.max_attempts:
             if failover.max_attempts > 1:
                 self.metrics.retry_refused(provider, "attempts")

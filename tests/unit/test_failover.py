@@ -242,3 +242,11 @@ def test_key_rotation_across_api_keys() -> None:
         assert CLIENT_KEY.encode() not in b"".join(keys)
     finally:
         h.close()
+
+
+def test_batches_stick_to_the_first_backend_and_never_fail_over(harness: Harness) -> None:
+    harness.upstreams["us"].handler = status_reply(503)
+    status, _, _ = harness.call("GET", "/v1/messages/batches/msgbatch_1")
+    assert status == 503
+    assert [r.path for r in harness.upstreams["us"].seen] == [b"/v1/messages/batches/msgbatch_1"]
+    assert not harness.upstreams["eu"].seen
