@@ -567,6 +567,7 @@ class Exchange:
         self._set_retry_after(self._unavailable_for())
         if self.attempts > 1:
             self.request.setHeader(b"x-should-retry", b"false")
+            self.request.setHeader(b"x-relayd-attempts", b"%d" % self.attempts)
         status = 504 if result == "timeout" else 502
         self.reply_error(
             status,
@@ -657,10 +658,11 @@ class Exchange:
                 except ValueError:
                     continue
             out.setRawHeaders(name, values)
-        if self.attempts > 1 and self.backend is not None and (
-            self.backend.provider.is_retryable(response.code)
-        ):
-            out.setRawHeaders(b"x-should-retry", [b"false"])
+        if self.attempts > 1:
+            out.setRawHeaders(b"x-relayd-attempts", [b"%d" % self.attempts])
+            if self.backend is not None and self.backend.provider.is_retryable(response.code):
+                # relayd already retried elsewhere: the SDK retrying through us won't help.
+                out.setRawHeaders(b"x-should-retry", [b"false"])
         if self.watcher is not None:
             out.setRawHeaders(b"cache-control", [b"no-cache"])
             out.setRawHeaders(b"x-accel-buffering", [b"no"])

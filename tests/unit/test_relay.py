@@ -209,6 +209,7 @@ def test_upstream_status_and_error_body_pass_through(harness: Harness) -> None:
     assert status == 529
     assert headers["retry-after"] == ["7"]
     assert headers["x-should-retry"] == ["false"]  # relayd already tried both backends
+    assert headers["x-relayd-attempts"] == ["2"]
     assert "set-cookie" not in headers
     assert json.loads(body)["error"]["type"] == "overloaded_error"
     assert harness.logs.access()[-1]["attempts"] == 2
