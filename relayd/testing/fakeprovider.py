@@ -37,7 +37,7 @@ import struct
 import sys
 import tempfile
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import IO, Any, Final, Protocol, cast
@@ -1045,31 +1045,47 @@ def _h_chat(ex: _Exchange) -> None:
         + _json_str(model)
         + b',"service_tier":"default","system_fingerprint":"fp_fake","choices":['
     )
+    _send_chunk_stream(
+        ex,
+        prefix,
+        with_usage,
+        n,
+        first=_CHAT_ROLE,
+        pieces=(
+            b'{"index":0,"delta":{"content":'
+            + _json_str(piece)
+            + b'},"logprobs":null,"finish_reason":null}'
+            for piece in pieces
+        ),
+        last=b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"'
+        + finish.encode("ascii")
+        + b'"}',
+    )
+
+
+def _send_chunk_stream(
+    ex: _Exchange,
+    prefix: bytes,
+    with_usage: bool,
+    n: int,
+    *,
+    first: bytes | None,
+    pieces: Iterable[bytes],
+    last: bytes,
+) -> None:
+    """A ``data:`` chunk stream (Chat and legacy Completions share the framing).
+
+    Each choice body is wrapped in ``prefix`` ... suffix; the stream ends with the
+    optional usage chunk and ``[DONE]``; ``stream_error`` cuts it after ``first``.
+    """
     suffix = b'],"usage":null}' if with_usage else b"]}"
-    events = [_sse_data(prefix + _CHAT_ROLE + suffix)]
+    events = [_sse_data(prefix + first + suffix)] if first is not None else []
     if ex.knobs.stream_error:
         events.append(_OPENAI_STREAM_ERROR)
         ex.send_stream(events)
         return
-    events.extend(
-        _sse_data(
-            prefix
-            + b'{"index":0,"delta":{"content":'
-            + _json_str(piece)
-            + b'},"logprobs":null,"finish_reason":null}'
-            + suffix
-        )
-        for piece in pieces
-    )
-    events.append(
-        _sse_data(
-            prefix
-            + b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"'
-            + finish.encode("ascii")
-            + b'"}'
-            + suffix
-        )
-    )
+    events.extend(_sse_data(prefix + body + suffix) for body in pieces)
+    events.append(_sse_data(prefix + last + suffix))
     if with_usage:
         events.append(_sse_data(prefix + b'],"usage":' + _dumps(_openai_usage(ex, n)) + b"}"))
     events.append(_DONE)
@@ -1116,35 +1132,20 @@ def _h_completions(ex: _Exchange) -> None:
         + _json_str(model)
         + b',"system_fingerprint":"fp_fake","choices":['
     )
-    suffix = b'],"usage":null}' if with_usage else b"]}"
-    events: list[bytes] = []
-    if ex.knobs.stream_error:
-        events.append(_OPENAI_STREAM_ERROR)
-        ex.send_stream(events)
-        return
-    events.extend(
-        _sse_data(
-            prefix
-            + b'{"text":'
-            + _json_str(piece)
-            + b',"index":0,"logprobs":null,"finish_reason":null}'
-            + suffix
-        )
-        for piece in pieces
+    _send_chunk_stream(
+        ex,
+        prefix,
+        with_usage,
+        n,
+        first=None,
+        pieces=(
+            b'{"text":' + _json_str(piece) + b',"index":0,"logprobs":null,"finish_reason":null}'
+            for piece in pieces
+        ),
+        last=b'{"text":"","index":0,"logprobs":null,"finish_reason":"'
+        + finish.encode("ascii")
+        + b'"}',
     )
-    events.append(
-        _sse_data(
-            prefix
-            + b'{"text":"","index":0,"logprobs":null,"finish_reason":"'
-            + finish.encode("ascii")
-            + b'"}'
-            + suffix
-        )
-    )
-    if with_usage:
-        events.append(_sse_data(prefix + b'],"usage":' + _dumps(_openai_usage(ex, n)) + b"}"))
-    events.append(_DONE)
-    ex.send_stream(events)
 
 
 def _h_embeddings(ex: _Exchange) -> None:
