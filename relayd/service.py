@@ -176,7 +176,9 @@ class RelayService(MultiService):
             routes=len(config.routes),
             src=config.source,
         )
-        self.notifier.ready()
+        # READY=1 once the reactor runs: by then twistd's SIGTERM handler is installed,
+        # so a stop that follows READY always drains.
+        self.reactor.callWhenRunning(self.notifier.ready)
 
     def _health_changed(self, backend: Backend, healthy: bool) -> None:
         if healthy:
