@@ -26,6 +26,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd.accounting import UsageLedger
 from relayd.config import ConfigErrors, load_config
 from relayd.config.model import Config, ListenerConfig
 from relayd.http.admin import AdminResource, admin_site
@@ -86,7 +87,8 @@ class RelayService(MultiService):
         self.metrics = RelayMetrics()
         self.runtime = RelayRuntime(config, reactor)
         self.metrics.set_runtime_source(self.current_runtime, reactor)
-        self.site = RelaySite(self.current_runtime, reactor, self.metrics)
+        self.ledger = UsageLedger()
+        self.site = RelaySite(self.current_runtime, reactor, self.metrics, self.ledger)
         self.listeners: list[_OpenListener] = []
         self.admin_port: IListeningPort | None = None
         self.admin_address: str | None = None
@@ -130,6 +132,7 @@ class RelayService(MultiService):
             self.reactor,
             get_token=self._admin_token,
             is_draining=lambda: self.draining,
+            ledger=self.ledger,
         )
         port: IListeningPort = self.reactor.listenTCP(
             admin.port, admin_site(resource), interface=admin.host

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from relayd.accounting import UsageLedger
 from relayd.http.body import BoundedBody
 from relayd.metrics import RelayMetrics
 
@@ -83,8 +84,10 @@ class AdminResource(Resource):
         *,
         get_token: Callable[[], str | None],
         is_draining: Callable[[], bool],
+        ledger: UsageLedger | None = None,
     ) -> None:
         super().__init__()
+        self.ledger = ledger if ledger is not None else UsageLedger()
         self.metrics = metrics
         self.get_runtime = get_runtime
         self.clock = clock
@@ -168,6 +171,10 @@ class AdminResource(Resource):
         now = self.clock.seconds()
         return _json(200, {"backends": [b.describe(now) for b in self.get_runtime().backends]})
 
+    def render_usage(self, request: Request) -> tuple[int, bytes, bytes]:
+        """Token totals of this instance since start, per client, model and backend."""
+        return _json(200, self.ledger.snapshot())
+
     routes = {
         b"/metrics": render_metrics,
         b"/healthz": render_healthz,
@@ -175,6 +182,7 @@ class AdminResource(Resource):
     }
     admin_routes = {
         b"/admin/backends": render_backends,
+        b"/admin/usage": render_usage,
     }
 
 

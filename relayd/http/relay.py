@@ -34,6 +34,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from relayd.accounting import UsageLedger
 from relayd.health import UpstreamKey, parse_retry_after
 from relayd.http.body import BoundedBody
 from relayd.logs import log_access
@@ -142,11 +143,13 @@ class RelayResource(Resource):
         get_runtime: Callable[[], RelayRuntime],
         clock: IReactorTime,
         metrics: RelayMetrics | None = None,
+        ledger: UsageLedger | None = None,
     ) -> None:
         super().__init__()
         self.get_runtime = get_runtime
         self.clock = clock
         self.metrics = metrics if metrics is not None else RelayMetrics()
+        self.ledger = ledger if ledger is not None else UsageLedger()
         self.endpoints = EndpointTable(list(PROVIDERS.values()))
         self.active: set[Exchange] = set()
         self._idle_waiters: list[Deferred[None]] = []
@@ -1014,6 +1017,14 @@ class Exchange:
             upstream_wait = (self.upstream_done_at or now) - self.first_sent_at
         if self.stream_open:
             self.metrics.stream_closed()
+        if self.first_sent_at is not None and self.client is not None and self.backend:
+            self.resource.ledger.record(
+                self.client.name,
+                self.model or "-",
+                self.backend.provider_name,
+                self.backend.name,
+                usage,
+            )
         self.metrics.request_finished(
             client=self.client.name if self.client else "-",
             api=self.family.name,

@@ -205,10 +205,10 @@ def test_unknown_path_is_404(admin: Admin, path: str) -> None:
 
 
 def test_unknown_admin_path_is_401_without_token_and_404_with_it(admin: Admin) -> None:
-    status, headers, body = admin.call("GET", "/admin/usage")
+    status, headers, body = admin.call("GET", "/admin/nope")
     assert status == 401
     assert set(as_json(headers, body)) == {"error"}
-    status, headers, body = admin.call("GET", "/admin/usage", token=TOKEN)
+    status, headers, body = admin.call("GET", "/admin/nope", token=TOKEN)
     assert (status, as_json(headers, body)) == (404, {"error": "not found"})
 
 
@@ -254,3 +254,20 @@ def test_admin_site_settings(admin: Admin) -> None:
     body = site.getContentFile(10)
     body.write(b"0123456789")
     assert body.getvalue() == b""
+
+
+def test_usage_endpoint_shows_the_ledger() -> None:
+    from relayd.accounting import UsageLedger
+    from relayd.providers.base import Usage
+
+    ledger = UsageLedger()
+    ledger.record("team-a", "claude-x", "anthropic", "us", Usage(10, 3, 4, None))
+    ledger.record("team-a", "claude-x", "anthropic", "us", Usage(1, 1, None, 2))
+    ledger.record("team-a", "gpt-4o", "openai", "main", None)
+    snapshot = ledger.snapshot()
+    assert snapshot["clients"]["team-a"] == {
+        "requests": 3, "input_tokens": 11, "output_tokens": 4,
+        "cache_read_tokens": 4, "cache_write_tokens": 2,
+    }
+    assert [e["model"] for e in snapshot["entries"]] == ["claude-x", "gpt-4o"]
+    assert snapshot["entries"][0]["requests"] == 2

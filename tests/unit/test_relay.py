@@ -386,3 +386,18 @@ def test_access_log_never_contains_secrets(harness: Harness) -> None:
     text = repr(harness.logs.events)
     for secret in (CLIENT_KEY, "sk-not-a-client", "sk-up-us", "sk-up-eu"):
         assert secret not in text
+
+
+def test_usage_is_recorded_per_client_model_and_backend(harness: Harness) -> None:
+    harness.upstreams["us"].handler = lambda r, b: sse(r, ANTHROPIC_EVENTS)
+    harness.call("POST", "/v1/messages", dict(MESSAGE, stream=True))  # us: 11 in, 9 out
+    harness.upstreams["us"].handler = None
+    harness.call("POST", "/v1/messages", MESSAGE)  # us again (3:1), the default: 3 in, 4 out
+    harness.call("POST", "/v1/messages", MESSAGE)  # eu: 3 in, 4 out
+    harness.call("POST", "/v1/messages", MESSAGE, key="sk-wrong")  # rejected: not counted
+    entries = harness.resource.ledger.snapshot()["entries"]
+    assert [(e["backend"], e["requests"], e["input_tokens"], e["output_tokens"],
+             e["cache_read_tokens"]) for e in entries] == [
+        ("eu", 1, 3, 4, 0), ("us", 2, 14, 13, 5)
+    ]
+    assert {e["client"] for e in entries} == {"team-a"}
