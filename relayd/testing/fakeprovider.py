@@ -1036,14 +1036,8 @@ def _h_chat(ex: _Exchange) -> None:
         ex.send_json(200, build(pieces))
         return
     with_usage = _include_usage(req)
-    prefix = (
-        b'{"id":"'
-        + chat_id.encode("ascii")
-        + b'","object":"chat.completion.chunk","created":'
-        + b"%d" % created
-        + b',"model":'
-        + _json_str(model)
-        + b',"service_tier":"default","system_fingerprint":"fp_fake","choices":['
+    prefix = _chunk_prefix(
+        chat_id, b"chat.completion.chunk", created, model, b',"service_tier":"default"'
     )
     _send_chunk_stream(
         ex,
@@ -1060,6 +1054,24 @@ def _h_chat(ex: _Exchange) -> None:
         last=b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"'
         + finish.encode("ascii")
         + b'"}',
+    )
+
+
+def _chunk_prefix(
+    chunk_id: str, object_name: bytes, created: int, model: str, extra: bytes = b""
+) -> bytes:
+    """The start of every chunk of one stream, up to and including ``"choices":[``."""
+    return (
+        b'{"id":"'
+        + chunk_id.encode("ascii")
+        + b'","object":"'
+        + object_name
+        + b'","created":'
+        + b"%d" % created
+        + b',"model":'
+        + _json_str(model)
+        + extra
+        + b',"system_fingerprint":"fp_fake","choices":['
     )
 
 
@@ -1123,15 +1135,7 @@ def _h_completions(ex: _Exchange) -> None:
         ex.send_json(200, build(pieces))
         return
     with_usage = _include_usage(req)
-    prefix = (
-        b'{"id":"'
-        + cmpl_id.encode("ascii")
-        + b'","object":"text_completion","created":'
-        + b"%d" % created
-        + b',"model":'
-        + _json_str(model)
-        + b',"system_fingerprint":"fp_fake","choices":['
-    )
+    prefix = _chunk_prefix(cmpl_id, b"text_completion", created, model)
     _send_chunk_stream(
         ex,
         prefix,
