@@ -202,14 +202,20 @@ class Backend:
 
     # -- active health checks -------------------------------------------------------------
 
-    def probe(self) -> Deferred[None]:
-        """One active probe: a cheap GET that must answer with a status below 500."""
+    def service_headers(self) -> Headers:
+        """Headers for relayd's own calls (probes, model lists): a key and what the
+        provider requires besides it (e.g. anthropic-version)."""
         key = self.keys.choose() or self.keys.keys[0]
         headers = Headers()
         for name, value in key.auth_headers:
             headers.setRawHeaders(name, [value])
         for name, value in self.provider.probe_headers:
             headers.setRawHeaders(name, [value])
+        return headers
+
+    def probe(self) -> Deferred[None]:
+        """One active probe: a cheap GET that must answer with a status below 500."""
+        headers = self.service_headers()
         headers.setRawHeaders(b"user-agent", [PROBE_USER_AGENT])
         d = self.agent.request(b"GET", self.probe_url, headers)
 

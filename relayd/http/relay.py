@@ -677,9 +677,9 @@ class Exchange:
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
 
     def _arm_idle_timer(self, attempt: Attempt) -> None:
-        assert self.backend is not None
+        """(Re)start the attempt's timer: the idle gap, capped by the total deadline."""
         delay = max(
-            min(self.backend.timeouts.idle, self.total_deadline - self.clock.seconds()), 0.0
+            min(attempt.backend.timeouts.idle, self.total_deadline - self.clock.seconds()), 0.0
         )
         if attempt.timer is not None and attempt.timer.active():
             attempt.timer.reset(delay)
@@ -694,10 +694,8 @@ class Exchange:
     def on_body_data(self, attempt: Attempt, data: bytes) -> None:
         if self.done or attempt is not self.attempt:
             return
-        timer = attempt.timer
-        if timer is not None:
-            delay = min(attempt.backend.timeouts.idle, self.total_deadline - self.clock.seconds())
-            timer.reset(max(delay, 0.0))
+        if attempt.timer is not None:
+            self._arm_idle_timer(attempt)
         watcher = self.watcher
         if watcher is not None:
             watcher.feed(data)
@@ -887,16 +885,10 @@ class Exchange:
         d.addErrback(self._on_unexpected)
 
     def _fetch_models(self, backend: Backend) -> Deferred[list[dict[str, Any]]]:
-        headers = Headers()
-        key = backend.keys.choose() or backend.keys.keys[0]
-        for name, value in key.auth_headers:
-            headers.setRawHeaders(name, [value])
+        headers = backend.service_headers()
         version = self.request.requestHeaders.getRawHeaders(b"anthropic-version")
         if version:
             headers.setRawHeaders(b"anthropic-version", version)
-        else:
-            for name, value in backend.provider.probe_headers:
-                headers.setRawHeaders(name, [value])
         suffix = b"?limit=1000" if backend.provider.name == "anthropic" else b""
         backend.in_flight += 1
         d = backend.agent.request(b"GET", backend.base_url + b"/v1/models" + suffix, headers)
