@@ -26,7 +26,7 @@ run: $(STAMP)
 test: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest -q tests
 
-## system-deps: Debian packages the tests use (promtool, systemd-analyze), installed with
+## system-deps: Debian packages the tests use (promtool, systemd-analyze, redis-server), installed with
 ## apt when missing.
 system-deps:
 	@sh scripts/system-deps.sh

@@ -1,19 +1,23 @@
-"""Token accounting: what each client used, per model and backend, since start.
+"""Token accounting: what each client used, per model and backend.
 
-One :class:`UsageLedger` per process (it outlives reloads). The relay records every
-request's usage as read from the upstream response (JSON bodies, or SSE streams parsed
-as they pass, including streams the client cut off: whatever usage had arrived by then
-counts). ``/admin/usage`` shows the totals. This ledger is per instance and in memory;
-sharing it across instances is the job of a state store.
+The relay hands every request's usage, as read from the upstream response (JSON bodies,
+or SSE streams parsed as they pass, including streams the client cut off: whatever usage
+had arrived by then counts), to the state store. The memory store keeps a
+:class:`UsageLedger`; the Redis store keeps the same counters in a Redis hash shared by
+every instance, and builds a ledger from it for ``/admin/usage``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from relayd.providers.base import Usage
 
-_KINDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+USAGE_KINDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+_COLUMNS = ("requests", *USAGE_KINDS)
+
+UsageKey = tuple[str, str, str, str]  # (client, model, provider, backend)
 
 
 class UsageLedger:
@@ -22,29 +26,55 @@ class UsageLedger:
     __slots__ = ("_totals",)
 
     def __init__(self) -> None:
-        self._totals: dict[tuple[str, str, str, str], list[int]] = {}
+        self._totals: dict[UsageKey, list[int]] = {}
+
+    @staticmethod
+    def counts(usage: Usage | None) -> list[int]:
+        """The token counts of ``usage`` in :data:`USAGE_KINDS` order (``None`` is 0)."""
+        if usage is None:
+            return [0, 0, 0, 0]
+        return [
+            usage.input_tokens or 0,
+            usage.output_tokens or 0,
+            usage.cache_read_tokens or 0,
+            usage.cache_write_tokens or 0,
+        ]
 
     def record(
         self, client: str, model: str, provider: str, backend: str, usage: Usage | None
     ) -> None:
-        """Count one relayed request and its tokens (``None`` counts are zero)."""
-        key = (client, model, provider, backend)
-        row = self._totals.get(key)
-        if row is None:
-            row = self._totals[key] = [0, 0, 0, 0, 0]
-        row[0] += 1
-        if usage is not None:
-            row[1] += usage.input_tokens or 0
-            row[2] += usage.output_tokens or 0
-            row[3] += usage.cache_read_tokens or 0
-            row[4] += usage.cache_write_tokens or 0
+        """Count one relayed request and its tokens."""
+        self.add_row((client, model, provider, backend), [1, *self.counts(usage)])
+
+    def add_row(self, key: UsageKey, row: list[int]) -> None:
+        """Add a row of (requests, *token kinds) to ``key``'s totals."""
+        totals = self._totals.get(key)
+        if totals is None:
+            self._totals[key] = list(row)
+        else:
+            for i, value in enumerate(row):
+                totals[i] += value
+
+    def add(self, key: UsageKey, column: str, amount: int) -> None:
+        """Add ``amount`` to one column (``requests`` or a token kind) of ``key``."""
+        if column not in _COLUMNS:
+            return
+        totals = self._totals.setdefault(key, [0] * len(_COLUMNS))
+        totals[_COLUMNS.index(column)] += amount
+
+    def merge(self, other: UsageLedger) -> None:
+        for key, row in other.rows():
+            self.add_row(key, row)
+
+    def rows(self) -> Iterator[tuple[UsageKey, list[int]]]:
+        return iter(self._totals.items())
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-able totals: one entry per key, plus a per-client sum."""
         entries = []
         clients: dict[str, dict[str, int]] = {}
         for (client, model, provider, backend), row in sorted(self._totals.items()):
-            counts = dict(zip(_KINDS, row[1:], strict=True))
+            counts = dict(zip(USAGE_KINDS, row[1:], strict=True))
             entries.append(
                 {
                     "client": client,
@@ -55,7 +85,7 @@ class UsageLedger:
                     **counts,
                 }
             )
-            total = clients.setdefault(client, {"requests": 0, **dict.fromkeys(_KINDS, 0)})
+            total = clients.setdefault(client, {"requests": 0, **dict.fromkeys(USAGE_KINDS, 0)})
             total["requests"] += row[0]
             for kind, value in counts.items():
                 total[kind] += value

@@ -3,6 +3,8 @@
 #   sh scripts/system-deps.sh            make test (and make packaging-check):
 #       promtool (prometheus)            checks the /metrics exposition format
 #       systemd-analyze (systemd)        verifies and rates the packaged unit
+#       redis-server                     the shared state store's tests (each test starts
+#                                        its own server on a free port)
 #   sh scripts/system-deps.sh deb        make deb: build the .deb and run lintian
 #   sh scripts/system-deps.sh deb-test   make deb-test: the above, plus debootstrap and
 #                                        systemd-nspawn
@@ -22,6 +24,7 @@ case "$group" in
     test)
         need promtool prometheus
         need systemd-analyze systemd
+        need redis-server redis-server
         ;;
     deb|deb-test)
         need dpkg-buildpackage dpkg-dev

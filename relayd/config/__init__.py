@@ -15,6 +15,7 @@ from relayd.config.model import (
     BackendConfig,
     BreakerConfig,
     ClientConfig,
+    ClientLimitsConfig,
     Config,
     FailoverConfig,
     HealthCheckConfig,
@@ -22,8 +23,10 @@ from relayd.config.model import (
     PoolConfig,
     ProviderConfig,
     RouteConfig,
+    StateConfig,
     TimeoutsConfig,
     TlsConfig,
+    UpstreamLimitsConfig,
 )
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "BackendConfig",
     "BreakerConfig",
     "ClientConfig",
+    "ClientLimitsConfig",
     "Config",
     "ConfigError",
     "ConfigErrors",
@@ -44,8 +48,10 @@ __all__ = [
     "PoolConfig",
     "ProviderConfig",
     "RouteConfig",
+    "StateConfig",
     "TimeoutsConfig",
     "TlsConfig",
+    "UpstreamLimitsConfig",
     "load_config",
     "parse_config",
 ]

@@ -13,6 +13,7 @@ stay out.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
@@ -32,6 +33,7 @@ from relayd.config.model import (
     BackendConfig,
     BreakerConfig,
     ClientConfig,
+    ClientLimitsConfig,
     Config,
     FailoverConfig,
     HealthCheckConfig,
@@ -39,8 +41,10 @@ from relayd.config.model import (
     PoolConfig,
     ProviderConfig,
     RouteConfig,
+    StateConfig,
     TimeoutsConfig,
     TlsConfig,
+    UpstreamLimitsConfig,
 )
 from relayd.providers import PROVIDERS
 
@@ -66,6 +70,7 @@ _ROOT_KEYS = (
     "health",
     "breaker",
     "failover",
+    "state",
     "clients",
     "providers",
     "routes",
@@ -84,7 +89,29 @@ _FAILOVER_KEYS = (
     "max_replay_bytes",
     "max_retry_after",
 )
-_CLIENT_KEYS = ("name", "key_sha256", "models")
+_CLIENT_KEYS = ("name", "key_sha256", "models", "limits")
+_CLIENT_LIMIT_KEYS = (
+    "requests_per_minute",
+    "tokens_per_minute",
+    "max_concurrent",
+    "tokens_per_day",
+    "tokens_per_month",
+    "reserve_output_tokens",
+)
+_UPSTREAM_LIMIT_KEYS = ("requests_per_minute", "tokens_per_minute", "per")
+_STATE_KEYS = (
+    "store",
+    "url",
+    "password_file",
+    "ca_file",
+    "timeout",
+    "key_prefix",
+    "on_store_failure",
+    "fallback_instances",
+)
+_STATE_STORES = ("memory", "redis")
+_STORE_FAILURE_MODES = ("open", "closed")
+_KEY_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]+")
 _PROVIDER_KEYS = ("name", "type", "timeouts", "pool", "health", "breaker", "backends")
 _KEY_SOURCES = ("api_key", "api_key_env", "api_key_file")  # one key (also in api_keys items)
 _BACKEND_KEY_SOURCES = (*_KEY_SOURCES, "api_keys")
@@ -99,6 +126,7 @@ _BACKEND_KEYS = (
     "pool",
     "health",
     "breaker",
+    "limits",
 )
 _ROUTE_KEYS = ("api", "models", "provider")
 
@@ -421,6 +449,7 @@ class _Parser:
             if "failover" in fields
             else FailoverConfig()
         )
+        state = self.state(fields["state"], "state") if "state" in fields else StateConfig()
         clients = self.clients(fields.get("clients", []), "clients")
         providers = self.providers(fields.get("providers", []), "providers", defaults)
         routes = self.routes(fields.get("routes", []), "routes")
@@ -436,6 +465,7 @@ class _Parser:
             breaker=defaults.breaker,
             failover=failover,
             admin=admin,
+            state=state,
             shutdown_timeout=shutdown_timeout,
             source=source,
         )
@@ -898,9 +928,170 @@ class _Parser:
         if digest is not None:
             self.check_digest_unique(digest, name, path, digests)
         models = self.optional_globs(fields, path)
+        limits = (
+            self.client_limits(fields["limits"], _key_path(path, "limits"))
+            if "limits" in fields
+            else None
+        )
         if name is None or digest is None or ("models" in fields and models is None):
             return None
-        return ClientConfig(name=name, key_sha256=digest, models=models)
+        return ClientConfig(name=name, key_sha256=digest, models=models, limits=limits)
+
+    def client_limits(self, value: object, path: str) -> ClientLimitsConfig | None:
+        """A client's policy: every key optional; an empty mapping means no limits."""
+        fields = self.mapping(value, path, _CLIENT_LIMIT_KEYS)
+        if fields is None:
+            return None
+        base = ClientLimitsConfig()
+
+        def limit(key: str) -> int | None:
+            return self.optional(fields, key, path, self.positive_int, None)
+
+        limits = ClientLimitsConfig(
+            requests_per_minute=limit("requests_per_minute"),
+            tokens_per_minute=limit("tokens_per_minute"),
+            max_concurrent=limit("max_concurrent"),
+            tokens_per_day=limit("tokens_per_day"),
+            tokens_per_month=limit("tokens_per_month"),
+            reserve_output_tokens=self.optional(
+                fields,
+                "reserve_output_tokens",
+                path,
+                self.non_negative_int,
+                base.reserve_output_tokens,
+            ),
+        )
+        return limits if limits.any() else None
+
+    def upstream_limits(self, value: object, path: str) -> UpstreamLimitsConfig | None:
+        """A backend's provider quota (per key or per backend)."""
+        fields = self.mapping(value, path, _UPSTREAM_LIMIT_KEYS)
+        if fields is None:
+            return None
+        per = self.optional(fields, "per", path, self.choice(("key", "backend")), "key")
+        rpm = self.optional(fields, "requests_per_minute", path, self.positive_int, None)
+        tpm = self.optional(fields, "tokens_per_minute", path, self.positive_int, None)
+        if rpm is None and tpm is None:
+            return None
+        return UpstreamLimitsConfig(requests_per_minute=rpm, tokens_per_minute=tpm, per=per)
+
+    def choice(self, options: Sequence[str]) -> _Check[str]:
+        """A check for one of ``options``."""
+
+        def check(value: object, path: str) -> str | None:
+            if not isinstance(value, str) or value not in options:
+                shown = repr(value) if isinstance(value, str) else _type_name(value)
+                self.error(path, f"must be one of {', '.join(options)}; got {shown}")
+                return None
+            return value
+
+        return check
+
+    def state(self, value: object, path: str) -> StateConfig:
+        """The ``state`` mapping: the store for limits and usage, and its failure mode."""
+        base = StateConfig()
+        fields = self.mapping(value, path, _STATE_KEYS)
+        if fields is None:
+            return base
+        store = self.optional(fields, "store", path, self.choice(_STATE_STORES), base.store)
+        timeout = self.optional(fields, "timeout", path, self.positive_number, base.timeout)
+        prefix = self.optional(fields, "key_prefix", path, self.key_prefix, base.key_prefix)
+        mode = self.optional(
+            fields,
+            "on_store_failure",
+            path,
+            self.choice(_STORE_FAILURE_MODES),
+            base.on_store_failure,
+        )
+        instances = self.optional(
+            fields, "fallback_instances", path, self.positive_int, base.fallback_instances
+        )
+        common = StateConfig(
+            timeout=timeout,
+            key_prefix=prefix,
+            on_store_failure=mode,
+            fallback_instances=instances,
+        )
+        if store == "memory":
+            for key in ("url", "password_file", "ca_file"):
+                if key in fields:
+                    self.error(_key_path(path, key), "only used with store: redis")
+            return common
+        if "url" not in fields:
+            self.error(_key_path(path, "url"), "required with store: redis")
+            return base
+        url_path = _key_path(path, "url")
+        parsed = self.redis_url(fields["url"], url_path)
+        password: str | None = None
+        password_file: str | None = None
+        if "password_file" in fields:
+            file_path = _key_path(path, "password_file")
+            password_file = self.local_path(fields["password_file"], file_path)
+            if password_file is not None:
+                password = self.read_secret_file(
+                    password_file, file_path, "password", "a password"
+                )
+        ca_file = None
+        if "ca_file" in fields:
+            ca_file = self.local_path(fields["ca_file"], _key_path(path, "ca_file"))
+            if parsed is not None and not parsed[4]:
+                self.error(_key_path(path, "ca_file"), "only used with a rediss:// url")
+        if parsed is None:
+            return base
+        url, host, port, db, tls, username = parsed
+        return dataclasses.replace(
+            common,
+            store="redis",
+            url=url,
+            host=host,
+            port=port,
+            db=db,
+            username=username,
+            tls=tls,
+            ca_file=ca_file,
+            password_file=password_file,
+            password=password,
+        )
+
+    def redis_url(
+        self, value: object, path: str
+    ) -> tuple[str, str, int, int, bool, str | None] | None:
+        """``redis://[user@]host[:port][/db]`` or ``rediss://`` (TLS); no password inside."""
+        text = self.string(value, path)
+        if text is None:
+            return None
+        try:
+            parts = urlsplit(text)
+            port = parts.port or 6379
+        except ValueError as exc:
+            self.error(path, f"is not a valid URL: {exc}")
+            return None
+        if parts.scheme not in ("redis", "rediss"):
+            self.error(path, "must start with redis:// or rediss:// (TLS)")
+            return None
+        if parts.password is not None:
+            self.error(path, "must not contain a password; put it in state.password_file")
+            return None
+        if not parts.hostname:
+            self.error(path, "must name a host")
+            return None
+        if parts.query or parts.fragment:
+            self.error(path, "must not have a query or fragment")
+            return None
+        db_text = parts.path.strip("/") or "0"
+        if not db_text.isdigit():
+            self.error(path, f"database must be a number, got {db_text!r}")
+            return None
+        shown = f"{parts.scheme}://{parts.netloc}{parts.path}"
+        return shown, parts.hostname, port, int(db_text), parts.scheme == "rediss", parts.username
+
+    def key_prefix(self, value: object, path: str) -> str | None:
+        """Letters, digits and ``_.:-`` (braces would break the hash tag)."""
+        text = self.string(value, path)
+        if text is not None and not _KEY_PREFIX_RE.fullmatch(text):
+            self.error(path, "must contain only letters, digits, '_', '.', ':' and '-'")
+            return None
+        return text
 
     def key_digest(self, value: object, path: str) -> bytes | None:
         """64 hex digits (either case) as 32 raw bytes."""
@@ -993,6 +1184,11 @@ class _Parser:
             fields, "max_concurrent", path, self.positive_int, defaults.max_concurrent
         )
         effective = self.levels_in(fields, path, inherited)
+        limits = (
+            self.upstream_limits(fields["limits"], _key_path(path, "limits"))
+            if "limits" in fields
+            else None
+        )
         if name is None or url is None or api_keys is None:
             return None
         return BackendConfig(
@@ -1006,6 +1202,7 @@ class _Parser:
             timeouts=effective.timeouts,
             health=effective.health,
             breaker=effective.breaker,
+            limits=limits,
         )
 
     def url(self, value: object, path: str) -> str | None:

@@ -34,12 +34,45 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientLimitsConfig:
+    """A client's policy; ``None`` means no limit of that kind.
+
+    ``requests_per_minute`` and ``tokens_per_minute`` (input + output, cache reads and
+    writes included) hold over any rolling 60 seconds; ``max_concurrent`` counts requests
+    in flight; ``tokens_per_day``/``tokens_per_month`` are budgets per UTC calendar day
+    or month. Token limits reserve an estimate before forwarding (the prompt's size plus
+    ``max_tokens``, or ``reserve_output_tokens`` when the request sets none) and settle
+    to the actual usage when the response ends.
+    """
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    max_concurrent: int | None = None
+    tokens_per_day: int | None = None
+    tokens_per_month: int | None = None
+    reserve_output_tokens: int = 1024
+
+    def any(self) -> bool:
+        return any(
+            v is not None
+            for v in (
+                self.requests_per_minute,
+                self.tokens_per_minute,
+                self.max_concurrent,
+                self.tokens_per_day,
+                self.tokens_per_month,
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class ClientConfig:
     """A relay client: who may call, identified by the SHA-256 digest of its relay key."""
 
     name: str
     key_sha256: bytes  # 32 raw bytes, decoded from the hex in the file
     models: tuple[str, ...] | None = None  # glob allowlist; None means every model
+    limits: ClientLimitsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +167,48 @@ class AdminConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamLimitsConfig:
+    """The provider's quota relayd keeps a backend under (rolling 60 seconds).
+
+    ``per: key`` (the default) gives each upstream key its own quota, as providers count
+    per key or organisation; ``per: backend`` shares one quota among the backend's keys.
+    """
+
+    requests_per_minute: int | None = None
+    tokens_per_minute: int | None = None
+    per: str = "key"  # "key" | "backend"
+
+
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """Where limits, budgets and usage counters live.
+
+    ``memory`` (the default) keeps them in this process. ``redis`` shares them across
+    instances: ``url`` is ``redis://[user@]host[:port][/db]`` (``rediss://`` for TLS,
+    verified against ``ca_file`` or the system's trust store), the password is read from
+    ``password_file``. Every Redis call must answer within ``timeout`` seconds. While
+    Redis is unreachable, ``on_store_failure: open`` admits requests under a local
+    limiter that gives this instance ``1 / fallback_instances`` of each limit;
+    ``closed`` refuses requests that have limits to check.
+    """
+
+    store: str = "memory"  # "memory" | "redis"
+    url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    tls: bool = False
+    ca_file: str | None = None
+    password_file: str | None = None
+    password: str | None = field(default=None, repr=False)  # read from password_file
+    timeout: float = 0.5
+    key_prefix: str = "relayd"
+    on_store_failure: str = "open"  # "open" | "closed"
+    fallback_instances: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class BackendConfig:
     """One upstream endpoint of a provider (an account, a region, a gateway).
 
@@ -153,6 +228,7 @@ class BackendConfig:
     timeouts: TimeoutsConfig = TimeoutsConfig()  # effective: global < provider < backend
     health: HealthCheckConfig = HealthCheckConfig()  # effective, merged the same way
     breaker: BreakerConfig = BreakerConfig()  # effective, merged the same way
+    limits: UpstreamLimitsConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,5 +264,6 @@ class Config:
     breaker: BreakerConfig = BreakerConfig()
     failover: FailoverConfig = FailoverConfig()
     admin: AdminConfig | None = None
+    state: StateConfig = StateConfig()
     shutdown_timeout: float = 30.0
     source: str = "<defaults>"

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -160,6 +161,89 @@ class RelaydProcess:
 
     def stop(self) -> int | None:
         return stop_process(self.process)
+
+
+@dataclass
+class RedisServerProcess:
+    """A private ``redis-server`` on a free 127.0.0.1 port, without persistence.
+
+    :meth:`kill` and :meth:`start` again (same port) simulate an outage and a recovery.
+    """
+
+    workdir: Path
+    port: int = 0
+    password: str | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServerProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.port:
+            self.port = free_port()
+        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        if self.password is not None:
+            args += ["--requirepass", self.password]
+        log = self.workdir / "redis.log"
+        with log.open("ab") as out:
+            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        wait_for(self._answers, 15, "redis-server to answer PING", log)
+        return self
+
+    def _answers(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError("redis-server exited early")
+        try:
+            self.command("PING")
+        except OSError:
+            return False
+        return True
+
+    def command(self, *words: str) -> bytes:
+        """Send one command and return the raw reply (enough for tests)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            request = b""
+            if self.password is not None:
+                request += _resp("AUTH", self.password)
+            request += _resp(*words)
+            sock.sendall(request)
+            reply = b""
+            expected = 2 if self.password is not None else 1
+            while reply.count(b"\r\n") < expected:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                reply += chunk
+            return reply
+
+    def kill(self) -> None:
+        """SIGKILL: the outage case, nothing is flushed."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+def _resp(*words: str) -> bytes:
+    out = b"*%d\r\n" % len(words)
+    for word in words:
+        data = word.encode()
+        out += b"$%d\r\n%s\r\n" % (len(data), data)
+    return out
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10) -> int | None:

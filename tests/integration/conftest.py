@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from relayd.testing.certs import TestCertificates, make_certificates
-from relayd.testing.processes import FakeUpstreamProcess, RelaydProcess
+from relayd.testing.processes import FakeUpstreamProcess, RedisServerProcess, RelaydProcess
 
 
 @pytest.fixture(scope="session")
@@ -49,3 +49,11 @@ def relayd_factory(tmp_path: Path) -> Iterator[Callable[..., RelaydProcess]]:
     yield start
     for process in started:
         process.stop()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServerProcess]:
+    """A private redis-server for one test (``make test`` installs redis-server)."""
+    server = RedisServerProcess(tmp_path / "redis").start()
+    yield server
+    server.stop()

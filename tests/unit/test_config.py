@@ -1493,3 +1493,96 @@ def test_load_config_uses_os_environ_by_default(
         "    backends: [{name: b, url: 'https://h', api_key_env: RELAYD_TEST_KEY}]\n"
     )
     assert only_backend(load_config(str(config_file))).api_keys == (SECRET,)
+
+
+# -- limits and the state store ----------------------------------------------------------
+
+
+def test_client_limits_and_upstream_limits_parse() -> None:
+    client = {
+        "name": "c",
+        "key_sha256": "a" * 64,
+        "limits": {"requests_per_minute": 60, "tokens_per_day": 1000,
+                   "reserve_output_tokens": 0},
+    }
+    config = parse_config(
+        {"clients": [client], **with_backend(limits={"tokens_per_minute": 500, "per": "backend"})}
+    )
+    limits = config.clients[0].limits
+    assert limits is not None
+    assert (limits.requests_per_minute, limits.tokens_per_minute, limits.tokens_per_day) == (
+        60, None, 1000,
+    )
+    assert limits.reserve_output_tokens == 0
+    upstream = only_backend(config).limits
+    assert upstream is not None and (upstream.tokens_per_minute, upstream.per) == (500, "backend")
+    assert config.state.store == "memory"
+
+
+def test_empty_limits_mean_no_limits() -> None:
+    client = {"name": "c", "key_sha256": "a" * 64, "limits": {}}
+    assert parse_config({"clients": [client]}).clients[0].limits is None
+
+
+def test_redis_state_parses_url_and_reads_the_password_file(tmp_path: Path) -> None:
+    (tmp_path / "redis.pass").write_text("pw-123\n")
+    state = parse_config(
+        {"state": {"store": "redis", "url": "rediss://relay@cache.internal:6380/3",
+                   "password_file": "redis.pass", "on_store_failure": "closed",
+                   "fallback_instances": 3, "timeout": 0.2, "key_prefix": "prod"}},
+        base_dir=str(tmp_path),
+    ).state
+    assert (state.host, state.port, state.db, state.tls, state.username) == (
+        "cache.internal", 6380, 3, True, "relay",
+    )
+    assert state.password == "pw-123" and "pw-123" not in repr(state)
+    assert (state.on_store_failure, state.fallback_instances, state.timeout) == ("closed", 3, 0.2)
+    assert state.key_prefix == "prod"
+
+
+@pytest.mark.parametrize(
+    ("state", "expected"),
+    [
+        ({"store": "etcd"}, "state.store: must be one of memory, redis; got 'etcd'"),
+        ({"store": "redis"}, "state.url: required with store: redis"),
+        ({"store": "redis", "url": "http://x"},
+         "state.url: must start with redis:// or rediss:// (TLS)"),
+        ({"store": "redis", "url": "redis://u:pw@x"},
+         "state.url: must not contain a password; put it in state.password_file"),
+        ({"store": "redis", "url": "redis://x/db1"},
+         "state.url: database must be a number, got 'db1'"),
+        ({"url": "redis://x"}, "state.url: only used with store: redis"),
+        ({"on_store_failure": "maybe"},
+         "state.on_store_failure: must be one of open, closed; got 'maybe'"),
+        ({"key_prefix": "{a}"},
+         "state.key_prefix: must contain only letters, digits, '_', '.', ':' and '-'"),
+        ({"fallback_instances": 0}, "state.fallback_instances: must be a positive integer, got 0"),
+        ({"store": "redis", "url": "redis://x", "ca_file": "ca.pem"},
+         "state.ca_file: only used with a rediss:// url"),
+    ],
+)
+def test_bad_state(state: dict[str, Any], expected: str) -> None:
+    assert errors_of({"state": state}) == [expected]
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        ({"requests_per_minute": 0},
+         "clients[0].limits.requests_per_minute: must be a positive integer, got 0"),
+        ({"tokens_per_hour": 5}, "clients[0].limits.tokens_per_hour: unknown key"),
+        ({"max_concurrent": True},
+         "clients[0].limits.max_concurrent: must be a positive integer, got boolean"),
+    ],
+)
+def test_bad_client_limits(limits: dict[str, Any], expected: str) -> None:
+    client = {"name": "c", "key_sha256": "a" * 64, "limits": limits}
+    assert errors_of({"clients": [client]}) == [expected]
+
+
+def test_bad_upstream_limits() -> None:
+    errors = errors_of(with_backend(limits={"per": "model", "requests_per_minute": -1}))
+    assert errors == [
+        "providers[0].backends[0].limits.per: must be one of key, backend; got 'model'",
+        "providers[0].backends[0].limits.requests_per_minute: must be a positive integer, got -1",
+    ]

@@ -1,0 +1,33 @@
+"""Client policies, upstream quotas and usage counters, kept in a state store.
+
+:mod:`.checks` defines the counters, :mod:`.policy` compiles the configuration into
+checks, :mod:`.memory` and :mod:`.redis` are the two stores (one interface,
+:mod:`.store`), and :func:`build_store` picks one for a ``state`` configuration.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+
+from relayd.config.model import StateConfig
+from relayd.limits.memory import MemoryStore
+from relayd.limits.redis import RedisStore, StoreEvent
+from relayd.limits.store import LimitStore, UsageRecord
+
+__all__ = [
+    "LimitStore",
+    "MemoryStore",
+    "RedisStore",
+    "StoreEvent",
+    "UsageRecord",
+    "build_store",
+]
+
+
+def build_store(
+    config: StateConfig, clock: IReactorTime, on_event: StoreEvent | None = None
+) -> LimitStore:
+    """The store a ``state`` section asks for (Redis connects in the background)."""
+    if config.store == "redis":
+        return RedisStore(config, clock, on_event=on_event)
+    return MemoryStore(clock)
