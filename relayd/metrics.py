@@ -155,6 +155,26 @@ class RelayMetrics:
             "Retries that were warranted but not made (budget, attempts, body_too_large).",
             ["provider", "reason"], registry=r,
         )
+        limit_rejections = Counter(
+            "relayd_limit_rejections_total",
+            "Client requests refused by one of the client's limits, by the limit's name.",
+            ["client", "limit"], registry=r,
+        )
+        quota_skips = Counter(
+            "relayd_upstream_quota_skips_total",
+            "Upstream keys passed over because relayd's view of their quota was used up.",
+            ["provider", "backend"], registry=r,
+        )
+        self._store_errors = Counter(
+            "relayd_state_store_errors_total",
+            "State store calls that failed or timed out, by operation.",
+            ["store", "operation"], registry=r,
+        )
+        self._store_up = Gauge(
+            "relayd_state_store_up",
+            "1 while the shared state store answers; 0 while relayd decides without it.",
+            ["store"], registry=r,
+        )
         self._reloads = Counter(
             "relayd_config_reloads_total", "Configuration reloads, by result.", ["result"],
             registry=r,
@@ -175,6 +195,8 @@ class RelayMetrics:
         self._retries = _Children(retries)
         self._failovers = _Children(failovers)
         self._refused = _Children(refused)
+        self._limit_rejections = _Children(limit_rejections)
+        self._quota_skips = _Children(quota_skips)
 
         self._runtime_collector = RuntimeCollector()
         r.register(self._runtime_collector)
@@ -255,6 +277,21 @@ class RelayMetrics:
     def retry_refused(self, provider: str, reason: str) -> None:
         """Count a retry that was warranted but not made (``budget``, ``attempts``, ...)."""
         self._refused.get((provider, reason)).inc()
+
+    def limit_rejected(self, client: str, limit: str) -> None:
+        """Count a request refused by the client's ``limit`` (e.g. requests_per_minute)."""
+        self._limit_rejections.get((client, limit)).inc()
+
+    def quota_skip(self, provider: str, backend: str) -> None:
+        """Count an upstream key skipped because its quota was used up."""
+        self._quota_skips.get((provider, backend)).inc()
+
+    def store_event(self, store: str, what: str) -> None:
+        """A state store event: ``error:<operation>``, ``up`` or ``down``."""
+        if what.startswith("error:"):
+            self._store_errors.labels(store, what[6:]).inc()
+        else:
+            self._store_up.labels(store).set(1 if what == "up" else 0)
 
     # -- the process --------------------------------------------------------------------
 

@@ -17,6 +17,8 @@ from twisted.web.iweb import IAgent
 
 from relayd.config.model import BackendConfig, Config
 from relayd.health import RetryBudget
+from relayd.limits import LimitStore, StoreEvent, build_store
+from relayd.limits.policy import ClientPolicy, UpstreamPolicy
 from relayd.providers import PROVIDERS
 from relayd.routing import ModelMatcher, ProviderRoute, Route, Router, WeightedBalancer
 from relayd.upstream import Backend
@@ -25,20 +27,25 @@ AgentFactory = Callable[[BackendConfig], IAgent]
 
 
 class Client:
-    """A relay client at run time: its name and its compiled model allowlist."""
+    """A relay client at run time: its name, compiled model allowlist and limits."""
 
-    __slots__ = ("allows", "name")
+    __slots__ = ("allows", "name", "policy")
 
-    def __init__(self, name: str, allows: ModelMatcher) -> None:
+    def __init__(
+        self, name: str, allows: ModelMatcher, policy: ClientPolicy | None = None
+    ) -> None:
         self.name = name
         self.allows = allows
+        self.policy = policy
 
 
 class RelayRuntime:
     """Everything the request path needs, built from one configuration snapshot.
 
     ``retired`` lists the backends of ``previous`` that this runtime does not use: the
-    caller retires them once it has switched to this runtime.
+    caller retires them once it has switched to this runtime. The state store is kept
+    from ``previous`` while the ``state`` section is unchanged (counters and usage live
+    on); otherwise ``retired_store`` is the previous one, for the caller to close.
     """
 
     def __init__(
@@ -47,11 +54,27 @@ class RelayRuntime:
         reactor: Any,
         agent_factory: AgentFactory | None = None,
         previous: RelayRuntime | None = None,
+        on_store_event: StoreEvent | None = None,
     ) -> None:
         self.config = config
         self.max_body_bytes = config.max_body_bytes
+        self.retired_store: LimitStore | None = None
+        self.store: LimitStore
+        if previous is not None and previous.config.state == config.state:
+            self.store = previous.store
+        else:
+            self.store = build_store(config.state, reactor, on_store_event)
+            if previous is not None:
+                self.retired_store = previous.store
+        prefix = config.state.key_prefix
+        lease_ttl = self._lease_ttl(config)
         self.clients: dict[bytes, Client] = {
-            c.key_sha256: Client(c.name, ModelMatcher(c.models)) for c in config.clients
+            c.key_sha256: Client(
+                c.name,
+                ModelMatcher(c.models),
+                ClientPolicy(c.name, c.limits, prefix, lease_ttl) if c.limits else None,
+            )
+            for c in config.clients
         }
         failover = config.failover
         self.retry_budget: RetryBudget
@@ -68,6 +91,7 @@ class RelayRuntime:
         self.backends: list[Backend] = []
         self.new_backends: list[Backend] = []
         self.providers: dict[str, ProviderRoute] = {}
+        self.upstream_policies: dict[Backend, UpstreamPolicy] = {}
         for provider_config in config.providers:
             family = PROVIDERS[provider_config.type]
             backends = []
@@ -92,6 +116,14 @@ class RelayRuntime:
                     )
                     self.new_backends.append(backend)
                 backends.append(backend)
+                if backend_config.limits is not None:
+                    self.upstream_policies[backend] = UpstreamPolicy(
+                        backend_config.limits,
+                        prefix,
+                        provider_config.name,
+                        backend_config.name,
+                        backend_config.api_keys,
+                    )
             self.backends.extend(backends)
             self.providers[provider_config.name] = ProviderRoute(
                 provider_config.name, provider_config.type, WeightedBalancer(backends)
@@ -104,9 +136,23 @@ class RelayRuntime:
             ]
         )
 
+    @staticmethod
+    def _lease_ttl(config: Config) -> float:
+        """How long a concurrency lease outlives an instance that died holding it: the
+        longest total deadline any request can have, plus a minute."""
+        totals = [config.timeouts.total]
+        totals += [b.timeouts.total for p in config.providers for b in p.backends]
+        return max(totals) + 60.0
+
     def readiness(self) -> tuple[bool, list[str]]:
-        """Ready when every routed provider has a backend that could take a request."""
+        """Ready when every routed provider has a backend that could take a request and
+        the state store has been reached (or found unreachable, with fail-open)."""
         problems = []
+        store = self.store.describe()
+        if store.get("state") == "connecting":
+            problems.append("state store: still connecting to Redis")
+        elif store.get("state") == "down" and store.get("on_store_failure") == "closed":
+            problems.append("state store: Redis unreachable and on_store_failure is closed")
         routed = {route.provider.name: route.provider for route in self.router.routes}
         for name, provider in routed.items():
             if not provider.balancer.usable():
@@ -114,5 +160,8 @@ class RelayRuntime:
         return not problems, problems
 
     def close(self) -> Deferred[Any]:
-        """Close every backend's idle pooled connections and stop its health checks."""
-        return DeferredList([b.close() for b in self.backends], consumeErrors=True)
+        """Close every backend's idle pooled connections, stop its health checks, and
+        close the state store."""
+        closing = [b.close() for b in self.backends]
+        closing.append(self.store.close())
+        return DeferredList(closing, consumeErrors=True)

@@ -26,7 +26,6 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from relayd.accounting import UsageLedger
 from relayd.config import ConfigErrors, load_config
 from relayd.config.model import Config, ListenerConfig
 from relayd.http.admin import AdminResource, admin_site
@@ -85,10 +84,9 @@ class RelayService(MultiService):
         self.notifier = notifier or Notifier()
         self.install_signal_handlers = install_signal_handlers
         self.metrics = RelayMetrics()
-        self.runtime = RelayRuntime(config, reactor)
+        self.runtime = RelayRuntime(config, reactor, on_store_event=self.metrics.store_event)
         self.metrics.set_runtime_source(self.current_runtime, reactor)
-        self.ledger = UsageLedger()
-        self.site = RelaySite(self.current_runtime, reactor, self.metrics, self.ledger)
+        self.site = RelaySite(self.current_runtime, reactor, self.metrics)
         self.listeners: list[_OpenListener] = []
         self.admin_port: IListeningPort | None = None
         self.admin_address: str | None = None
@@ -132,7 +130,6 @@ class RelayService(MultiService):
             self.reactor,
             get_token=self._admin_token,
             is_draining=lambda: self.draining,
-            ledger=self.ledger,
         )
         port: IListeningPort = self.reactor.listenTCP(
             admin.port, admin_site(resource), interface=admin.host
@@ -274,7 +271,9 @@ class RelayService(MultiService):
             for listener_ in opened:
                 listener_.port.stopListening()
             raise ReloadRefusedError(f"cannot open a new listener: {exc}") from exc
-        runtime = RelayRuntime(config, self.reactor, previous=self.runtime)
+        runtime = RelayRuntime(
+            config, self.reactor, previous=self.runtime, on_store_event=self.metrics.store_event
+        )
         # Step 2: the swap.
         self.runtime = runtime
         kept: list[_OpenListener] = []
@@ -291,6 +290,12 @@ class RelayService(MultiService):
                 open_listener.port.stopListening()
         self.listeners = kept + opened
         self._switch_admin(admin_port, config)
+        if runtime.retired_store is not None:
+            log.info(
+                "state store changed to {store}; the previous one is closed",
+                store=config.state.store,
+            )
+            runtime.retired_store.close()
         for backend in runtime.retired:
             log.info("backend {backend} removed; it finishes in-flight requests", backend=backend)
             backend.retire()

@@ -30,19 +30,21 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import Request, Site
+from twisted.web.server import NOT_DONE_YET, Request, Site
 
-from relayd.accounting import UsageLedger
 from relayd.http.body import BoundedBody
 from relayd.metrics import RelayMetrics
 
 log = Logger()
 
 #: A route handler: returns the status code, the content type and the body.
-Handler = Callable[["AdminResource", Request], tuple[int, bytes, bytes]]
+Response = tuple[int, bytes, bytes]  # status, content type, body
+Handler = Callable[["AdminResource", Request], "Response | Deferred[Response]"]
 
 JSON_TYPE = b"application/json"
 ALLOWED_METHODS = (b"GET", b"HEAD")
@@ -84,24 +86,41 @@ class AdminResource(Resource):
         *,
         get_token: Callable[[], str | None],
         is_draining: Callable[[], bool],
-        ledger: UsageLedger | None = None,
     ) -> None:
         super().__init__()
-        self.ledger = ledger if ledger is not None else UsageLedger()
         self.metrics = metrics
         self.get_runtime = get_runtime
         self.clock = clock
         self.get_token = get_token
         self.is_draining = is_draining
 
-    def render(self, request: Request) -> bytes:
+    def render(self, request: Request) -> Any:
         """Route ``request``: token check for ``/admin/*``, then path, then method."""
         path = request.path
         try:
-            status, content_type, body = self._dispatch(request, path)
+            result = self._dispatch(request, path)
         except Exception:
             log.failure("relayd: admin request {path!r} failed", path=path)
-            status, content_type, body = _error(500, "internal error")
+            result = _error(500, "internal error")
+        if isinstance(result, Deferred):
+            result.addErrback(self._failed, path)
+            result.addCallback(self._write_later, request)
+            return NOT_DONE_YET
+        return self._respond(request, result)
+
+    @staticmethod
+    def _failed(failure: Failure, path: bytes) -> Response:
+        log.failure("relayd: admin request {path!r} failed", failure, path=path)
+        return _error(500, "internal error")
+
+    def _write_later(self, response: Response, request: Request) -> None:
+        body = self._respond(request, response)
+        if not request.finished and not request._disconnected:
+            request.write(body)
+            request.finish()
+
+    def _respond(self, request: Request, response: Response) -> bytes:
+        status, content_type, body = response
         request.setResponseCode(status)
         request.setHeader(b"content-type", content_type)
         request.setHeader(b"cache-control", b"no-store")
@@ -110,7 +129,7 @@ class AdminResource(Resource):
             return b""
         return body
 
-    def _dispatch(self, request: Request, path: bytes) -> tuple[int, bytes, bytes]:
+    def _dispatch(self, request: Request, path: bytes) -> Response | Deferred[Response]:
         """Find and run the handler of ``path``, or produce the right error."""
         if path.startswith(ADMIN_PREFIX):
             denied = self._check_token(request)
@@ -171,9 +190,20 @@ class AdminResource(Resource):
         now = self.clock.seconds()
         return _json(200, {"backends": [b.describe(now) for b in self.get_runtime().backends]})
 
-    def render_usage(self, request: Request) -> tuple[int, bytes, bytes]:
-        """Token totals of this instance since start, per client, model and backend."""
-        return _json(200, self.ledger.snapshot())
+    def render_usage(self, request: Request) -> Deferred[Response]:
+        """Token totals per client, model and backend, from the state store: this
+        instance's since start (memory), or every instance's (Redis)."""
+        store = self.get_runtime().store
+
+        def answer(snapshot: dict[str, Any]) -> Response:
+            return _json(200, {**snapshot, "store": store.describe()})
+
+        def unavailable(failure: Failure) -> Response:
+            message = f"state store unavailable: {failure.getErrorMessage()}"
+            return _json(503, {"error": message, "store": store.describe()})
+
+        d: Deferred[dict[str, Any]] = store.usage_snapshot()
+        return d.addCallbacks(answer, unavailable)
 
     routes = {
         b"/metrics": render_metrics,

@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import time
 import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,9 +35,18 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from relayd.accounting import UsageLedger
 from relayd.health import UpstreamKey, parse_retry_after
 from relayd.http.body import BoundedBody
+from relayd.limits import UsageRecord
+from relayd.limits.checks import (
+    Decision,
+    PeriodCheck,
+    Ticket,
+    WindowCheck,
+    period_end,
+    period_number,
+)
+from relayd.limits.policy import estimate_tokens, usage_tokens
 from relayd.logs import log_access
 from relayd.metrics import RelayMetrics
 from relayd.providers import (
@@ -45,6 +55,7 @@ from relayd.providers import (
     Endpoint,
     IProvider,
     IStreamWatcher,
+    LimitState,
     Usage,
     family_of,
 )
@@ -100,6 +111,10 @@ _DROP_RESPONSE_HEADERS = _HOP_BY_HOP | {
 
 _MAX_COLLECTED_BODY = 4 * 1024 * 1024  # JSON bodies larger than this are not parsed for usage
 
+# Rate-limit headers of an upstream response describe relayd's upstream key, not the
+# client: they are replaced by the client's own when it has limits.
+_UPSTREAM_LIMIT_HEADER_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
+
 
 class EndpointTable:
     """Finds the (family, endpoint) for a path; exact paths by dict, the rest by regex."""
@@ -143,13 +158,11 @@ class RelayResource(Resource):
         get_runtime: Callable[[], RelayRuntime],
         clock: IReactorTime,
         metrics: RelayMetrics | None = None,
-        ledger: UsageLedger | None = None,
     ) -> None:
         super().__init__()
         self.get_runtime = get_runtime
         self.clock = clock
         self.metrics = metrics if metrics is not None else RelayMetrics()
-        self.ledger = ledger if ledger is not None else UsageLedger()
         self.endpoints = EndpointTable(list(PROVIDERS.values()))
         self.active: set[Exchange] = set()
         self._idle_waiters: list[Deferred[None]] = []
@@ -198,6 +211,11 @@ class Exchange:
         self.client: Client | None = None
         self.model: str | None = None
         self.stream_requested = False
+        self.payload: dict[str, Any] | None = None
+        self.estimate = 0  # tokens reserved against token limits
+        self.tickets: list[tuple[Ticket, Attempt | None]] = []
+        self.admitting = False
+        self.limit_states: list[LimitState] = []
         self.provider: ProviderRoute | None = None
         self.provider_name: str | None = None
         self.body = b""
@@ -328,6 +346,7 @@ class Exchange:
                 self.reply_error(400, "model: field required (a non-empty string)")
                 return False
             self.model = model
+            self.payload = payload
             self.stream_requested = payload.get("stream") is True
         elif endpoint.name == "models.item":
             self.model = unquote(path.rsplit(b"/", 1)[1].decode("utf-8", "replace"))
@@ -413,8 +432,144 @@ class Exchange:
                 continue
             return backend, key
 
+    # -- limits: admission before each attempt ------------------------------------------------
+
     def _send(self, backend: Backend, key: UpstreamKey) -> None:
+        """Send an attempt to ``backend`` with ``key`` once the limits admit it.
+
+        The first admission checks the client's limits and the upstream key's quota in
+        one atomic step; later attempts (failover) check only their key's quota. Without
+        limits to check, the attempt goes out at once.
+        """
+        runtime = self.runtime
+        upstream = runtime.upstream_policies.get(backend) if runtime.upstream_policies else None
+        policy = self.client.policy if self.client is not None else None
+        first = self.first_sent_at is None and not self.tickets
+        if upstream is None and (policy is None or not first):
+            self._transmit(backend, key, None)
+            return
+        if (policy is not None and policy.counts_tokens) or upstream is not None:
+            if not self.estimate:
+                reserve = policy.reserve_output if policy is not None else 1024
+                self.estimate = estimate_tokens(self.payload or {}, reserve)
+        checks = policy.checks(self.estimate, self.request_id) if policy and first else []
+        if upstream is not None:
+            checks += upstream.checks(key.index, self.estimate)
+        self.admitting = True
+        d = runtime.store.admit(checks)
+        d.addCallback(self._admitted, backend, key)
+        d.addErrback(self._on_unexpected)
+
+    def _admitted(self, decision: Decision, backend: Backend, key: UpstreamKey) -> None:
+        self.admitting = False
+        if self.done:
+            # The client left while the store was deciding: give everything back.
+            backend.breaker.release_trial()
+            if decision.allowed:
+                self._settle_ticket(
+                    Ticket.of(decision), {"client": (0, True), "upstream": (0, True)}, None
+                )
+            return
+        if decision.allowed:
+            ticket = Ticket.of(decision)
+            self._note_limit_states(decision)
+            self._transmit(backend, key, ticket)
+            return
+        failed = decision.failed
+        if failed is not None and failed.scope == "upstream":
+            backend.breaker.release_trial()
+            self._route_around_quota(backend, key, decision)
+            return
+        backend.breaker.release_trial()
+        self._refuse(decision)
+
+    def _route_around_quota(self, backend: Backend, key: UpstreamKey, decision: Decision) -> None:
+        """The key's provider quota is used up: keep it out and try another key or backend."""
+        assert self.provider is not None
+        wait = max(decision.retry_after or 1.0, 1.0)
+        backend.keys.cool_down(key, wait, "quota")
+        self.metrics.quota_skip(self.provider.name, backend.name)
+        target = self._pick_target()
+        if target is not None:
+            self._send(*target)
+            return
+        self.outcome = "upstream_quota"
+        self._set_retry_after(max(self._unavailable_for(), wait))
+        if self.attempts:
+            self.request.setHeader(b"x-should-retry", b"false")
+            self.request.setHeader(b"x-relayd-attempts", b"%d" % self.attempts)
+        self.reply_error(
+            429,
+            f"the upstream quota of every backend of provider {self.provider.name!r} "
+            "is used up for now",
+        )
+
+    def _refuse(self, decision: Decision) -> None:
+        """Answer a client that is over one of its limits (or whose store is closed)."""
+        assert self.client is not None
+        failed = decision.failed
+        request = self.request
+        if failed is None:
+            self.outcome = "store_unavailable"
+            self._set_retry_after(decision.retry_after or 1.0)
+            self.reply_error(
+                503, "the rate-limit store is unreachable and this relay fails closed; retry"
+            )
+            return
+        self.metrics.limit_rejected(self.client.name, failed.name)
+        request.setHeader(b"x-relayd-limit", failed.name.encode())
+        if isinstance(failed, PeriodCheck):
+            self.outcome = "budget_exhausted"
+            now = self.clock.seconds()
+            ends = period_end(failed.period, period_number(failed.period, now))
+            reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ends))
+            request.setHeader(b"x-relayd-budget-reset", reset.encode())
+            # A retry cannot help before the period ends: tell SDKs not to.
+            request.setHeader(b"x-should-retry", b"false")
+            self.reply_error(
+                429,
+                f"token budget exhausted: client {self.client.name!r} has used its "
+                f"{failed.name} ({failed.limit}) or this request (up to {failed.amount} "
+                f"tokens) would exceed it; the budget resets at {reset}",
+                code="insufficient_quota",
+            )
+            return
+        self.outcome = "rate_limited"
+        self._set_retry_after(decision.retry_after or 1.0)
+        if isinstance(failed, WindowCheck):
+            what = "requests" if failed.name == "requests_per_minute" else "tokens"
+            for name, value in self.family.rate_limit_headers(
+                [LimitState(what, failed.limit, 0, decision.retry_after or 1.0)],
+                self.clock.seconds(),
+            ):
+                request.setHeader(name, value)
+            detail = (
+                f"{failed.limit} requests per minute"
+                if what == "requests"
+                else f"{failed.limit} tokens per minute (this request reserves {failed.amount})"
+            )
+        else:
+            detail = f"{failed.limit} concurrent requests"
+        self.reply_error(
+            429,
+            f"rate limit exceeded: client {self.client.name!r} is limited to {detail}",
+            code="rate_limit_exceeded",
+        )
+
+    def _note_limit_states(self, decision: Decision) -> None:
+        """Keep the client's per-minute standing for its response headers."""
+        for check, state in zip(decision.checks, decision.states, strict=True):
+            if isinstance(check, WindowCheck) and check.scope == "client":
+                what = "requests" if check.name == "requests_per_minute" else "tokens"
+                remaining = max(check.limit - state.used, 0)
+                self.limit_states.append(
+                    LimitState(what, check.limit, remaining, state.reset_after)
+                )
+
+    def _transmit(self, backend: Backend, key: UpstreamKey, ticket: Ticket | None) -> None:
         attempt = Attempt(backend, key)
+        if ticket is not None:
+            self.tickets.append((ticket, attempt))
         self.attempt = attempt
         self.attempts += 1
         self.tried.append(backend)
@@ -436,9 +591,7 @@ class Exchange:
         request = self.request
         body = self.body
         producer = BytesProducer(body) if body or request.method == b"POST" else None
-        d = backend.agent.request(
-            request.method, backend.base_url + request.uri, headers, producer
-        )
+        d = backend.agent.request(request.method, backend.base_url + request.uri, headers, producer)
         attempt.request = d
         d.addCallbacks(
             self._on_response,
@@ -644,9 +797,12 @@ class Exchange:
         out = request.responseHeaders
         out.removeHeader(b"content-type")
         max_retry_after = self.runtime.config.failover.max_retry_after
+        own_limits = self.limit_states
         for name, values in response.headers.getAllRawHeaders():
             lower = name.lower()
             if lower in _DROP_RESPONSE_HEADERS:
+                continue
+            if own_limits and lower.startswith(_UPSTREAM_LIMIT_HEADER_PREFIXES):
                 continue
             if lower == b"content-encoding" and values[0].lower() == b"gzip":
                 self.gzip_body = True
@@ -661,6 +817,9 @@ class Exchange:
                 except ValueError:
                     continue
             out.setRawHeaders(name, values)
+        if own_limits:
+            for name, value in self.family.rate_limit_headers(own_limits, self.clock.seconds()):
+                out.setRawHeaders(name, [value])
         if self.attempts > 1:
             out.setRawHeaders(b"x-relayd-attempts", [b"%d" % self.attempts])
             if self.backend is not None and self.backend.provider.is_retryable(response.code):
@@ -783,9 +942,7 @@ class Exchange:
             if not clean:
                 self.outcome = "upstream_broken"
                 self._record(attempt, "stream_broken", failure="stream broke off")
-                self._end_stream_with_error(
-                    "upstream connection broke off before the stream ended"
-                )
+                self._end_stream_with_error("upstream connection broke off before the stream ended")
                 return
             if not (watcher.complete or watcher.error_seen) and self.status == 200:
                 self.outcome = "upstream_truncated"
@@ -847,9 +1004,7 @@ class Exchange:
         self.request.setHeader(b"retry-after", b"%d" % math.ceil(clamped))
 
     def _on_unexpected(self, failure: Failure) -> None:
-        log.failure(
-            "unexpected error relaying {request_id}", failure, request_id=self.request_id
-        )
+        log.failure("unexpected error relaying {request_id}", failure, request_id=self.request_id)
         self.fail_unexpectedly()
 
     def fail_unexpectedly(self) -> None:
@@ -941,14 +1096,15 @@ class Exchange:
 
     # -- replies and the end ------------------------------------------------------------------
 
-    def reply_error(self, status: int, message: str) -> None:
+    def reply_error(self, status: int, message: str, code: str | None = None) -> None:
         """Answer with a relay-made error in the caller's API shape."""
         if self.done:
             return
         if self.outcome == "ok":
             self.outcome = "rejected" if status < 500 else "relay_error"
         self.status = status
-        self._write_json(status, self.family.render_error(status, message, self.request_id))
+        body = self.family.render_error(status, message, self.request_id, code)
+        self._write_json(status, body)
 
     def _write_json(self, status: int, body: bytes) -> None:
         request = self.request
@@ -1009,14 +1165,7 @@ class Exchange:
             upstream_wait = (self.upstream_done_at or now) - self.first_sent_at
         if self.stream_open:
             self.metrics.stream_closed()
-        if self.first_sent_at is not None and self.client is not None and self.backend:
-            self.resource.ledger.record(
-                self.client.name,
-                self.model or "-",
-                self.backend.provider_name,
-                self.backend.name,
-                usage,
-            )
+        self._settle(usage)
         self.metrics.request_finished(
             client=self.client.name if self.client else "-",
             api=self.family.name,
@@ -1053,6 +1202,40 @@ class Exchange:
                 "cache_write_tokens": usage.cache_write_tokens if usage else None,
             }
         )
+
+    def _settle(self, usage: Usage | None) -> None:
+        """Hand the request's usage and its limit reservations to the state store."""
+        record = None
+        if self.first_sent_at is not None and self.client is not None and self.backend:
+            record = UsageRecord(
+                self.client.name,
+                self.model or "-",
+                self.backend.provider_name,
+                self.backend.name,
+                usage,
+            )
+        if not self.tickets:
+            if record is not None:
+                self.runtime.store.settle((), (), record)
+            return
+        relayed = self.response is not None and self.status is not None and self.status < 400
+        if not relayed:
+            outcome = (0, True)
+        elif self.watcher is not None:
+            outcome = (usage_tokens(usage), self.watcher.complete)
+        else:
+            outcome = (usage_tokens(usage), self.upstream_done_at is not None)
+        for ticket, attempt in self.tickets:
+            upstream = outcome if attempt is self.attempt else (0, True)
+            self._settle_ticket(ticket, {"client": outcome, "upstream": upstream}, record)
+            record = None
+
+    def _settle_ticket(
+        self, ticket: Ticket, outcomes: dict[str, tuple[int, bool]], record: UsageRecord | None
+    ) -> None:
+        adjustments, releases = ticket.settle(outcomes)
+        local = ticket.decision.degraded
+        self.runtime.store.settle(adjustments, releases, record, local=local)
 
 
 class Attempt:

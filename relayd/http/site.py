@@ -8,7 +8,6 @@ from typing import Any
 from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request, Site
 
-from relayd.accounting import UsageLedger
 from relayd.http.body import BoundedBody
 from relayd.http.relay import RelayResource
 from relayd.metrics import RelayMetrics
@@ -33,12 +32,11 @@ class RelaySite(Site):
         get_runtime: Callable[[], RelayRuntime],
         clock: IReactorTime,
         metrics: RelayMetrics | None = None,
-        ledger: UsageLedger | None = None,
     ) -> None:
         # Bodies are JSON relayed as bytes: never parse them as HTML form submissions
         # (that costs a MIME parse of Content-Type on every POST).
         super().__init__(
-            RelayResource(get_runtime, clock, metrics, ledger),
+            RelayResource(get_runtime, clock, metrics),
             requestFactory=Request,
             reactor=clock,
             parsePOSTFormSubmission=False,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.web.http_headers import Headers
 
 from relayd.providers.anthropic import AnthropicProvider
-from relayd.providers.base import Endpoint, IProvider, IStreamWatcher, Usage
+from relayd.providers.base import Endpoint, IProvider, IStreamWatcher, LimitState, Usage
 from relayd.providers.openai import OpenAIProvider
 
 PROVIDERS: dict[str, IProvider] = {
@@ -31,6 +31,7 @@ __all__ = [
     "Endpoint",
     "IProvider",
     "IStreamWatcher",
+    "LimitState",
     "Usage",
     "family_of",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from relayd.providers.base import (
     Endpoint,
     IProvider,
     IStreamWatcher,
+    LimitState,
     StreamWatcherBase,
     Usage,
     endpoint,
@@ -132,7 +134,9 @@ class AnthropicProvider:
     def auth_headers(self, api_key: str) -> list[tuple[bytes, bytes]]:
         return [(b"x-api-key", api_key.encode())]
 
-    def render_error(self, status: int, message: str, request_id: str) -> bytes:
+    def render_error(
+        self, status: int, message: str, request_id: str, code: str | None = None
+    ) -> bytes:
         return json.dumps(
             {
                 "type": "error",
@@ -140,6 +144,20 @@ class AnthropicProvider:
                 "request_id": request_id,
             }
         ).encode()
+
+    def rate_limit_headers(
+        self, limits: Sequence[LimitState], now: float
+    ) -> list[tuple[bytes, bytes]]:
+        headers = []
+        for state in limits:
+            prefix = b"anthropic-ratelimit-" + state.what.encode()
+            reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + state.reset_after))
+            headers += [
+                (prefix + b"-limit", b"%d" % state.limit),
+                (prefix + b"-remaining", b"%d" % state.remaining),
+                (prefix + b"-reset", reset.encode()),
+            ]
+        return headers
 
     def stream_error_event(self, message: str, request_id: str) -> bytes:
         payload = json.dumps(

@@ -37,6 +37,16 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitState:
+    """A client's standing under one limit, for its rate-limit response headers."""
+
+    what: str  # "requests" or "tokens"
+    limit: int
+    remaining: int
+    reset_after: float  # seconds until the limit is fully replenished
+
+
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     """A client-facing path of an API family.
 
@@ -113,8 +123,19 @@ class IProvider(Interface):
     def auth_headers(api_key: str) -> list[tuple[bytes, bytes]]:
         """The headers that carry ``api_key`` to the upstream."""
 
-    def render_error(status: int, message: str, request_id: str) -> bytes:
-        """A JSON error body in this family's shape for an HTTP status."""
+    def render_error(
+        status: int, message: str, request_id: str, code: str | None = None
+    ) -> bytes:
+        """A JSON error body in this family's shape for an HTTP status.
+
+        ``code`` names a more specific error where the family has one (OpenAI's
+        ``insufficient_quota`` for an exhausted budget); families without one ignore it.
+        """
+
+    def rate_limit_headers(
+        limits: Sequence[LimitState], now: float
+    ) -> list[tuple[bytes, bytes]]:
+        """The client's own rate-limit headers, in the names this family's clients read."""
 
     def stream_error_event(message: str, request_id: str) -> bytes:
         """A complete SSE event that tells this family's SDK that the stream failed."""

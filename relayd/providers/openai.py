@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,6 +14,7 @@ from relayd.providers.base import (
     Endpoint,
     IProvider,
     IStreamWatcher,
+    LimitState,
     StreamWatcherBase,
     Usage,
     endpoint,
@@ -174,8 +176,12 @@ class OpenAIProvider:
     def auth_headers(self, api_key: str) -> list[tuple[bytes, bytes]]:
         return [(b"authorization", b"Bearer " + api_key.encode())]
 
-    def _error_object(self, status: int, message: str, request_id: str) -> dict[str, Any]:
+    def _error_object(
+        self, status: int, message: str, request_id: str, specific: str | None = None
+    ) -> dict[str, Any]:
         kind, code = error_type_and_code(status)
+        if specific is not None:
+            kind = code = specific
         return {
             "message": f"{message} (relayd request id {request_id})",
             "type": kind,
@@ -183,8 +189,24 @@ class OpenAIProvider:
             "code": code,
         }
 
-    def render_error(self, status: int, message: str, request_id: str) -> bytes:
-        return json.dumps({"error": self._error_object(status, message, request_id)}).encode()
+    def render_error(
+        self, status: int, message: str, request_id: str, code: str | None = None
+    ) -> bytes:
+        error = self._error_object(status, message, request_id, code)
+        return json.dumps({"error": error}).encode()
+
+    def rate_limit_headers(
+        self, limits: Sequence[LimitState], now: float
+    ) -> list[tuple[bytes, bytes]]:
+        headers = []
+        for state in limits:
+            what = state.what.encode()
+            headers += [
+                (b"x-ratelimit-limit-" + what, b"%d" % state.limit),
+                (b"x-ratelimit-remaining-" + what, b"%d" % state.remaining),
+                (b"x-ratelimit-reset-" + what, duration_text(state.reset_after).encode()),
+            ]
+        return headers
 
     def stream_error_event(self, message: str, request_id: str) -> bytes:
         body = json.dumps({"error": self._error_object(502, message, request_id)})
@@ -214,3 +236,14 @@ class OpenAIProvider:
     def render_model_list(self, entries: Sequence[dict[str, Any]]) -> bytes:
         data = [{"object": "model", **entry} for entry in entries]
         return json.dumps({"object": "list", "data": data}).encode()
+
+
+def duration_text(seconds: float) -> str:
+    """A duration the way OpenAI writes its reset headers: ``20ms``, ``1s``, ``6m0s``."""
+    if seconds < 1:
+        return f"{max(int(seconds * 1000), 0)}ms"
+    whole = math.ceil(seconds)
+    minutes, secs = divmod(whole, 60)
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"

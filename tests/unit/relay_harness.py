@@ -132,12 +132,15 @@ class Harness:
     def __init__(self, config: dict[str, Any] | None = None) -> None:
         self.clock = MemoryReactorClock()
         self.upstreams: dict[str, FakeUpstream] = {}
+        self.agents: list[RequestTraversalAgent] = []
         parsed = parse_config(config or base_config())
 
         def agent_for(backend: BackendConfig) -> RequestTraversalAgent:
             upstream = FakeUpstream(backend.name)
             self.upstreams[backend.name] = upstream
-            return RequestTraversalAgent(upstream)
+            agent = RequestTraversalAgent(upstream)
+            self.agents.append(agent)
+            return agent
 
         self.runtime = RelayRuntime(parsed, self.clock, agent_factory=agent_for)
         self.resource = RelayResource(lambda: self.runtime, self.clock)
@@ -147,6 +150,12 @@ class Harness:
 
     def close(self) -> None:
         globalLogPublisher.removeObserver(self.logs)
+
+    def flush(self) -> None:
+        """Deliver everything buffered: upstream answers written later, then the client's."""
+        for agent in self.agents:
+            agent.flush()
+        self.client.flush()
 
     def call(
         self,

@@ -395,7 +395,7 @@ def test_usage_is_recorded_per_client_model_and_backend(harness: Harness) -> Non
     harness.call("POST", "/v1/messages", MESSAGE)  # us again (3:1), the default: 3 in, 4 out
     harness.call("POST", "/v1/messages", MESSAGE)  # eu: 3 in, 4 out
     harness.call("POST", "/v1/messages", MESSAGE, key="sk-wrong")  # rejected: not counted
-    entries = harness.resource.ledger.snapshot()["entries"]
+    entries = harness.runtime.store.ledger.snapshot()["entries"]  # type: ignore[attr-defined]
     assert [(e["backend"], e["requests"], e["input_tokens"], e["output_tokens"],
              e["cache_read_tokens"]) for e in entries] == [
         ("eu", 1, 3, 4, 0), ("us", 2, 14, 13, 5)
