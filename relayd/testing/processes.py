@@ -173,11 +173,13 @@ class RedisServerProcess:
     workdir: Path
     port: int = 0
     password: str | None = None
+    tls: tuple[Path, Path, Path] | None = None  # certificate chain, key, CA: TLS only
     process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.tls is not None else "redis"
+        return f"{scheme}://127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -187,6 +189,11 @@ class RedisServerProcess:
                 "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
         if self.password is not None:
             args += ["--requirepass", self.password]
+        if self.tls is not None:
+            chain, key, ca = self.tls
+            args[1:3] = ["--port", "0", "--tls-port", str(self.port)]
+            args += ["--tls-cert-file", str(chain), "--tls-key-file", str(key),
+                     "--tls-ca-cert-file", str(ca), "--tls-auth-clients", "no"]
         log = self.workdir / "redis.log"
         with log.open("ab") as out:
             self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
@@ -205,7 +212,12 @@ class RedisServerProcess:
 
     def command(self, *words: str) -> bytes:
         """Send one command and return the raw reply (enough for tests)."""
-        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as raw:
+            sock: socket.socket = raw
+            if self.tls is not None:
+                sock = ssl.create_default_context(cafile=str(self.tls[2])).wrap_socket(
+                    raw, server_hostname="127.0.0.1"
+                )
             request = b""
             if self.password is not None:
                 request += _resp("AUTH", self.password)

@@ -24,6 +24,7 @@ from relayd.limits.checks import (
     period_number,
 )
 from relayd.providers.base import Usage
+from relayd.testing.certs import TestCertificates, make_certificates
 from relayd.testing.processes import RedisServerProcess
 
 PREFIX = "{t}"
@@ -234,5 +235,24 @@ def test_password_is_used(tmp_path: Any, stores: list[RedisStore]) -> Generator[
         assert bad.state == "down"
         decision: Deferred[Decision] = bad.admit([rpm(1)])
         assert (yield decision).degraded
+    finally:
+        server.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_with_a_pinned_ca(
+    tmp_path: Any, certs: TestCertificates, stores: list[RedisStore]
+) -> Generator[Any, Any, None]:
+    server = RedisServerProcess(tmp_path / "redis", tls=(certs.chain, certs.key, certs.ca))
+    server.start()
+    try:
+        store = new_store(stores, config(server, tls=True, ca_file=str(certs.ca)))
+        yield from ready(store)
+        assert (yield store.admit([rpm(1)])).allowed
+        # A CA that did not sign the server's certificate: never connects.
+        other = make_certificates(tmp_path / "other")
+        untrusting = new_store(stores, config(server, tls=True, ca_file=str(other.ca)))
+        yield from until(lambda: untrusting.state != "connecting")
+        assert untrusting.state == "down"
     finally:
         server.stop()

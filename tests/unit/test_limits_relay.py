@@ -9,7 +9,9 @@ from typing import Any
 from relay_harness import CLIENT_KEY, Harness, base_config, json_reply
 from twisted.web.server import NOT_DONE_YET, Request
 
+from relayd.config import parse_config
 from relayd.limits import MemoryStore
+from relayd.runtime import RelayRuntime
 
 MESSAGE = {"model": "claude-sonnet-4-5", "max_tokens": 16,
            "messages": [{"role": "user", "content": "hi"}]}
@@ -269,3 +271,23 @@ def test_limits_are_per_client() -> None:
     assert harness.call("POST", "/v1/messages", MESSAGE)[0] == 200
     assert harness.call("POST", "/v1/messages", MESSAGE)[0] == 429
     assert harness.call("POST", "/v1/messages", MESSAGE, key="sk-relay-team-b")[0] == 200
+
+
+def test_a_reload_keeps_counters_unless_the_state_section_changes() -> None:
+    harness = next(make(limited({"requests_per_minute": 2})))
+    assert harness.call("POST", "/v1/messages", MESSAGE)[0] == 200
+    first = harness.runtime
+    harness.runtime = RelayRuntime(
+        parse_config(limited({"requests_per_minute": 2})), harness.clock, previous=first
+    )
+    assert harness.runtime.store is first.store and harness.runtime.retired_store is None
+    assert harness.call("POST", "/v1/messages", MESSAGE)[0] == 200
+    assert harness.call("POST", "/v1/messages", MESSAGE)[0] == 429  # counted across reload
+    kept = harness.runtime
+    harness.runtime = RelayRuntime(
+        parse_config(limited({"requests_per_minute": 2}, state={"key_prefix": "other"})),
+        harness.clock,
+        previous=kept,
+    )
+    assert harness.runtime.retired_store is kept.store
+    assert harness.call("POST", "/v1/messages", MESSAGE)[0] == 200  # a fresh store
