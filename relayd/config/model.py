@@ -13,6 +13,8 @@ ApiFamily = str
 
 DEFAULT_LISTEN_ADDRESS = "127.0.0.1:8080"
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+# Output tokens reserved for a request that sets no max_tokens (token limits).
+DEFAULT_RESERVE_OUTPUT_TOKENS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +52,7 @@ class ClientLimitsConfig:
     max_concurrent: int | None = None
     tokens_per_day: int | None = None
     tokens_per_month: int | None = None
-    reserve_output_tokens: int = 1024
+    reserve_output_tokens: int = DEFAULT_RESERVE_OUTPUT_TOKENS
 
     def any(self) -> bool:
         return any(

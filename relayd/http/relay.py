@@ -35,6 +35,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from relayd.config.model import DEFAULT_RESERVE_OUTPUT_TOKENS
 from relayd.health import UpstreamKey, parse_retry_after
 from relayd.http.body import BoundedBody
 from relayd.limits import UsageRecord
@@ -450,7 +451,9 @@ class Exchange:
             return
         if (policy is not None and policy.counts_tokens) or upstream is not None:
             if not self.estimate:
-                reserve = policy.reserve_output if policy is not None else 1024
+                reserve = (
+                    policy.reserve_output if policy is not None else DEFAULT_RESERVE_OUTPUT_TOKENS
+                )
                 self.estimate = estimate_tokens(self.payload or {}, reserve)
         checks = policy.checks(self.estimate, self.request_id) if policy and first else []
         if upstream is not None:
@@ -537,7 +540,7 @@ class Exchange:
         self.outcome = "rate_limited"
         self._set_retry_after(decision.retry_after or 1.0)
         if isinstance(failed, WindowCheck):
-            what = "requests" if failed.name == "requests_per_minute" else "tokens"
+            what = failed.unit
             for name, value in self.family.rate_limit_headers(
                 [LimitState(what, failed.limit, 0, decision.retry_after or 1.0)],
                 self.clock.seconds(),
@@ -560,10 +563,9 @@ class Exchange:
         """Keep the client's per-minute standing for its response headers."""
         for check, state in zip(decision.checks, decision.states, strict=True):
             if isinstance(check, WindowCheck) and check.scope == "client":
-                what = "requests" if check.name == "requests_per_minute" else "tokens"
                 remaining = max(check.limit - state.used, 0)
                 self.limit_states.append(
-                    LimitState(what, check.limit, remaining, state.reset_after)
+                    LimitState(check.unit, check.limit, remaining, state.reset_after)
                 )
 
     def _transmit(self, backend: Backend, key: UpstreamKey, ticket: Ticket | None) -> None:

@@ -39,6 +39,11 @@ class WindowCheck:
 
     kind = "w"
 
+    @property
+    def unit(self) -> str:
+        """What the window counts: ``requests`` or ``tokens``."""
+        return "requests" if self.name == "requests_per_minute" else "tokens"
+
 
 @dataclass(frozen=True, slots=True)
 class PeriodCheck:
