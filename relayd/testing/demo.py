@@ -8,6 +8,7 @@ Ctrl-C, and stops the fake upstream on the way out.
 from __future__ import annotations
 
 import argparse
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,9 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         upstream.start()
         print(BANNER.format(upstream=args.upstream), flush=True)
         twistd = str(Path(sys.executable).with_name("twistd"))
+        relay = subprocess.Popen([twistd, "-n", "--pidfile=", "relayd", "-c", args.config])
+        # SIGTERM (a service manager, `kill`) drains relayd like Ctrl-C does.
+        signal.signal(signal.SIGTERM, lambda signum, frame: relay.send_signal(signum))
         try:
-            return subprocess.call([twistd, "-n", "--pidfile=", "relayd", "-c", args.config])
-        except KeyboardInterrupt:
+            return relay.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached relayd too (same process group)
+            relay.wait()
             return 0
         finally:
             upstream.stop()
