@@ -215,7 +215,6 @@ class Exchange:
         self.payload: dict[str, Any] | None = None
         self.estimate = 0  # tokens reserved against token limits
         self.tickets: list[tuple[Ticket, Attempt | None]] = []
-        self.admitting = False
         self.limit_states: list[LimitState] = []
         self.provider: ProviderRoute | None = None
         self.provider_name: str | None = None
@@ -458,13 +457,11 @@ class Exchange:
         checks = policy.checks(self.estimate, self.request_id) if policy and first else []
         if upstream is not None:
             checks += upstream.checks(key.index, self.estimate)
-        self.admitting = True
         d = runtime.store.admit(checks)
         d.addCallback(self._admitted, backend, key)
         d.addErrback(self._on_unexpected)
 
     def _admitted(self, decision: Decision, backend: Backend, key: UpstreamKey) -> None:
-        self.admitting = False
         if self.done:
             # The client left while the store was deciding: give everything back.
             backend.breaker.release_trial()
