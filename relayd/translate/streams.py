@@ -51,22 +51,11 @@ def _dict(value: object) -> JsonDict:
     return value if isinstance(value, dict) else {}
 
 
-class AnthropicToOpenAIStream:
-    """Anthropic ``event:`` stream in, OpenAI ``chat.completion.chunk`` stream out.
+class _StreamTranslator:
+    """What both directions share: the SSE parser, usage, end state, and ``feed``."""
 
-    Raw Anthropic events are never forwarded (the OpenAI SDK parses every data line as a
-    chunk): pings become ``: ping`` comments and unknown events are dropped. Tool calls
-    get the tool's ordinal ``k`` as their index, not the Anthropic block index.
-    """
-
-    def __init__(self, model: str, include_usage: bool, *, created: int = 0) -> None:
+    def __init__(self) -> None:
         self._parser = SseParser()
-        self._model = model
-        self._include_usage = include_usage
-        self._created = created
-        self._id = openai_id_for(None)
-        self._tool_index: dict[int, int] = {}  # Anthropic block index -> tool ordinal k
-        self._finish_sent = False
         self.usage = Usage()
         self.complete = False
         self.failed = False
@@ -79,6 +68,27 @@ class AnthropicToOpenAIStream:
                 break
             out.append(self._on_event(event))
         return b"".join(out)
+
+    def _on_event(self, event: SseEvent) -> bytes:
+        raise NotImplementedError
+
+
+class AnthropicToOpenAIStream(_StreamTranslator):
+    """Anthropic ``event:`` stream in, OpenAI ``chat.completion.chunk`` stream out.
+
+    Raw Anthropic events are never forwarded (the OpenAI SDK parses every data line as a
+    chunk): pings become ``: ping`` comments and unknown events are dropped. Tool calls
+    get the tool's ordinal ``k`` as their index, not the Anthropic block index.
+    """
+
+    def __init__(self, model: str, include_usage: bool, *, created: int = 0) -> None:
+        super().__init__()
+        self._model = model
+        self._include_usage = include_usage
+        self._created = created
+        self._id = openai_id_for(None)
+        self._tool_index: dict[int, int] = {}  # Anthropic block index -> tool ordinal k
+        self._finish_sent = False
 
     def finish(self) -> bytes:
         """At upstream end-of-body: an in-stream error if the stream was cut short."""
@@ -186,7 +196,7 @@ class AnthropicToOpenAIStream:
 _BlockKind = Literal["text", "tool"]
 
 
-class OpenAIToAnthropicStream:
+class OpenAIToAnthropicStream(_StreamTranslator):
     """OpenAI ``chat.completion.chunk`` stream in, Anthropic ``event:`` stream out.
 
     ``message_start`` goes out with the first chunk (input tokens 0: the count only comes
@@ -197,7 +207,7 @@ class OpenAIToAnthropicStream:
     """
 
     def __init__(self, model: str) -> None:
-        self._parser = SseParser()
+        super().__init__()
         self._model = model
         self._started = False
         self._next_block = 0
@@ -207,18 +217,6 @@ class OpenAIToAnthropicStream:
         self._refused = False
         self._stop_reason: str | None = None
         self._usage_seen = False
-        self.usage = Usage()
-        self.complete = False
-        self.failed = False
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Translate the chunks ``chunk`` completes; returns the bytes to send now."""
-        out: list[bytes] = []
-        for event in self._parser.feed(chunk):
-            if self.complete or self.failed:
-                break
-            out.append(self._on_event(event))
-        return b"".join(out)
 
     def finish(self) -> bytes:
         """At upstream end-of-body: the held ending if the choice finished, else an error."""
