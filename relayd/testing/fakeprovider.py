@@ -18,6 +18,15 @@ Replies are deterministic: the text is :func:`reply_chunks` (one chunk per
 output token), usage is derived from the request body (:func:`input_tokens_for`)
 and is identical in the JSON and the streamed form of the same request.
 
+Tool calls: a ``/v1/messages`` or ``/v1/chat/completions`` request that declares
+``tools`` (and neither sets ``tool_choice`` to none nor ends with a tool result)
+is answered with the reply text followed by one call of the tool named by
+``tool_choice``, else of the first tool.  The call's input has one placeholder
+per property of the tool's schema (``"fake"``, ``1``, ``1.5``, ``true``, ``[]``,
+``{}`` or ``null`` by JSON type); streams send it in fragments of at most
+8 characters, and it counts as one output token.  A reply cut by the token limit
+has no tool call.
+
 Faults are driven by *knobs* (see :class:`Knobs`), set per instance with
 ``POST /_fake/config`` or per request with ``x-fake-<knob>`` headers (the header
 wins).  Every API request is recorded and can be inspected with
@@ -40,7 +49,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import IO, Any, Final, Protocol, cast
+from itertools import chain
+from typing import IO, Any, Final, NamedTuple, Protocol, cast
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -295,6 +305,66 @@ def _padded(n: int, body_bytes: int, build: Callable[[Sequence[str]], bytes]) ->
         if missing > 0:
             pieces = reply_chunks(n, missing)
     return pieces
+
+
+# ---------------------------------------------------------------------- tool calls
+
+#: Longest ``partial_json`` / ``arguments`` fragment of a streamed tool call.
+_TOOL_FRAGMENT: Final = 8
+
+
+class _ToolCall(NamedTuple):
+    """The tool the fake calls and the input it made up for it."""
+
+    name: str
+    input: dict[str, object]
+
+    @property
+    def arguments(self) -> str:
+        """The input as compact JSON (OpenAI ``arguments``, Anthropic ``partial_json``)."""
+        return _encoder.encode(self.input)
+
+
+def _placeholder(kind: object) -> object:
+    """The fake value of a JSON-schema ``type``."""
+    match kind:
+        case "string":
+            return "fake"
+        case "integer":
+            return 1
+        case "number":
+            return 1.5
+        case "boolean":
+            return True
+        case "array":
+            return []
+        case "object":
+            return {}
+    return None
+
+
+def _tool_input(schema: object) -> dict[str, object]:
+    """One placeholder per entry of the schema's ``properties``, in order."""
+    properties = schema.get("properties") if isinstance(schema, dict) else None
+    if not isinstance(properties, dict):
+        return {}
+    return {
+        str(name): _placeholder(prop.get("type") if isinstance(prop, dict) else None)
+        for name, prop in properties.items()
+    }
+
+
+def _choose_tool(declared: Sequence[tuple[str, object]], wanted: object) -> _ToolCall | None:
+    """The call of the tool named ``wanted`` if it is declared, else of the first one."""
+    if not declared:
+        return None
+    name, schema = next((tool for tool in declared if tool[0] == wanted), declared[0])
+    return _ToolCall(name, _tool_input(schema))
+
+
+def _fragments(text: str) -> list[str]:
+    """``text`` in pieces of at most :data:`_TOOL_FRAGMENT` characters."""
+    return [text[i : i + _TOOL_FRAGMENT] for i in range(0, len(text), _TOOL_FRAGMENT)]
 
 
 # ------------------------------------------------------------------------- static data
@@ -784,14 +854,23 @@ def _anthropic_usage(ex: _Exchange, output_tokens: int) -> dict[str, object]:
 
 
 def _anthropic_message(
-    ex: _Exchange, model: str, msg_id: str, text: str | None, stop: str | None, output: int
+    ex: _Exchange,
+    model: str,
+    msg_id: str,
+    text: str | None,
+    stop: str | None,
+    output: int,
+    tool_use: Mapping[str, object] | None = None,
 ) -> dict[str, object]:
+    content: list[object] = [] if text is None else [{"type": "text", "text": text}]
+    if tool_use is not None:
+        content.append(tool_use)
     return {
         "id": msg_id,
         "type": "message",
         "role": "assistant",
         "model": model,
-        "content": [] if text is None else [{"type": "text", "text": text}],
+        "content": content,
         "stop_reason": stop,
         "stop_sequence": None,
         "usage": _anthropic_usage(ex, output),
@@ -804,6 +883,7 @@ _A_BLOCK_START: Final = _sse(
 )
 _A_PING: Final = _sse("ping", b'{"type":"ping"}')
 _A_BLOCK_STOP: Final = _sse("content_block_stop", b'{"type":"content_block_stop","index":0}')
+_A_TOOL_BLOCK_STOP: Final = _sse("content_block_stop", b'{"type":"content_block_stop","index":1}')
 _A_MESSAGE_STOP: Final = _sse("message_stop", b'{"type":"message_stop"}')
 _A_STREAM_ERROR: Final = _sse(
     "error", b'{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}'
@@ -820,18 +900,83 @@ def _anthropic_delta(text: str) -> bytes:
     )
 
 
+def _anthropic_tool_call(req: Mapping[str, Any]) -> _ToolCall | None:
+    """The tool call an Anthropic request gets, or ``None`` for a plain text reply.
+
+    Needs ``tools``; not with ``tool_choice`` ``{"type": "none"}`` nor after a
+    user turn that carries a ``tool_result``.
+    """
+    tools = req.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return None
+    choice = req.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "none":
+        return None
+    messages = req.get("messages")
+    if isinstance(messages, list) and messages:
+        last = messages[-1]
+        if isinstance(last, dict) and last.get("role") == "user":
+            content = last.get("content")
+            if isinstance(content, list) and any(
+                isinstance(block, dict) and block.get("type") == "tool_result" for block in content
+            ):
+                return None
+    declared = [
+        (tool["name"], tool.get("input_schema"))
+        for tool in tools
+        if isinstance(tool, dict) and isinstance(tool.get("name"), str)
+    ]
+    wanted = (
+        choice.get("name") if isinstance(choice, dict) and choice.get("type") == "tool" else None
+    )
+    return _choose_tool(declared, wanted)
+
+
+def _anthropic_tool_use(tool_id: str, call: _ToolCall) -> dict[str, object]:
+    return {"type": "tool_use", "id": tool_id, "name": call.name, "input": call.input}
+
+
+def _anthropic_tool_events(tool_id: str, call: _ToolCall) -> list[bytes]:
+    """Content block 1 of a stream: the ``tool_use`` start, its input in fragments, the stop."""
+    block = dict(_anthropic_tool_use(tool_id, call), input={})
+    start = {"type": "content_block_start", "index": 1, "content_block": block}
+    events = [_sse("content_block_start", _dumps(start))]
+    for fragment in _fragments(call.arguments):
+        delta = {
+            "type": "content_block_delta",
+            "index": 1,
+            "delta": {"type": "input_json_delta", "partial_json": fragment},
+        }
+        events.append(_sse("content_block_delta", _dumps(delta)))
+    events.append(_A_TOOL_BLOCK_STOP)
+    return events
+
+
 def _h_messages(ex: _Exchange) -> None:
-    """``POST /v1/messages``: a text message as JSON, or the SSE event sequence."""
+    """``POST /v1/messages``: a message as JSON, or the SSE event sequence.
+
+    The message is the reply text, plus a ``tool_use`` block when the request
+    calls for one (:func:`_anthropic_tool_call`) and the token limit did not cut
+    the text.
+    """
     parsed = ex.parse_body()
     if parsed is None:
         return
     req, model = parsed
     n, cut = _limit(ex.knobs.chunks, req.get("max_tokens"))
-    stop = "max_tokens" if cut else "end_turn"
+    call = None if cut else _anthropic_tool_call(req)
+    stop = "max_tokens" if cut else "end_turn" if call is None else "tool_use"
     msg_id = f"msg_fake{ex.record.id:016d}"
+    tool_id = f"toolu_fake{ex.record.id:016d}"
+    tool_use = None if call is None else _anthropic_tool_use(tool_id, call)
+    extra = 0 if call is None else 1  # the tool call counts as one output token
 
     def build(pieces: Sequence[str]) -> bytes:
-        return _dumps(_anthropic_message(ex, model, msg_id, "".join(pieces), stop, len(pieces)))
+        return _dumps(
+            _anthropic_message(
+                ex, model, msg_id, "".join(pieces), stop, len(pieces) + extra, tool_use
+            )
+        )
 
     pieces = _padded(n, ex.knobs.body_bytes, build)
     if req.get("stream") is not True:
@@ -851,10 +996,12 @@ def _h_messages(ex: _Exchange) -> None:
         events.append(_A_PING)
     events.extend(_anthropic_delta(piece) for piece in pieces)
     events.append(_A_BLOCK_STOP)
+    if call is not None:
+        events.extend(_anthropic_tool_events(tool_id, call))
     delta = {
         "type": "message_delta",
         "delta": {"stop_reason": stop, "stop_sequence": None},
-        "usage": {"output_tokens": n},
+        "usage": {"output_tokens": n + extra},
     }
     events.append(_sse("message_delta", _dumps(delta)))
     events.append(_A_MESSAGE_STOP)
@@ -989,11 +1136,65 @@ def _include_usage(req: Mapping[str, Any]) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is True
 
 
+def _openai_tool_call(req: Mapping[str, Any]) -> _ToolCall | None:
+    """The tool call a Chat Completions request gets, or ``None`` for a plain text reply.
+
+    Needs function ``tools``; not with ``tool_choice`` ``"none"`` nor when the
+    last message is a ``tool`` result.
+    """
+    tools = req.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return None
+    choice = req.get("tool_choice")
+    if choice == "none":
+        return None
+    messages = req.get("messages")
+    if isinstance(messages, list) and messages:
+        last = messages[-1]
+        if isinstance(last, dict) and last.get("role") == "tool":
+            return None
+    functions = [tool.get("function") for tool in tools if isinstance(tool, dict)]
+    declared = [
+        (function["name"], function.get("parameters"))
+        for function in functions
+        if isinstance(function, dict) and isinstance(function.get("name"), str)
+    ]
+    wanted = None
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        named = choice.get("function")
+        wanted = named.get("name") if isinstance(named, dict) else None
+    return _choose_tool(declared, wanted)
+
+
+def _chat_tool_delta(tool_call: Mapping[str, object]) -> bytes:
+    """The choice body of a chunk whose delta carries one ``tool_calls`` entry."""
+    return (
+        b'{"index":0,"delta":{"tool_calls":['
+        + _dumps(tool_call)
+        + b']},"logprobs":null,"finish_reason":null}'
+    )
+
+
+def _chat_tool_chunks(call_id: str, call: _ToolCall) -> list[bytes]:
+    """Choice bodies of a streamed tool call: id and name, then the arguments in fragments."""
+    function = {"name": call.name, "arguments": ""}
+    bodies = [
+        _chat_tool_delta({"index": 0, "id": call_id, "type": "function", "function": function})
+    ]
+    bodies.extend(
+        _chat_tool_delta({"index": 0, "function": {"arguments": fragment}})
+        for fragment in _fragments(call.arguments)
+    )
+    return bodies
+
+
 def _h_chat(ex: _Exchange) -> None:
     """``POST /v1/chat/completions``: JSON, or ``data:`` chunks ending in ``[DONE]``.
 
     Chunks are assembled from a per-request prefix and cached text literals,
-    because this is the hot path of the benchmarks.
+    because this is the hot path of the benchmarks.  The reply text is followed
+    by a tool call when the request calls for one (:func:`_openai_tool_call`)
+    and the token limit did not cut the text.
     """
     parsed = ex.parse_body()
     if parsed is None:
@@ -1001,9 +1202,16 @@ def _h_chat(ex: _Exchange) -> None:
     req, model = parsed
     max_tokens = req.get("max_completion_tokens", req.get("max_tokens"))
     n, cut = _limit(ex.knobs.chunks, max_tokens)
-    finish = "length" if cut else "stop"
+    call = None if cut else _openai_tool_call(req)
+    finish = "length" if cut else "stop" if call is None else "tool_calls"
     chat_id = f"chatcmpl-fake{ex.record.id:016d}"
+    call_id = f"call_fake{ex.record.id:016d}"
     created = int(ex.provider.clock.seconds())
+    extra = 0 if call is None else 1  # the tool call counts as one completion token
+    tool_calls: dict[str, object] = {}
+    if call is not None:
+        function = {"name": call.name, "arguments": call.arguments}
+        tool_calls["tool_calls"] = [{"id": call_id, "type": "function", "function": function}]
 
     def build(pieces: Sequence[str]) -> bytes:
         return _dumps(
@@ -1018,6 +1226,7 @@ def _h_chat(ex: _Exchange) -> None:
                         "message": {
                             "role": "assistant",
                             "content": "".join(pieces),
+                            **tool_calls,
                             "refusal": None,
                             "annotations": [],
                         },
@@ -1025,7 +1234,7 @@ def _h_chat(ex: _Exchange) -> None:
                         "finish_reason": finish,
                     }
                 ],
-                "usage": _openai_usage(ex, len(pieces)),
+                "usage": _openai_usage(ex, len(pieces) + extra),
                 "service_tier": "default",
                 "system_fingerprint": "fp_fake",
             }
@@ -1039,18 +1248,21 @@ def _h_chat(ex: _Exchange) -> None:
     prefix = _chunk_prefix(
         chat_id, b"chat.completion.chunk", created, model, b',"service_tier":"default"'
     )
+    bodies: Iterable[bytes] = (
+        b'{"index":0,"delta":{"content":'
+        + _json_str(piece)
+        + b'},"logprobs":null,"finish_reason":null}'
+        for piece in pieces
+    )
+    if call is not None:
+        bodies = chain(bodies, _chat_tool_chunks(call_id, call))
     _send_chunk_stream(
         ex,
         prefix,
         with_usage,
-        n,
+        n + extra,
         first=_CHAT_ROLE,
-        pieces=(
-            b'{"index":0,"delta":{"content":'
-            + _json_str(piece)
-            + b'},"logprobs":null,"finish_reason":null}'
-            for piece in pieces
-        ),
+        pieces=bodies,
         last=b'{"index":0,"delta":{},"logprobs":null,"finish_reason":"'
         + finish.encode("ascii")
         + b'"}',
@@ -1088,7 +1300,8 @@ def _send_chunk_stream(
     """A ``data:`` chunk stream (Chat and legacy Completions share the framing).
 
     Each choice body is wrapped in ``prefix`` ... suffix; the stream ends with the
-    optional usage chunk and ``[DONE]``; ``stream_error`` cuts it after ``first``.
+    optional usage chunk (``n`` completion tokens) and ``[DONE]``; ``stream_error``
+    cuts it after ``first``.
     """
     suffix = b'],"usage":null}' if with_usage else b"]}"
     events = [_sse_data(prefix + first + suffix)] if first is not None else []

@@ -499,6 +499,362 @@ def test_models_family_follows_anthropic_version_header(fake: Fake) -> Gen:
     assert "object" not in anthropic_list and "has_more" in anthropic_list
 
 
+# ---------------------------------------------------------------------- tool calls
+
+TOOL_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "city": {"type": "string"},
+        "days": {"type": "integer"},
+        "ratio": {"type": "number"},
+        "metric": {"type": "boolean"},
+        "tags": {"type": "array", "items": {"type": "string"}},
+        "options": {"type": "object"},
+        "note": {"type": ["string", "null"]},
+        "anything": {},
+    },
+    "required": ["city"],
+}
+#: What the fake derives from TOOL_SCHEMA, in property order.
+TOOL_INPUT: dict[str, Any] = {
+    "city": "fake",
+    "days": 1,
+    "ratio": 1.5,
+    "metric": True,
+    "tags": [],
+    "options": {},
+    "note": None,
+    "anything": None,
+}
+TIME_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"zone": {"type": "string"}}}
+ANTHROPIC_TOOL_BODY: dict[str, Any] = dict(
+    ANTHROPIC_BODY,
+    tools=[
+        {"name": "get_weather", "description": "Weather", "input_schema": TOOL_SCHEMA},
+        {"name": "get_time", "description": "Time", "input_schema": TIME_SCHEMA},
+    ],
+)
+CHAT_TOOL_BODY: dict[str, Any] = dict(
+    CHAT_BODY,
+    tools=[
+        {"type": "function", "function": {"name": "get_weather", "parameters": TOOL_SCHEMA}},
+        {"type": "function", "function": {"name": "get_time", "parameters": TIME_SCHEMA}},
+    ],
+)
+
+
+def compact(obj: object) -> str:
+    return json.dumps(obj, separators=(",", ":"))
+
+
+def sse_datas(raw: bytes) -> list[Any]:
+    """The parsed ``data:`` payloads of an SSE body (without OpenAI's ``[DONE]``)."""
+    return [json.loads(data) for _, data in parse_sse(raw) if data != "[DONE]"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_anthropic_tool_call_json(fake: Fake) -> Gen:
+    response, body = yield fake.call("POST", "/v1/messages", ANTHROPIC_TOOL_BODY)
+    assert response.code == 200
+    text, tool = body["content"]
+    assert text == {"type": "text", "text": REPLY}
+    assert tool == {
+        "type": "tool_use",
+        "id": "toolu_fake0000000000000001",
+        "name": "get_weather",
+        "input": TOOL_INPUT,
+    }
+    assert list(tool["input"]) == list(TOOL_INPUT)  # property order is kept
+    assert body["stop_reason"] == "tool_use"
+    assert body["usage"]["output_tokens"] == 5 + 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_anthropic_tool_call_stream_matches_json(fake: Fake) -> Gen:
+    plain, streaming = same_length_bodies(ANTHROPIC_TOOL_BODY)
+    response = yield fake.post("/v1/messages", None, raw=plain)
+    json_body = json.loads((yield treq.content(response)))
+
+    response = yield fake.post("/v1/messages", None, raw=streaming)
+    raw = yield treq.content(response)
+    events = parse_sse(raw)
+    names = [name for name, _ in events]
+    datas = [json.loads(data) for _, data in events]
+    argument = compact(TOOL_INPUT)
+    n_fragments = -(-len(argument) // 8)
+    assert names == [
+        "message_start",
+        "content_block_start",
+        *["content_block_delta"] * 5,
+        "content_block_stop",
+        "content_block_start",
+        *["content_block_delta"] * n_fragments,
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    assert [d["type"] for d in datas] == names
+    assert datas[8] == {
+        "type": "content_block_start",
+        "index": 1,
+        "content_block": {
+            "type": "tool_use",
+            "id": "toolu_fake0000000000000002",
+            "name": "get_weather",
+            "input": {},
+        },
+    }
+    text = "".join(d["delta"]["text"] for d in datas[2:7])
+    assert text == REPLY
+    fragment_events = datas[9 : 9 + n_fragments]
+    assert all(d["index"] == 1 for d in fragment_events)
+    assert {d["delta"]["type"] for d in fragment_events} == {"input_json_delta"}
+    fragments = [d["delta"]["partial_json"] for d in fragment_events]
+    assert all(0 < len(f) <= 8 for f in fragments)
+    assert "".join(fragments) == argument
+    assert json.loads("".join(fragments)) == json_body["content"][1]["input"]
+    assert datas[-3] == {"type": "content_block_stop", "index": 1}
+    assert datas[-2]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
+
+    usage = dict(datas[0]["message"]["usage"], output_tokens=datas[-2]["usage"]["output_tokens"])
+    assert usage == json_body["usage"]
+    assert usage["output_tokens"] == 6
+    record = fake.provider.requests[-1]
+    assert record.events_sent == len(events) and record.finished
+
+
+@pytest_twisted.inlineCallbacks
+def test_anthropic_tool_choice_names_the_tool(fake: Fake) -> Gen:
+    choice = {"type": "tool", "name": "get_time"}
+    body = dict(ANTHROPIC_TOOL_BODY, tool_choice=choice)
+    _, message = yield fake.call("POST", "/v1/messages", body)
+    assert message["content"][1]["name"] == "get_time"
+    assert message["content"][1]["input"] == {"zone": "fake"}
+
+    response = yield fake.post("/v1/messages", dict(body, stream=True))
+    datas = sse_datas((yield treq.content(response)))
+    starts = [d for d in datas if d["type"] == "content_block_start"]
+    assert starts[1]["content_block"]["name"] == "get_time"
+    fragments = [
+        d["delta"]["partial_json"]
+        for d in datas
+        if d["type"] == "content_block_delta" and d["index"] == 1
+    ]
+    assert "".join(fragments) == '{"zone":"fake"}'
+
+    # "any" and "auto" call the first tool
+    for kind in ("any", "auto"):
+        _, message = yield fake.call(
+            "POST", "/v1/messages", dict(ANTHROPIC_TOOL_BODY, tool_choice={"type": kind})
+        )
+        assert message["content"][1]["name"] == "get_weather"
+
+
+@pytest_twisted.inlineCallbacks
+def test_anthropic_tools_without_a_tool_call(fake: Fake) -> Gen:
+    tool_result = {
+        "role": "user",
+        "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_fake1", "content": "sunny"},
+        ],
+    }
+    earlier_call = {
+        "role": "assistant",
+        "content": [{"type": "tool_use", "id": "toolu_fake1", "name": "get_weather", "input": {}}],
+    }
+    bodies = [
+        dict(ANTHROPIC_TOOL_BODY, tool_choice={"type": "none"}),
+        dict(
+            ANTHROPIC_TOOL_BODY,
+            messages=[*ANTHROPIC_BODY["messages"], earlier_call, tool_result],
+        ),
+        dict(ANTHROPIC_TOOL_BODY, tools=[]),
+    ]
+    for body in bodies:
+        _, message = yield fake.call("POST", "/v1/messages", body)
+        assert message["content"] == [{"type": "text", "text": REPLY}]
+        assert message["stop_reason"] == "end_turn"
+        assert message["usage"]["output_tokens"] == 5
+        response = yield fake.post("/v1/messages", dict(body, stream=True))
+        datas = sse_datas((yield treq.content(response)))
+        assert [d["type"] for d in datas].count("content_block_start") == 1
+        assert datas[-2]["delta"]["stop_reason"] == "end_turn"
+        assert datas[-2]["usage"]["output_tokens"] == 5
+
+
+@pytest_twisted.inlineCallbacks
+def test_anthropic_max_tokens_cut_drops_the_tool_call(fake: Fake) -> Gen:
+    body = dict(ANTHROPIC_TOOL_BODY, max_tokens=2)
+    _, message = yield fake.call("POST", "/v1/messages", body)
+    assert message["content"] == [{"type": "text", "text": "Hello from"}]
+    assert message["stop_reason"] == "max_tokens"
+    assert message["usage"]["output_tokens"] == 2
+    response = yield fake.post("/v1/messages", dict(body, stream=True))
+    datas = sse_datas((yield treq.content(response)))
+    assert not any(d.get("index") == 1 for d in datas)
+    assert datas[-2]["delta"]["stop_reason"] == "max_tokens"
+    assert datas[-2]["usage"]["output_tokens"] == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_anthropic_tool_stream_honours_knobs(fake: Fake) -> Gen:
+    body = dict(ANTHROPIC_TOOL_BODY, stream=True)
+    response = yield fake.post("/v1/messages", body, headers={"x-fake-stream-error": "1"})
+    assert [n for n, _ in parse_sse((yield treq.content(response)))] == ["message_start", "error"]
+
+    response = yield fake.post("/v1/messages", body, headers={"x-fake-ping": "1"})
+    names = [n for n, _ in parse_sse((yield treq.content(response)))]
+    assert names[:3] == ["message_start", "content_block_start", "ping"]
+    assert names.count("ping") == 1
+
+    response = yield fake.post("/v1/messages", body, headers={"x-fake-truncate-after": "10"})
+    events = parse_sse((yield treq.content(response)))
+    assert len(events) == 10 and events[8][0] == "content_block_start"
+    assert fake.provider.requests[-1].finished
+
+
+@pytest_twisted.inlineCallbacks
+def test_openai_tool_call_json(fake: Fake) -> Gen:
+    _, body = yield fake.call("POST", "/v1/chat/completions", CHAT_TOOL_BODY)
+    choice = body["choices"][0]
+    message = choice["message"]
+    assert message["content"] == REPLY
+    assert message["tool_calls"] == [
+        {
+            "id": "call_fake0000000000000001",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": compact(TOOL_INPUT)},
+        }
+    ]
+    arguments = json.loads(message["tool_calls"][0]["function"]["arguments"])
+    assert arguments == TOOL_INPUT and list(arguments) == list(TOOL_INPUT)
+    assert choice["finish_reason"] == "tool_calls"
+    assert body["usage"]["completion_tokens"] == 5 + 1
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + 6
+
+
+@pytest_twisted.inlineCallbacks
+def test_openai_tool_call_stream_matches_json(fake: Fake) -> Gen:
+    base = dict(CHAT_TOOL_BODY, stream_options={"include_usage": True})
+    plain, streaming = same_length_bodies(base)
+    response = yield fake.post("/v1/chat/completions", None, raw=plain)
+    json_body = json.loads((yield treq.content(response)))
+
+    response = yield fake.post("/v1/chat/completions", None, raw=streaming)
+    raw = yield treq.content(response)
+    assert raw.endswith(b"data: [DONE]\n\n")
+    chunks = sse_datas(raw)
+    argument = compact(TOOL_INPUT)
+    n_fragments = -(-len(argument) // 8)
+    assert len(chunks) == 1 + 5 + 1 + n_fragments + 1 + 1
+    deltas = [c["choices"][0]["delta"] for c in chunks[:-1]]
+    assert deltas[0]["role"] == "assistant"
+    assert "".join(d["content"] for d in deltas[1:6]) == REPLY
+    assert deltas[6] == {
+        "tool_calls": [
+            {
+                "index": 0,
+                "id": "call_fake0000000000000002",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": ""},
+            }
+        ]
+    }
+    fragment_deltas = deltas[7 : 7 + n_fragments]
+    assert all(list(d["tool_calls"][0]) == ["index", "function"] for d in fragment_deltas)
+    fragments = [d["tool_calls"][0]["function"]["arguments"] for d in fragment_deltas]
+    assert all(0 < len(f) <= 8 for f in fragments)
+    assert "".join(fragments) == argument
+    assert (
+        "".join(fragments)
+        == json_body["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+    )
+    assert chunks[-2]["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "tool_calls",
+    }
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == json_body["usage"]
+    assert chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+@pytest_twisted.inlineCallbacks
+def test_openai_tool_choice_names_the_tool(fake: Fake) -> Gen:
+    choice = {"type": "function", "function": {"name": "get_time"}}
+    body = dict(CHAT_TOOL_BODY, tool_choice=choice)
+    _, completion = yield fake.call("POST", "/v1/chat/completions", body)
+    function = completion["choices"][0]["message"]["tool_calls"][0]["function"]
+    assert function == {"name": "get_time", "arguments": '{"zone":"fake"}'}
+
+    response = yield fake.post("/v1/chat/completions", dict(body, stream=True))
+    chunks = sse_datas((yield treq.content(response)))
+    calls = [call for c in chunks for call in c["choices"][0]["delta"].get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "get_time"
+    assert "".join(c["function"]["arguments"] for c in calls) == '{"zone":"fake"}'
+
+    for mode in ("auto", "required"):
+        _, completion = yield fake.call(
+            "POST", "/v1/chat/completions", dict(CHAT_TOOL_BODY, tool_choice=mode)
+        )
+        assert completion["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == (
+            "get_weather"
+        )
+
+
+@pytest_twisted.inlineCallbacks
+def test_openai_tools_without_a_tool_call(fake: Fake) -> Gen:
+    earlier_call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_fake1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": "{}"},
+            }
+        ],
+    }
+    tool_result = {"role": "tool", "tool_call_id": "call_fake1", "content": "sunny"}
+    bodies = [
+        dict(CHAT_TOOL_BODY, tool_choice="none"),
+        dict(CHAT_TOOL_BODY, messages=[*CHAT_BODY["messages"], earlier_call, tool_result]),
+        dict(CHAT_TOOL_BODY, tools=[]),
+    ]
+    for body in bodies:
+        _, completion = yield fake.call("POST", "/v1/chat/completions", body)
+        choice = completion["choices"][0]
+        assert choice["message"]["content"] == REPLY
+        assert "tool_calls" not in choice["message"]
+        assert choice["finish_reason"] == "stop"
+        assert completion["usage"]["completion_tokens"] == 5
+        streaming = dict(body, stream=True, stream_options={"include_usage": True})
+        response = yield fake.post("/v1/chat/completions", streaming)
+        chunks = sse_datas((yield treq.content(response)))
+        assert not any("tool_calls" in c["choices"][0]["delta"] for c in chunks[:-1])
+        assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+        assert chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+@pytest_twisted.inlineCallbacks
+def test_openai_max_tokens_cut_drops_the_tool_call(fake: Fake) -> Gen:
+    body = dict(CHAT_TOOL_BODY, max_completion_tokens=2)
+    _, completion = yield fake.call("POST", "/v1/chat/completions", body)
+    choice = completion["choices"][0]
+    assert choice["message"]["content"] == "Hello from"
+    assert "tool_calls" not in choice["message"]
+    assert choice["finish_reason"] == "length"
+    assert completion["usage"]["completion_tokens"] == 2
+    streaming = dict(body, stream=True, stream_options={"include_usage": True})
+    response = yield fake.post("/v1/chat/completions", streaming)
+    chunks = sse_datas((yield treq.content(response)))
+    assert len(chunks) == 1 + 2 + 1 + 1
+    assert not any("tool_calls" in c["choices"][0]["delta"] for c in chunks[:-1])
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["usage"]["completion_tokens"] == 2
+
+
 # -------------------------------------------------------------------------- knobs
 
 
@@ -885,6 +1241,60 @@ def test_official_sdks_parse_everything_in_process(fake: Fake) -> Gen:
     assert out["o_stream_response"] == (REPLY, 5)
     assert "gpt-4o" in out["o_models"]
     assert out["o_error"] == 429
+
+
+@pytest_twisted.inlineCallbacks
+def test_official_sdks_parse_tool_calls_in_process(fake: Fake) -> Gen:
+    strict_tools = [
+        {"type": "function", "function": dict(tool["function"], strict=True)}
+        for tool in CHAT_TOOL_BODY["tools"]
+    ]
+
+    def use_sdks() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        with anthropic.Anthropic(api_key="k", base_url=fake.base, max_retries=0) as client:
+            message = client.messages.create(**ANTHROPIC_TOOL_BODY)
+            out["a_json"] = [block.to_dict() for block in message.content]
+            out["a_json_stop"] = message.stop_reason
+            with client.messages.stream(**ANTHROPIC_TOOL_BODY) as stream:
+                final = stream.get_final_message()
+            out["a_stream"] = [block.to_dict() for block in final.content]
+            out["a_stream_usage"] = final.usage.output_tokens
+        with openai.OpenAI(api_key="k", base_url=fake.base + "/v1", max_retries=0) as oai:
+            completion = oai.chat.completions.create(**CHAT_TOOL_BODY)
+            calls = completion.choices[0].message.tool_calls or []
+            out["o_json"] = [c.to_dict() for c in calls]
+            with oai.chat.completions.stream(
+                **dict(CHAT_TOOL_BODY, tools=strict_tools),
+                stream_options={"include_usage": True},
+            ) as ostream:
+                done = ostream.get_final_completion()
+            choice = done.choices[0]
+            out["o_stream"] = [
+                (c.function.name, c.function.arguments, c.function.parsed_arguments)
+                for c in choice.message.tool_calls or []
+            ]
+            out["o_stream_finish"] = choice.finish_reason
+            out["o_stream_text"] = choice.message.content
+            out["o_stream_usage"] = done.usage and done.usage.completion_tokens
+        return out
+
+    out = yield threads.deferToThread(use_sdks)
+    expected_block = {"type": "tool_use", "name": "get_weather", "input": TOOL_INPUT}
+    assert (out["a_json"][0]["type"], out["a_json"][0]["text"]) == ("text", REPLY)
+    assert {k: out["a_json"][1][k] for k in expected_block} == expected_block
+    assert out["a_json_stop"] == "tool_use"
+    assert out["a_stream"][0]["text"] == REPLY
+    assert {k: out["a_stream"][1][k] for k in expected_block} == expected_block
+    assert out["a_stream_usage"] == 6
+    assert out["o_json"][0]["function"] == {
+        "name": "get_weather",
+        "arguments": compact(TOOL_INPUT),
+    }
+    assert out["o_stream"] == [("get_weather", compact(TOOL_INPUT), TOOL_INPUT)]
+    assert out["o_stream_finish"] == "tool_calls"
+    assert out["o_stream_text"] == REPLY
+    assert out["o_stream_usage"] == 6
 
 
 # ----------------------------------------------------------------- CLI subprocess
