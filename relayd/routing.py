@@ -6,6 +6,7 @@ import fnmatch
 import re
 from collections.abc import Collection, Sequence
 
+from relayd.config.model import DEFAULT_ANTHROPIC_VERSION, DEFAULT_MAX_TOKENS
 from relayd.upstream import Backend
 
 
@@ -16,7 +17,7 @@ class ModelMatcher:
     Results are memoised: the set of model names in use is small.
     """
 
-    __slots__ = ("_cache", "_regex")
+    __slots__ = ("_cache", "_regex", "literals")
 
     _CACHE_LIMIT = 4096
 
@@ -27,6 +28,8 @@ class ModelMatcher:
             else re.compile("|".join(f"(?:{fnmatch.translate(g)})" for g in globs))
         )
         self._cache: dict[str, bool] = {}
+        # The names among the globs that are plain model names (no wildcard).
+        self.literals = tuple(g for g in globs or () if not any(c in g for c in "*?["))
 
     @property
     def matches_all(self) -> bool:
@@ -79,6 +82,10 @@ class _Tier:
         return self.backends[best]
 
 
+# Which health passes a balancer makes for choose(healthy=...).
+_PASSES: dict[bool | None, tuple[bool, ...]] = {None: (True, False), True: (True,), False: (False,)}
+
+
 class WeightedBalancer:
     """Picks a backend: best priority tier first, weighted round-robin within a tier.
 
@@ -94,26 +101,34 @@ class WeightedBalancer:
     def __init__(self, backends: Sequence[Backend]) -> None:
         self._backends = tuple(backends)
         priorities = sorted({b.priority for b in self._backends})
-        self._tiers = [
-            _Tier([b for b in self._backends if b.priority == p]) for p in priorities
-        ]
+        self._tiers = [_Tier([b for b in self._backends if b.priority == p]) for p in priorities]
 
     @property
     def backends(self) -> tuple[Backend, ...]:
         return self._backends
 
-    def choose(self, exclude: Collection[Backend] = ()) -> Backend | None:
-        """The next backend, or ``None`` when none is eligible."""
-        for need_healthy in (True, False):
+    def choose(
+        self, exclude: Collection[Backend] = (), *, healthy: bool | None = None
+    ) -> Backend | None:
+        """The next backend, or ``None`` when none is eligible.
+
+        ``healthy=True`` considers only actively healthy backends, ``False`` only the
+        fallback pass over all of them; ``None`` (the default) does both, in that order.
+        A route with several targets asks each for a healthy backend before settling for
+        an unhealthy one anywhere.
+        """
+        for need_healthy in _PASSES[healthy]:
             for tier in self._tiers:
                 chosen = tier.choose(exclude, need_healthy)
                 if chosen is not None:
                     return chosen
         return None
 
-    def primary(self, exclude: Collection[Backend] = ()) -> Backend | None:
+    def primary(
+        self, exclude: Collection[Backend] = (), *, healthy: bool | None = None
+    ) -> Backend | None:
         """The first eligible backend in config order, for stateful calls that must stick."""
-        for need_healthy in (True, False):
+        for need_healthy in _PASSES[healthy]:
             for backend in self._backends:
                 if backend in exclude or not backend.is_available():
                     continue
@@ -127,17 +142,6 @@ class WeightedBalancer:
         return any(b.is_available() for b in self._backends)
 
 
-class Route:
-    """A compiled ``routes`` entry."""
-
-    __slots__ = ("api", "matcher", "provider")
-
-    def __init__(self, api: str, matcher: ModelMatcher, provider: ProviderRoute) -> None:
-        self.api = api
-        self.matcher = matcher
-        self.provider = provider
-
-
 class ProviderRoute:
     """A provider's backends and their balancer, as the router hands them out."""
 
@@ -149,8 +153,91 @@ class ProviderRoute:
         self.balancer = balancer
 
 
+class RouteTarget:
+    """One target of a route: a provider, the model to ask it for, and how to reach it.
+
+    ``translated`` is true when the provider speaks the other API family than the
+    route's clients, so requests and responses go through :mod:`relayd.translate`.
+    """
+
+    __slots__ = ("model", "provider", "translated", "weight")
+
+    def __init__(
+        self, provider: ProviderRoute, model: str | None, weight: int, translated: bool
+    ) -> None:
+        self.provider = provider
+        self.model = model
+        self.weight = weight
+        self.translated = translated
+
+
+class Route:
+    """A compiled ``routes`` entry: which requests it takes and the targets serving them.
+
+    ``order()`` gives the targets in the order a request tries them: as configured, or,
+    with ``weighted``, the first chosen by smooth weighted round-robin and the others
+    after it in configured order (the fallback).
+    """
+
+    __slots__ = (
+        "_current",
+        "anthropic_version",
+        "api",
+        "default_max_tokens",
+        "matcher",
+        "strict",
+        "targets",
+        "weighted",
+    )
+
+    def __init__(
+        self,
+        api: str,
+        matcher: ModelMatcher,
+        targets: Sequence[RouteTarget],
+        *,
+        weighted: bool = False,
+        strict: bool = False,
+        default_max_tokens: int = DEFAULT_MAX_TOKENS,
+        anthropic_version: str = DEFAULT_ANTHROPIC_VERSION,
+    ) -> None:
+        self.api = api
+        self.matcher = matcher
+        self.targets = tuple(targets)
+        self.weighted = weighted and len(self.targets) > 1
+        self.strict = strict
+        self.default_max_tokens = default_max_tokens
+        self.anthropic_version = anthropic_version
+        self._current = [0] * len(self.targets)
+
+    @property
+    def providers(self) -> list[ProviderRoute]:
+        """The distinct providers of the targets, in target order."""
+        seen: list[ProviderRoute] = []
+        for target in self.targets:
+            if target.provider not in seen:
+                seen.append(target.provider)
+        return seen
+
+    def order(self) -> tuple[RouteTarget, ...]:
+        """The targets in the order this request should try them."""
+        if not self.weighted:
+            return self.targets
+        current = self._current
+        total = 0
+        best = 0
+        for index, target in enumerate(self.targets):
+            current[index] += target.weight
+            total += target.weight
+            if current[index] > current[best]:
+                best = index
+        current[best] -= total
+        first = self.targets[best]
+        return (first, *(t for t in self.targets if t is not first))
+
+
 class Router:
-    """First-match routing of (client API, model) to a provider."""
+    """First-match routing of (client API, model) to a route."""
 
     __slots__ = ("_routes",)
 
@@ -161,23 +248,19 @@ class Router:
     def routes(self) -> tuple[Route, ...]:
         return self._routes
 
-    def route(self, api: str, model: str | None) -> ProviderRoute | None:
+    def route(self, api: str, model: str | None) -> Route | None:
         for route in self._routes:
             if route.api == api and route.matcher(model):
-                return route.provider
+                return route
         return None
 
-    def first_for(self, api: str) -> ProviderRoute | None:
-        """The provider of the first route for ``api``: where calls that name no model go."""
+    def first_for(self, api: str) -> Route | None:
+        """The first route for ``api``: where calls that name no model go."""
         for route in self._routes:
             if route.api == api:
-                return route.provider
+                return route
         return None
 
-    def providers_for(self, api: str) -> list[ProviderRoute]:
-        """Every distinct provider some route of ``api`` can reach, in route order."""
-        seen: list[ProviderRoute] = []
-        for route in self._routes:
-            if route.api == api and route.provider not in seen:
-                seen.append(route.provider)
-        return seen
+    def routes_for(self, api: str) -> list[Route]:
+        """The routes of ``api``, in order."""
+        return [route for route in self._routes if route.api == api]

@@ -20,7 +20,14 @@ from relayd.health import RetryBudget
 from relayd.limits import LimitStore, StoreEvent, build_store
 from relayd.limits.policy import ClientPolicy, UpstreamPolicy
 from relayd.providers import PROVIDERS
-from relayd.routing import ModelMatcher, ProviderRoute, Route, Router, WeightedBalancer
+from relayd.routing import (
+    ModelMatcher,
+    ProviderRoute,
+    Route,
+    Router,
+    RouteTarget,
+    WeightedBalancer,
+)
 from relayd.upstream import Backend
 
 AgentFactory = Callable[[BackendConfig], IAgent]
@@ -31,9 +38,7 @@ class Client:
 
     __slots__ = ("allows", "name", "policy")
 
-    def __init__(
-        self, name: str, allows: ModelMatcher, policy: ClientPolicy | None = None
-    ) -> None:
+    def __init__(self, name: str, allows: ModelMatcher, policy: ClientPolicy | None = None) -> None:
         self.name = name
         self.allows = allows
         self.policy = policy
@@ -131,7 +136,23 @@ class RelayRuntime:
         self.retired: list[Backend] = list(reusable.values())
         self.router = Router(
             [
-                Route(r.api, ModelMatcher(r.models), self.providers[r.provider])
+                Route(
+                    r.api,
+                    ModelMatcher(r.models),
+                    [
+                        RouteTarget(
+                            self.providers[t.provider],
+                            t.model,
+                            t.weight,
+                            translated=self.providers[t.provider].type != r.api,
+                        )
+                        for t in r.targets
+                    ],
+                    weighted=r.strategy == "weighted",
+                    strict=r.strict,
+                    default_max_tokens=r.default_max_tokens,
+                    anthropic_version=r.anthropic_version,
+                )
                 for r in config.routes
             ]
         )
@@ -145,18 +166,27 @@ class RelayRuntime:
         return max(totals) + 60.0
 
     def readiness(self) -> tuple[bool, list[str]]:
-        """Ready when every routed provider has a backend that could take a request and
-        the state store has been reached (or found unreachable, with fail-open)."""
+        """Ready when every route has a target with a backend that could take a request
+        (a route that can fall back to another provider is still served when one is
+        down) and the state store has been reached (or found unreachable, with
+        fail-open)."""
         problems = []
         store = self.store.describe()
         if store.get("state") == "connecting":
             problems.append("state store: still connecting to Redis")
         elif store.get("state") == "down" and store.get("on_store_failure") == "closed":
             problems.append("state store: Redis unreachable and on_store_failure is closed")
-        routed = {route.provider.name: route.provider for route in self.router.routes}
-        for name, provider in routed.items():
-            if not provider.balancer.usable():
-                problems.append(f"provider {name!r} has no usable backend")
+        for route in self.router.routes:
+            providers = route.providers
+            if any(provider.balancer.usable() for provider in providers):
+                continue
+            if len(providers) == 1:
+                problem = f"provider {providers[0].name!r} has no usable backend"
+            else:
+                names = ", ".join(repr(p.name) for p in providers)
+                problem = f"none of the providers {names} has a usable backend"
+            if problem not in problems:
+                problems.append(problem)
         return not problems, problems
 
     def close(self) -> Deferred[Any]:

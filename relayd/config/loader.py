@@ -26,8 +26,10 @@ from urllib.parse import SplitResult, urlsplit
 import yaml
 
 from relayd.config.model import (
+    DEFAULT_ANTHROPIC_VERSION,
     DEFAULT_LISTEN_ADDRESS,
     DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_TOKENS,
     AdminConfig,
     ApiFamily,
     BackendConfig,
@@ -41,6 +43,7 @@ from relayd.config.model import (
     PoolConfig,
     ProviderConfig,
     RouteConfig,
+    RouteTargetConfig,
     StateConfig,
     TimeoutsConfig,
     TlsConfig,
@@ -128,7 +131,18 @@ _BACKEND_KEYS = (
     "breaker",
     "limits",
 )
-_ROUTE_KEYS = ("api", "models", "provider")
+_ROUTE_KEYS = (
+    "api",
+    "models",
+    "provider",
+    "targets",
+    "strategy",
+    "strict",
+    "default_max_tokens",
+    "anthropic_version",
+)
+_TARGET_KEYS = ("provider", "model", "weight")
+_ANTHROPIC_VERSION_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
 _HEX_DIGEST_RE = re.compile(r"[0-9A-Fa-f]{64}")
@@ -1028,9 +1042,7 @@ class _Parser:
             file_path = _key_path(path, "password_file")
             password_file = self.local_path(fields["password_file"], file_path)
             if password_file is not None:
-                password = self.read_secret_file(
-                    password_file, file_path, "password", "a password"
-                )
+                password = self.read_secret_file(password_file, file_path, "password", "a password")
         ca_file = None
         if "ca_file" in fields:
             ca_file = self.local_path(fields["ca_file"], _key_path(path, "ca_file"))
@@ -1340,29 +1352,86 @@ class _Parser:
         return tuple(result)
 
     def route(self, value: object, path: str) -> RouteConfig | None:
-        """One route: incoming API, optional model globs, and the provider serving them."""
+        """One route: incoming API, optional model globs, and where requests go.
+
+        ``provider: NAME`` is short for ``targets: [{provider: NAME}]``; exactly one of
+        the two must be given.
+        """
         fields = self.mapping(value, path, _ROUTE_KEYS)
         if fields is None:
             return None
         api: ApiFamily | None = self.required(fields, "api", path, self.api_family)
         models = self.optional_globs(fields, path)
-        provider = self.required(fields, "provider", path, self.string)
-        if provider is not None:
-            self.check_route_target(provider, api, _key_path(path, "provider"))
-        if api is None or provider is None or ("models" in fields and models is None):
+        strategy = self.optional(
+            fields, "strategy", path, self.choice(("ordered", "weighted")), "ordered"
+        )
+        targets: tuple[RouteTargetConfig, ...] | None = None
+        if ("provider" in fields) == ("targets" in fields):
+            self.error(path, "needs exactly one of provider or targets")
+        elif "provider" in fields:
+            provider = self.string(fields["provider"], _key_path(path, "provider"))
+            if provider is not None:
+                self.check_route_target(provider, _key_path(path, "provider"))
+                targets = (RouteTargetConfig(provider),)
+        else:
+            targets = self.route_targets(fields["targets"], _key_path(path, "targets"), strategy)
+        strict = self.optional(fields, "strict", path, self.boolean, False)
+        default_max_tokens = self.optional(
+            fields, "default_max_tokens", path, self.positive_int, DEFAULT_MAX_TOKENS
+        )
+        anthropic_version = self.optional(
+            fields, "anthropic_version", path, self.anthropic_version, DEFAULT_ANTHROPIC_VERSION
+        )
+        if api is None or targets is None or ("models" in fields and models is None):
             return None
-        return RouteConfig(api=api, provider=provider, models=models)
+        return RouteConfig(
+            api=api,
+            targets=targets,
+            models=models,
+            strategy=strategy,
+            strict=strict,
+            default_max_tokens=default_max_tokens,
+            anthropic_version=anthropic_version,
+        )
 
-    def check_route_target(self, provider: str, api: ApiFamily | None, path: str) -> None:
-        """The provider must exist and speak the route's API (no translation yet)."""
+    def route_targets(
+        self, value: object, path: str, strategy: str
+    ) -> tuple[RouteTargetConfig, ...] | None:
+        """A route's ``targets``: providers (each with an optional model), in order."""
+        result = []
+        pairs = self.items(value, path, empty="must list at least one target")
+        seen: dict[tuple[str, str | None], str] = {}
+        for item_path, item in pairs:
+            fields = self.mapping(item, item_path, _TARGET_KEYS)
+            if fields is None:
+                continue
+            provider = self.required(fields, "provider", item_path, self.string)
+            if provider is not None:
+                self.check_route_target(provider, _key_path(item_path, "provider"))
+            model = self.optional(fields, "model", item_path, self.string, None)
+            weight = self.optional(fields, "weight", item_path, self.positive_int, 1)
+            if "weight" in fields and strategy != "weighted":
+                self.error(_key_path(item_path, "weight"), "is only used with strategy: weighted")
+            if provider is None or ("model" in fields and model is None):
+                continue
+            first = seen.setdefault((provider, model), item_path)
+            if first != item_path:
+                self.error(item_path, f"same provider and model as {first}")
+                continue
+            result.append(RouteTargetConfig(provider, model, weight))
+        return tuple(result) if pairs and len(result) == len(pairs) else None
+
+    def anthropic_version(self, value: object, path: str) -> str | None:
+        """An ``anthropic-version`` date such as ``2023-06-01``."""
+        text = self.string(value, path)
+        if text is not None and not _ANTHROPIC_VERSION_RE.fullmatch(text):
+            self.error(path, f"must be a date like 2023-06-01, got {text!r}")
+            return None
+        return text
+
+    def check_route_target(self, provider: str, path: str) -> None:
+        """The provider must exist (either type can serve either API, by translation)."""
         if self.provider_types is None:
             return
         if provider not in self.provider_types:
             self.error(path, f"no provider named {provider!r}")
-            return
-        family = self.provider_types[provider]
-        if api is not None and family is not None and family != api:
-            self.error(
-                path,
-                f"providers of type {family} cannot serve the {api} API yet (no translation)",
-            )

@@ -15,6 +15,10 @@ DEFAULT_LISTEN_ADDRESS = "127.0.0.1:8080"
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 # Output tokens reserved for a request that sets no max_tokens (token limits).
 DEFAULT_RESERVE_OUTPUT_TOKENS = 1024
+# Translation to Anthropic: max_tokens when an OpenAI request sets no limit, and the
+# anthropic-version header sent upstream.
+DEFAULT_MAX_TOKENS = 4096
+DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,12 +247,36 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteTargetConfig:
+    """One place a route can send a request: a provider, and the model to ask it for.
+
+    ``model`` replaces the client's model name upstream (``None`` keeps it); the client
+    still sees the name it asked for. ``weight`` matters only with ``strategy: weighted``.
+    """
+
+    provider: str
+    model: str | None = None
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
 class RouteConfig:
-    """Requests arriving on ``api`` whose model matches ``models`` (globs) go to ``provider``."""
+    """Requests arriving on ``api`` whose model matches ``models`` (globs) go to ``targets``.
+
+    ``strategy: ordered`` tries the targets in order (the first available one serves,
+    the next ones are the fallback); ``weighted`` picks the first target by weight and
+    falls back to the others in order. A target whose provider type differs from ``api``
+    is reached by translation (Chat Completions <-> Messages only), with ``strict``,
+    ``default_max_tokens`` and ``anthropic_version`` governing it.
+    """
 
     api: ApiFamily
-    provider: str
+    targets: tuple[RouteTargetConfig, ...]
     models: tuple[str, ...] | None = None  # None matches every model (and model-less calls)
+    strategy: str = "ordered"  # "ordered" | "weighted"
+    strict: bool = False
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
+    anthropic_version: str = DEFAULT_ANTHROPIC_VERSION
 
 
 @dataclass(frozen=True, slots=True)

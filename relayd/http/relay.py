@@ -38,6 +38,13 @@ from twisted.web.server import NOT_DONE_YET
 from relayd.config.model import DEFAULT_RESERVE_OUTPUT_TOKENS
 from relayd.health import UpstreamKey, parse_retry_after
 from relayd.http.body import BoundedBody
+from relayd.http.translation import (
+    BadUpstreamBodyError,
+    StreamRewriter,
+    UpstreamCall,
+    prepare_call,
+    serves,
+)
 from relayd.limits import UsageRecord
 from relayd.limits.checks import (
     Decision,
@@ -61,8 +68,9 @@ from relayd.providers import (
     family_of,
 )
 from relayd.providers.base import model_entries
-from relayd.routing import ProviderRoute
+from relayd.routing import ProviderRoute, Route, RouteTarget
 from relayd.runtime import Client, RelayRuntime
+from relayd.translate import TranslationError
 from relayd.upstream import Backend, BytesProducer
 
 log = Logger(namespace="relayd.relay")
@@ -111,6 +119,9 @@ _DROP_RESPONSE_HEADERS = _HOP_BY_HOP | {
 }
 
 _MAX_COLLECTED_BODY = 4 * 1024 * 1024  # JSON bodies larger than this are not parsed for usage
+# A body that is rewritten (translated, or its model renamed) is held whole until its end;
+# an upstream answer larger than this is refused with a 502.
+_MAX_REWRITTEN_BODY = 64 * 1024 * 1024
 
 # Rate-limit headers of an upstream response describe relayd's upstream key, not the
 # client: they are replaced by the client's own when it has limits.
@@ -216,14 +227,17 @@ class Exchange:
         self.estimate = 0  # tokens reserved against token limits
         self.tickets: list[tuple[Ticket, Attempt | None]] = []
         self.limit_states: list[LimitState] = []
-        self.provider: ProviderRoute | None = None
+        self.route: Route | None = None
+        self.targets: tuple[RouteTarget, ...] = ()  # the route's targets that can serve this
+        self.calls: dict[RouteTarget, UpstreamCall | None] = {}  # None: cannot translate
+        self.translation_error: TranslationError | None = None
         self.provider_name: str | None = None
         self.body = b""
         self.upstream_headers = Headers()
         self.backend: Backend | None = None  # of the current (or last) attempt
         self.attempt: Attempt | None = None
         self.attempts = 0
-        self.tried: list[Backend] = []
+        self.tried: list[tuple[RouteTarget, Backend]] = []
         self.response: IResponse | None = None
         self.status: int | None = None
         self.outcome = "ok"
@@ -232,6 +246,10 @@ class Exchange:
         self.upstream_done_at: float | None = None
         self.usage: Usage | None = None
         self.watcher: IStreamWatcher | None = None
+        self.call: UpstreamCall | None = None  # of the response being relayed
+        self.rewriter: StreamRewriter | None = None  # turns its stream into the client's
+        self.rewritten: list[bytes] | None = None  # a body held whole to be rewritten
+        self.rewritten_size = 0
         self.holding = False
         self.held: list[bytes] = []
         self.collected: list[bytes] | None = None
@@ -375,15 +393,26 @@ class Exchange:
     def _forward(self, body: bytes) -> None:
         assert self.endpoint is not None
         runtime = self.runtime
-        provider = runtime.router.route(self.family.name, self.model)
-        if provider is None and self.model is None:
-            provider = runtime.router.first_for(self.family.name)
-        if provider is None:
+        route = runtime.router.route(self.family.name, self.model)
+        if route is None and self.model is None:
+            route = runtime.router.first_for(self.family.name)
+        if route is None:
             what = f"model {self.model!r}" if self.model else "this request"
             self.reply_error(404, f"no route for {what} on the {self.family.name} API")
             return
-        self.provider = provider
-        self.provider_name = provider.name
+        endpoint = self.endpoint
+        self.targets = tuple(t for t in route.order() if serves(t, self.family, endpoint))
+        if not self.targets:
+            names = ", ".join(sorted({t.provider.type for t in route.targets}))
+            self.reply_error(
+                404,
+                f"{endpoint.name} requests for {self.model or 'this route'!r} cannot be served: "
+                f"the route reaches only providers of type {names} under other model names "
+                "or APIs, and only chat completions and messages are translated",
+            )
+            return
+        self.route = route
+        self.provider_name = self.targets[0].provider.name
         self.body = body
         request = self.request
         headers = Headers()
@@ -401,40 +430,101 @@ class Exchange:
         runtime.retry_budget.record_request()
         target = self._pick_target()
         if target is None:
+            error = self.translation_error
+            if error is not None and not any(self.calls.get(t) for t in self.targets):
+                self.outcome = "untranslatable"
+                self.reply_error(error.status, str(error))
+                return
             self.outcome = "no_backend"
             self._set_retry_after(self._unavailable_for())
             self.reply_error(
                 503,
-                f"no backend of provider {provider.name!r} is available now "
+                f"no backend of {self._provider_names()} is available now "
                 "(all at their concurrency limit, circuit-broken or rate-limited)",
             )
             return
         self._send(*target)
 
-    def _pick_target(self) -> tuple[Backend, UpstreamKey] | None:
-        """The next backend and key to try, skipping backends already tried."""
-        assert self.provider is not None and self.endpoint is not None
-        balancer = self.provider.balancer
-        exclude = list(self.tried)
-        while True:
-            backend = (
-                balancer.primary(exclude) if self.endpoint.sticky else balancer.choose(exclude)
+    def _provider_names(self) -> str:
+        names = [repr(p.name) for p in self._providers()]
+        return ("provider " if len(names) == 1 else "providers ") + ", ".join(names)
+
+    def _providers(self) -> list[ProviderRoute]:
+        """The distinct providers of the targets this request may use, in order."""
+        seen: list[ProviderRoute] = []
+        for target in self.targets:
+            if target.provider not in seen:
+                seen.append(target.provider)
+        return seen
+
+    def _call_for(self, target: RouteTarget) -> UpstreamCall | None:
+        """The upstream request for ``target`` (built once); None if it cannot be made."""
+        try:
+            return self.calls[target]
+        except KeyError:
+            pass
+        assert self.endpoint is not None and self.route is not None
+        call: UpstreamCall | None
+        try:
+            call = prepare_call(
+                self.route,
+                target,
+                self.family,
+                self.endpoint,
+                uri=self.request.uri,
+                headers=self.upstream_headers,
+                body=self.body,
+                payload=self.payload,
+                model=self.model,
             )
-            if backend is None:
-                return None
-            if not backend.breaker.allow_request():  # half-open, trial slots taken
-                exclude.append(backend)
-                continue
-            key = backend.keys.choose()
-            if key is None:
-                backend.breaker.release_trial()
-                exclude.append(backend)
-                continue
-            return backend, key
+        except TranslationError as exc:
+            if self.translation_error is None:
+                self.translation_error = exc
+            call = None
+        self.calls[target] = call
+        return call
+
+    def _pick_target(self) -> tuple[RouteTarget, Backend, UpstreamKey] | None:
+        """The next target, backend and key to try, skipping backends already tried.
+
+        Targets are tried in the route's order; with several, each is asked for an
+        actively healthy backend before any is asked for an unhealthy one, so a route
+        falls back to a healthy provider rather than to a failing backend of the first.
+        """
+        assert self.endpoint is not None
+        sticky = self.endpoint.sticky
+        passes: tuple[bool | None, ...] = (None,) if len(self.targets) == 1 else (True, False)
+        excludes: dict[RouteTarget, list[Backend]] = {}
+        for healthy in passes:
+            for target in self.targets:
+                if self._call_for(target) is None:
+                    continue
+                exclude = excludes.get(target)
+                if exclude is None:
+                    exclude = excludes[target] = [b for t, b in self.tried if t is target]
+                balancer = target.provider.balancer
+                while True:
+                    backend = (
+                        balancer.primary(exclude, healthy=healthy)
+                        if sticky
+                        else balancer.choose(exclude, healthy=healthy)
+                    )
+                    if backend is None:
+                        break
+                    if not backend.breaker.allow_request():  # half-open, trial slots taken
+                        exclude.append(backend)
+                        continue
+                    key = backend.keys.choose()
+                    if key is None:
+                        backend.breaker.release_trial()
+                        exclude.append(backend)
+                        continue
+                    return target, backend, key
+        return None
 
     # -- limits: admission before each attempt ------------------------------------------------
 
-    def _send(self, backend: Backend, key: UpstreamKey) -> None:
+    def _send(self, target: RouteTarget, backend: Backend, key: UpstreamKey) -> None:
         """Send an attempt to ``backend`` with ``key`` once the limits admit it.
 
         The first admission checks the client's limits and the upstream key's quota in
@@ -446,7 +536,7 @@ class Exchange:
         policy = self.client.policy if self.client is not None else None
         first = self.first_sent_at is None and not self.tickets
         if upstream is None and (policy is None or not first):
-            self._transmit(backend, key, None)
+            self._transmit(target, backend, key, None)
             return
         if (policy is not None and policy.counts_tokens) or upstream is not None:
             if not self.estimate:
@@ -458,10 +548,12 @@ class Exchange:
         if upstream is not None:
             checks += upstream.checks(key.index, self.estimate)
         d = runtime.store.admit(checks)
-        d.addCallback(self._admitted, backend, key)
+        d.addCallback(self._admitted, target, backend, key)
         d.addErrback(self._on_unexpected)
 
-    def _admitted(self, decision: Decision, backend: Backend, key: UpstreamKey) -> None:
+    def _admitted(
+        self, decision: Decision, target: RouteTarget, backend: Backend, key: UpstreamKey
+    ) -> None:
         if self.done:
             # The client left while the store was deciding: give everything back.
             backend.breaker.release_trial()
@@ -473,7 +565,7 @@ class Exchange:
         if decision.allowed:
             ticket = Ticket.of(decision)
             self._note_limit_states(decision)
-            self._transmit(backend, key, ticket)
+            self._transmit(target, backend, key, ticket)
             return
         failed = decision.failed
         if failed is not None and failed.scope == "upstream":
@@ -485,10 +577,9 @@ class Exchange:
 
     def _route_around_quota(self, backend: Backend, key: UpstreamKey, decision: Decision) -> None:
         """The key's provider quota is used up: keep it out and try another key or backend."""
-        assert self.provider is not None
         wait = max(decision.retry_after or 1.0, 1.0)
         backend.keys.cool_down(key, wait, "quota")
-        self.metrics.quota_skip(self.provider.name, backend.name)
+        self.metrics.quota_skip(backend.provider_name, backend.name)
         target = self._pick_target()
         if target is not None:
             self._send(*target)
@@ -500,8 +591,7 @@ class Exchange:
             self.request.setHeader(b"x-relayd-attempts", b"%d" % self.attempts)
         self.reply_error(
             429,
-            f"the upstream quota of every backend of provider {self.provider.name!r} "
-            "is used up for now",
+            f"the upstream quota of every backend of {self._provider_names()} is used up for now",
         )
 
     def _refuse(self, decision: Decision) -> None:
@@ -565,20 +655,25 @@ class Exchange:
                     LimitState(check.unit, check.limit, remaining, state.reset_after)
                 )
 
-    def _transmit(self, backend: Backend, key: UpstreamKey, ticket: Ticket | None) -> None:
-        attempt = Attempt(backend, key)
+    def _transmit(
+        self, target: RouteTarget, backend: Backend, key: UpstreamKey, ticket: Ticket | None
+    ) -> None:
+        call = self.calls[target]
+        assert call is not None
+        attempt = Attempt(backend, key, target, call)
         if ticket is not None:
             self.tickets.append((ticket, attempt))
         self.attempt = attempt
         self.attempts += 1
-        self.tried.append(backend)
+        self.tried.append((target, backend))
         self.backend = backend
+        self.provider_name = backend.provider_name
         backend.in_flight += 1
         now = self.clock.seconds()
         if self.first_sent_at is None:
             self.first_sent_at = now
             self.total_deadline = self.started + backend.timeouts.total
-        headers = self.upstream_headers.copy()
+        headers = call.headers.copy()
         for name, value in key.auth_headers:
             headers.setRawHeaders(name, [value])
         timeouts = backend.timeouts
@@ -587,10 +682,10 @@ class Exchange:
             self._on_timeout,
             attempt,
         )
-        request = self.request
-        body = self.body
-        producer = BytesProducer(body) if body or request.method == b"POST" else None
-        d = backend.agent.request(request.method, backend.base_url + request.uri, headers, producer)
+        method = self.request.method
+        body = call.body
+        producer = BytesProducer(body) if body or method == b"POST" else None
+        d = backend.agent.request(method, backend.base_url + call.path, headers, producer)
         attempt.request = d
         d.addCallbacks(
             self._on_response,
@@ -600,11 +695,10 @@ class Exchange:
         )
         d.addErrback(self._on_unexpected)
 
-    def _may_retry(self, reason: str) -> tuple[Backend, UpstreamKey] | None:
+    def _may_retry(self, reason: str) -> tuple[RouteTarget, Backend, UpstreamKey] | None:
         """Whether (and where) a failed attempt may be retried; counts refusals."""
-        assert self.provider is not None
         failover = self.runtime.config.failover
-        provider = self.provider.name
+        provider = self.provider_name or "-"
         if self.client_gone or self.done:
             return None
         assert self.endpoint is not None
@@ -624,11 +718,11 @@ class Exchange:
             self.metrics.retry_refused(provider, "no_backend")
             return None
         if not self.runtime.retry_budget.try_acquire_retry():
-            target[0].breaker.release_trial()
+            target[1].breaker.release_trial()
             self.metrics.retry_refused(provider, "budget")
             return None
         self.metrics.retry(provider, reason)
-        if target[0] is not self.backend:
+        if target[1] is not self.backend:
             self.metrics.failover(provider, reason)
         return target
 
@@ -771,10 +865,17 @@ class Exchange:
         self.response = response
         self.status = status
         self.first_byte_at = self.clock.seconds()
+        call = self.call = attempt.call
         content_type = _first(response.headers.getRawHeaders(b"content-type")) or b""
-        if content_type.startswith(b"text/event-stream"):
-            assert self.endpoint is not None
-            self.watcher = family.stream_watcher(self.endpoint)
+        stream = content_type.startswith(b"text/event-stream") and status == 200
+        if call.rewrites and not stream and (call.translated or status < 300):
+            # Translated answers (and renamed successes) are rewritten whole: status and
+            # headers wait for the end of the body.
+            self.rewritten = []
+        elif content_type.startswith(b"text/event-stream"):
+            self.watcher = family.stream_watcher(call.endpoint)
+            if stream and call.rewrites:
+                self.rewriter = call.stream_rewriter(int(self.first_byte_at))
             # Hold the stream's first events back until content starts, so an error
             # event before any content can still be failed over invisibly.
             self.holding = status == 200
@@ -787,21 +888,37 @@ class Exchange:
         self._arm_idle_timer(attempt)
         response.deliverBody(_BodyRelay(self, attempt))
 
-    def _begin_client_response(self) -> None:
-        """Send status and headers of the final upstream response to the client."""
+    def _begin_client_response(self, rewritten: tuple[int, bytes] | None = None) -> None:
+        """Send status and headers of the final upstream response to the client.
+
+        ``rewritten`` is the status and body the client gets instead of the upstream's
+        (a translated or renamed answer): its length replaces the upstream's, and the
+        upstream's encoding no longer applies.
+        """
         response = self.response
-        assert response is not None
+        call = self.call
+        assert response is not None and call is not None
         request = self.request
-        request.setResponseCode(response.code, response.phrase)
+        if rewritten is not None:
+            request.setResponseCode(rewritten[0])
+        else:
+            request.setResponseCode(response.code, response.phrase)
         out = request.responseHeaders
         out.removeHeader(b"content-type")
         max_retry_after = self.runtime.config.failover.max_retry_after
         own_limits = self.limit_states
+        # The upstream's limit headers describe relayd's key; a translated answer's are
+        # also in names the client's SDK does not read.
+        drop_limits = bool(own_limits) or call.translated
         for name, values in response.headers.getAllRawHeaders():
             lower = name.lower()
             if lower in _DROP_RESPONSE_HEADERS:
                 continue
-            if own_limits and lower.startswith(_UPSTREAM_LIMIT_HEADER_PREFIXES):
+            if drop_limits and lower.startswith(_UPSTREAM_LIMIT_HEADER_PREFIXES):
+                continue
+            if call.translated and lower == b"content-type":
+                continue
+            if rewritten is not None and lower == b"content-encoding":
                 continue
             if lower == b"content-encoding" and values[0].lower() == b"gzip":
                 self.gzip_body = True
@@ -819,16 +936,24 @@ class Exchange:
         if own_limits:
             for name, value in self.family.rate_limit_headers(own_limits, self.clock.seconds()):
                 out.setRawHeaders(name, [value])
+        if call.dropped:
+            out.setRawHeaders(b"x-relayd-dropped", [", ".join(call.dropped).encode()])
         if self.attempts > 1:
             out.setRawHeaders(b"x-relayd-attempts", [b"%d" % self.attempts])
             if self.backend is not None and self.backend.provider.is_retryable(response.code):
                 # relayd already retried elsewhere: the SDK retrying through us won't help.
                 out.setRawHeaders(b"x-should-retry", [b"false"])
         if self.watcher is not None:
+            if call.translated:
+                out.setRawHeaders(b"content-type", [b"text/event-stream; charset=utf-8"])
             out.setRawHeaders(b"cache-control", [b"no-cache"])
             out.setRawHeaders(b"x-accel-buffering", [b"no"])
             self.metrics.stream_opened()
             self.stream_open = True
+        elif rewritten is not None:
+            if call.translated:
+                out.setRawHeaders(b"content-type", [b"application/json"])
+            out.setRawHeaders(b"content-length", [b"%d" % len(rewritten[1])])
         elif response.length is not UNKNOWN_LENGTH:
             # Agent keeps Content-Length out of response.headers; relay it so the client
             # gets a length-delimited body rather than chunked encoding.
@@ -854,6 +979,13 @@ class Exchange:
             return
         if attempt.timer is not None:
             self._arm_idle_timer(attempt)
+        if self.rewritten is not None:
+            self.rewritten_size += len(data)
+            if self.rewritten_size > _MAX_REWRITTEN_BODY:
+                self._refuse_rewrite(attempt, f"is larger than {_MAX_REWRITTEN_BODY} bytes")
+                return
+            self.rewritten.append(data)
+            return
         watcher = self.watcher
         if watcher is not None:
             watcher.feed(data)
@@ -866,6 +998,10 @@ class Exchange:
                 elif watcher.content_started or watcher.complete:
                     self._release_held()
                 return
+            if self.rewriter is not None:
+                data = self.rewriter.feed(data)
+                if not data:
+                    return
         elif self.collected is not None:
             self.collected_size += len(data)
             if self.collected_size <= _MAX_COLLECTED_BODY:
@@ -879,8 +1015,23 @@ class Exchange:
         self.holding = False
         self._begin_client_response()
         held, self.held = self.held, []
+        rewriter = self.rewriter
+        if rewriter is not None:
+            held = [rewriter.feed(b"".join(held))]
         for chunk in held:
-            self.request.write(chunk)
+            if chunk:
+                self.request.write(chunk)
+
+    def _refuse_rewrite(self, attempt: Attempt, problem: str) -> None:
+        """An answer that was to be rewritten cannot be: a 502, before any byte was sent."""
+        self.outcome = "upstream_bad_body"
+        self._record(attempt, "bad_body", failure=f"response body {problem}")
+        self.rewritten = None
+        body = attempt.body
+        self.request.unregisterProducer()
+        self.reply_error(502, f"the upstream's answer could not be relayed: its body {problem}")
+        if body is not None:
+            body.stopProducing()
 
     def _fail_over_held_stream(self, attempt: Attempt, result: str, message: str) -> bool:
         """A held stream failed before any content reached the client: try elsewhere.
@@ -895,6 +1046,8 @@ class Exchange:
             return False
         self.request.unregisterProducer()
         self.watcher = None
+        self.rewriter = None
+        self.call = None
         self.held = []
         self.holding = False
         self.response = None
@@ -948,7 +1101,21 @@ class Exchange:
                 self._record(attempt, "stream_truncated", failure="stream truncated")
                 self._end_stream_with_error("upstream stream ended without its final event")
                 return
+            if self.rewriter is not None:
+                tail = self.rewriter.finish()
+                if tail:
+                    self.request.write(tail)
             self._finish()
+            return
+        if self.rewritten is not None and (not clean or self.timed_out is not None):
+            # Nothing was sent yet: the client gets a proper error instead of a cut body.
+            self.outcome = f"timeout_{self.timed_out}" if self.timed_out else "upstream_broken"
+            self._record(attempt, "body_broken", failure=f"body {self.outcome}")
+            self.rewritten = None
+            self.reply_error(
+                504 if self.timed_out else 502,
+                f"upstream response body broke off ({self.outcome})",
+            )
             return
         if not clean or self.timed_out is not None:
             # Headers are gone; the only honest signal left is an incomplete body.
@@ -958,19 +1125,40 @@ class Exchange:
             self.request.loseConnection()
             self._complete()
             return
+        if self.rewritten is not None:
+            self._relay_rewritten(attempt)
+            return
         if self.collected is not None:
             self.usage = self._usage_from_collected()
         self._finish()
 
     def _usage_from_collected(self) -> Usage | None:
-        assert self.collected is not None
-        body = b"".join(self.collected)
-        if self.gzip_body:
-            try:
-                body = zlib.decompress(body, 16 + zlib.MAX_WBITS)
-            except zlib.error:
-                return None
-        return self.family.usage_from_json(body)
+        assert self.collected is not None and self.backend is not None
+        body = _decoded(b"".join(self.collected), self.gzip_body)
+        return self.backend.provider.usage_from_json(body) if body is not None else None
+
+    def _relay_rewritten(self, attempt: Attempt) -> None:
+        """Send a whole upstream answer, translated or renamed for the client."""
+        assert self.rewritten is not None and self.response is not None
+        call = attempt.call
+        status = self.response.code
+        encoding = _first(self.response.headers.getRawHeaders(b"content-encoding")) or b""
+        body = _decoded(b"".join(self.rewritten), encoding.lower() == b"gzip")
+        self.rewritten = None
+        if body is None:
+            self._refuse_rewrite(attempt, "is not valid gzip")
+            return
+        if status < 300:
+            self.usage = call.family.usage_from_json(body)
+        try:
+            rewritten = call.rewrite_body(status, body, int(self.clock.seconds()))
+        except BadUpstreamBodyError as exc:
+            self._refuse_rewrite(attempt, str(exc))
+            return
+        self.status = rewritten[0]
+        self._begin_client_response(rewritten)
+        self.request.write(rewritten[1])
+        self._finish()
 
     def _end_stream_with_error(self, message: str) -> None:
         log.warn(
@@ -983,11 +1171,11 @@ class Exchange:
         self._finish()
 
     def _unavailable_for(self) -> float:
-        """Seconds until some backend of the provider may take requests again (>= 1)."""
-        assert self.provider is not None
+        """Seconds until some backend of the route's providers may take requests (>= 1)."""
         now = self.clock.seconds()
         soonest: float | None = None
-        for backend in self.provider.balancer.backends:
+        backends = [b for p in self._providers() for b in p.balancer.backends]
+        for backend in backends:
             candidates = []
             if backend.breaker.state == "open" and backend.breaker.opened_until is not None:
                 candidates.append(backend.breaker.opened_until - now)
@@ -1019,24 +1207,46 @@ class Exchange:
     # -- the local model list -----------------------------------------------------------------
 
     def _serve_model_list(self) -> None:
-        """Ask each provider this API routes to for its models; keep the client's."""
+        """Ask each provider this API routes to for its models; keep the client's.
+
+        Providers reached under the client's own model names are asked; a route's model
+        names that its targets map to other upstream models (aliases) are listed as
+        they are.
+        """
         runtime = self.runtime
-        api = self.family.name
         asked: list[ProviderRoute] = []
         fetches: list[Deferred[list[dict[str, Any]]]] = []
-        providers = runtime.router.providers_for(api)
-        for provider in providers:
-            backend = provider.balancer.choose()
-            if backend is None:
-                continue
-            asked.append(provider)
-            fetches.append(self._fetch_models(backend))
-        if not fetches:
-            self.reply_error(502 if providers else 404, "no provider can list models now")
+        routes = runtime.router.routes_for(self.family.name)
+        for route in routes:
+            for target in route.targets:
+                if target.model is not None or target.provider in asked:
+                    continue
+                backend = target.provider.balancer.choose()
+                if backend is None:
+                    continue
+                asked.append(target.provider)
+                fetches.append(self._fetch_models(backend))
+        aliases = self._model_aliases()
+        if not fetches and not aliases:
+            self.reply_error(502 if routes else 404, "no provider can list models now")
             return
         d = DeferredList(fetches, consumeErrors=True)
-        d.addCallback(self._merge_model_lists, asked)
+        d.addCallback(self._merge_model_lists, asked, aliases)
         d.addErrback(self._on_unexpected)
+
+    def _model_aliases(self) -> list[dict[str, Any]]:
+        """Entries for the literal model names of routes that rename the model upstream."""
+        assert self.client is not None
+        router = self.runtime.router
+        api = self.family.name
+        entries = []
+        for route in router.routes_for(api):
+            if all(target.model is None for target in route.targets):
+                continue
+            for name in route.matcher.literals:
+                if self.client.allows(name) and router.route(api, name) is route:
+                    entries.append(self.family.model_entry(name))
+        return entries
 
     def _fetch_models(self, backend: Backend) -> Deferred[list[dict[str, Any]]]:
         headers = backend.service_headers()
@@ -1062,14 +1272,17 @@ class Exchange:
         return entries
 
     def _merge_model_lists(
-        self, results: list[tuple[bool, Any]], providers: list[ProviderRoute]
+        self,
+        results: list[tuple[bool, Any]],
+        providers: list[ProviderRoute],
+        aliases: list[dict[str, Any]],
     ) -> None:
         if self.done:
             return
         assert self.client is not None
         router = self.runtime.router
         api = self.family.name
-        merged: dict[str, dict[str, Any]] = {}
+        merged: dict[str, dict[str, Any]] = {entry["id"]: entry for entry in aliases}
         ok = 0
         for provider, (success, entries) in zip(providers, results, strict=False):
             if not success:
@@ -1085,9 +1298,12 @@ class Exchange:
                 model_id = entry["id"]
                 if model_id in merged or not self.client.allows(model_id):
                     continue
-                if router.route(api, model_id) is provider:
+                route = router.route(api, model_id)
+                if route is not None and any(
+                    t.provider is provider and t.model is None for t in route.targets
+                ):
                     merged[model_id] = entry
-        if not ok:
+        if not ok and not aliases:
             self.reply_error(502, "no provider answered the model list")
             return
         self.status = 200
@@ -1172,7 +1388,7 @@ class Exchange:
             backend=self.backend.name if self.backend else "-",
             # Only routed requests name a model: a label must never take arbitrary
             # client-supplied values.
-            model=(self.model or "-") if self.provider is not None else "-",
+            model=(self.model or "-") if self.route is not None else "-",
             status=status or 0,
             outcome=self.outcome,
             total=total,
@@ -1238,23 +1454,29 @@ class Exchange:
 
 
 class Attempt:
-    """One try of an exchange on one backend with one key."""
+    """One try of an exchange: one route target, on one backend, with one key."""
 
     __slots__ = (
         "backend",
         "body",
+        "call",
         "ended",
         "failed",
         "judged",
         "key",
         "request",
+        "target",
         "timed_out",
         "timer",
     )
 
-    def __init__(self, backend: Backend, key: UpstreamKey) -> None:
+    def __init__(
+        self, backend: Backend, key: UpstreamKey, target: RouteTarget, call: UpstreamCall
+    ) -> None:
         self.backend = backend
         self.key = key
+        self.target = target
+        self.call = call
         self.request: Deferred[IResponse] | None = None
         self.body: Any = None  # the upstream response body's transport
         self.timer: IDelayedCall | None = None
@@ -1296,6 +1518,16 @@ class _Drain(Protocol):
 
 def _first(values: Sequence[bytes] | None) -> bytes | None:
     return values[0] if values else None
+
+
+def _decoded(body: bytes, gzipped: bool) -> bytes | None:
+    """A response body without its gzip encoding; None if it is not valid gzip."""
+    if not gzipped:
+        return body
+    try:
+        return zlib.decompress(body, 16 + zlib.MAX_WBITS)
+    except zlib.error:
+        return None
 
 
 def _connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:

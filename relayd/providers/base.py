@@ -123,18 +123,14 @@ class IProvider(Interface):
     def auth_headers(api_key: str) -> list[tuple[bytes, bytes]]:
         """The headers that carry ``api_key`` to the upstream."""
 
-    def render_error(
-        status: int, message: str, request_id: str, code: str | None = None
-    ) -> bytes:
+    def render_error(status: int, message: str, request_id: str, code: str | None = None) -> bytes:
         """A JSON error body in this family's shape for an HTTP status.
 
         ``code`` names a more specific error where the family has one (OpenAI's
         ``insufficient_quota`` for an exhausted budget); families without one ignore it.
         """
 
-    def rate_limit_headers(
-        limits: Sequence[LimitState], now: float
-    ) -> list[tuple[bytes, bytes]]:
+    def rate_limit_headers(limits: Sequence[LimitState], now: float) -> list[tuple[bytes, bytes]]:
         """The client's own rate-limit headers, in the names this family's clients read."""
 
     def stream_error_event(message: str, request_id: str) -> bytes:
@@ -157,6 +153,9 @@ class IProvider(Interface):
 
     def render_model_list(entries: Sequence[dict[str, Any]]) -> bytes:
         """A model-list body in this family's shape from upstream entries (each has an id)."""
+
+    def model_entry(model_id: str) -> dict[str, Any]:
+        """A model-list entry for a name relayd itself serves (a route's model alias)."""
 
 
 def model_entries(body: bytes) -> list[dict[str, Any]]:

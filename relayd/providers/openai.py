@@ -233,6 +233,9 @@ class OpenAIProvider:
     def claims(self, request_headers: Headers) -> bool:
         return False  # the default family: no header marks an OpenAI call
 
+    def model_entry(self, model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "created": 0, "owned_by": "relayd"}
+
     def render_model_list(self, entries: Sequence[dict[str, Any]]) -> bytes:
         data = [{"object": "model", **entry} for entry in entries]
         return json.dumps({"object": "list", "data": data}).encode()

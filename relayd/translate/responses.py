@@ -194,3 +194,20 @@ def openai_error_to_anthropic(error: object) -> JsonDict:
     status = status_for_openai_error(error.get("type"), error.get("code"))
     message = error.get("message")
     return anthropic_error(status, message if isinstance(message, str) else "upstream error")
+
+
+def rename_model(body: JsonDict, model: str) -> bool:
+    """Put the client's ``model`` name into a same-family body in place of the upstream's.
+
+    For routes whose target asks the upstream for another model than the client named:
+    the top-level ``model`` (Messages, Chat Completions, Responses), the ``message`` of an
+    Anthropic ``message_start`` event and the ``response`` of a Responses event. Returns
+    whether anything changed.
+    """
+    changed = False
+    for holder in (body, body.get("message"), body.get("response")):
+        if isinstance(holder, dict) and isinstance(holder.get("model"), str):
+            if holder["model"] != model:
+                holder["model"] = model
+                changed = True
+    return changed

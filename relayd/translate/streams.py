@@ -30,7 +30,11 @@ from relayd.translate.mapping import (
     usage_from_anthropic,
     usage_from_openai,
 )
-from relayd.translate.responses import anthropic_error_to_openai, openai_error_to_anthropic
+from relayd.translate.responses import (
+    anthropic_error_to_openai,
+    openai_error_to_anthropic,
+    rename_model,
+)
 
 JsonDict = dict[str, Any]
 
@@ -347,3 +351,29 @@ class OpenAIToAnthropicStream(_StreamTranslator):
     @staticmethod
     def _event(name: str, payload: JsonDict) -> bytes:
         return b"event: " + name.encode() + b"\ndata: " + compact_json(payload).encode() + b"\n\n"
+
+
+class ModelRenamingStream(_StreamTranslator):
+    """A stream of the client's own family, with the client's model name put back.
+
+    Events that name no model pass through as they came (re-framed: comments and
+    ``id:`` lines are dropped, as relayd's parser does not keep them); the others are
+    decoded, renamed with :func:`rename_model` and re-encoded. It never ends the stream
+    by itself: ``complete`` and ``failed`` stay false.
+    """
+
+    def __init__(self, model: str) -> None:
+        super().__init__()
+        self._model = model
+
+    def finish(self) -> bytes:
+        return b""
+
+    def _on_event(self, event: SseEvent) -> bytes:
+        data = event.data
+        if b'"model"' in data:
+            payload = _decode(event)
+            if payload is not None and rename_model(payload, self._model):
+                data = compact_json(payload).encode()
+        head = b"event: " + event.event + b"\n" if event.event is not None else b""
+        return head + b"data: " + data.replace(b"\n", b"\ndata: ") + b"\n\n"

@@ -45,7 +45,7 @@ providers:
     backends:
       - {{name: us, url: "https://api.anthropic.com", api_key: "{SECRET} x", weight: 0}}
 routes:
-  - {{api: openai, provider: anthropic}}
+  - {{api: openai, provider: anthropic, strategy: random}}
 """
 
 
@@ -150,8 +150,7 @@ def test_invalid_file_prints_every_error(
         "listen: must contain at least one listener",
         "providers[0].backends[0].api_key: the key contains whitespace or control characters",
         "providers[0].backends[0].weight: must be a positive integer, got 0",
-        "routes[0].provider: providers of type anthropic cannot serve the openai API yet"
-        " (no translation)",
+        "routes[0].strategy: must be one of ordered, weighted; got 'random'",
         f"relayd-checkconfig: {path}: 4 errors",
     ]
     assert SECRET not in err

@@ -24,6 +24,7 @@ from relayd.config import (
     PoolConfig,
     ProviderConfig,
     RouteConfig,
+    RouteTargetConfig,
     TimeoutsConfig,
     TlsConfig,
     load_config,
@@ -221,8 +222,10 @@ def test_example_parses_to_the_expected_objects(tmp_path: Path) -> None:
             ),
         ),
         routes=(
-            RouteConfig(api="anthropic", provider="anthropic", models=("claude-*",)),
-            RouteConfig(api="openai", provider="openai", models=None),
+            RouteConfig(
+                api="anthropic", targets=(RouteTargetConfig("anthropic"),), models=("claude-*",)
+            ),
+            RouteConfig(api="openai", targets=(RouteTargetConfig("openai"),), models=None),
         ),
         max_body_bytes=1048576,
         timeouts=global_timeouts,
@@ -658,7 +661,103 @@ def test_config_error_and_errors_text() -> None:
             {"routes": [{"api": "gemini", "provider": "p0"}], "providers": [provider()]},
             "routes[0].api: must be one of anthropic, openai, got 'gemini'",
         ),
-        ({"routes": [{"api": "anthropic"}]}, "routes[0].provider: is required"),
+        ({"routes": [{"api": "anthropic"}]}, "routes[0]: needs exactly one of provider or targets"),
+        (
+            {
+                "routes": [{"api": "anthropic", "provider": "p0", "targets": [{"provider": "p0"}]}],
+                "providers": [provider()],
+            },
+            "routes[0]: needs exactly one of provider or targets",
+        ),
+        (
+            {"routes": [{"api": "anthropic", "targets": []}], "providers": [provider()]},
+            "routes[0].targets: must list at least one target",
+        ),
+        (
+            {"routes": [{"api": "anthropic", "targets": [{"model": "x"}]}]},
+            "routes[0].targets[0].provider: is required",
+        ),
+        (
+            {"routes": [{"api": "anthropic", "targets": [{"provider": "nope"}]}]},
+            "routes[0].targets[0].provider: no provider named 'nope'",
+        ),
+        (
+            {
+                "routes": [{"api": "anthropic", "targets": [{"provider": "p0", "model": ""}]}],
+                "providers": [provider()],
+            },
+            "routes[0].targets[0].model: must not be empty",
+        ),
+        (
+            {
+                "routes": [{"api": "anthropic", "targets": [{"provider": "p0", "weight": 2}]}],
+                "providers": [provider()],
+            },
+            "routes[0].targets[0].weight: is only used with strategy: weighted",
+        ),
+        (
+            {
+                "routes": [
+                    {
+                        "api": "anthropic",
+                        "strategy": "weighted",
+                        "targets": [{"provider": "p0", "weight": 0}],
+                    }
+                ],
+                "providers": [provider()],
+            },
+            "routes[0].targets[0].weight: must be a positive integer, got 0",
+        ),
+        (
+            {
+                "routes": [
+                    {
+                        "api": "anthropic",
+                        "targets": [
+                            {"provider": "p0", "model": "m"},
+                            {"provider": "p0", "model": "m"},
+                        ],
+                    }
+                ],
+                "providers": [provider()],
+            },
+            "routes[0].targets[1]: same provider and model as routes[0].targets[0]",
+        ),
+        (
+            {
+                "routes": [{"api": "anthropic", "targets": [{"provider": "p0", "x": 1}]}],
+                "providers": [provider()],
+            },
+            "routes[0].targets[0].x: unknown key",
+        ),
+        (
+            {
+                "routes": [{"api": "anthropic", "provider": "p0", "strategy": "random"}],
+                "providers": [provider()],
+            },
+            "routes[0].strategy: must be one of ordered, weighted; got 'random'",
+        ),
+        (
+            {
+                "routes": [{"api": "anthropic", "provider": "p0", "strict": "yes"}],
+                "providers": [provider()],
+            },
+            "routes[0].strict: must be true or false, got string",
+        ),
+        (
+            {
+                "routes": [{"api": "anthropic", "provider": "p0", "default_max_tokens": 0}],
+                "providers": [provider()],
+            },
+            "routes[0].default_max_tokens: must be a positive integer, got 0",
+        ),
+        (
+            {
+                "routes": [{"api": "openai", "provider": "p0", "anthropic_version": "latest"}],
+                "providers": [provider()],
+            },
+            "routes[0].anthropic_version: must be a date like 2023-06-01, got 'latest'",
+        ),
         (
             {"routes": [{"api": "anthropic", "provider": "nope"}]},
             "routes[0].provider: no provider named 'nope'",
@@ -681,19 +780,6 @@ def test_config_error_and_errors_text() -> None:
                 "providers": [provider()],
             },
             "routes[0].model: unknown key",
-        ),
-        (
-            {"routes": [{"api": "openai", "provider": "p0"}], "providers": [provider()]},
-            "routes[0].provider: providers of type anthropic cannot serve the openai API yet"
-            " (no translation)",
-        ),
-        (
-            {
-                "routes": [{"api": "anthropic", "provider": "p0"}],
-                "providers": [provider(type="openai")],
-            },
-            "routes[0].provider: providers of type openai cannot serve the anthropic API yet"
-            " (no translation)",
         ),
     ],
 )
@@ -813,7 +899,10 @@ def test_every_error_is_reported_in_document_order() -> None:
             provider(backends=[backend(weight=0), backend(name="b1", url="ftp://x")]),
             provider(name="p1", type="openai", backends=[]),
         ],
-        "routes": [{"api": "openai", "provider": "p0"}, {"api": "openai", "provider": "p9"}],
+        "routes": [
+            {"api": "openai", "provider": "p0", "strict": 1},
+            {"api": "openai", "provider": "p9"},
+        ],
         "extra": 1,
     }
     assert errors_of(data) == [
@@ -824,8 +913,7 @@ def test_every_error_is_reported_in_document_order() -> None:
         "providers[0].backends[0].weight: must be a positive integer, got 0",
         "providers[0].backends[1].url: must start with http:// or https://",
         "providers[1].backends: must contain at least one backend",
-        "routes[0].provider: providers of type anthropic cannot serve the openai API yet"
-        " (no translation)",
+        "routes[0].strict: must be true or false, got integer",
         "routes[1].provider: no provider named 'p9'",
     ]
 
@@ -1502,8 +1590,7 @@ def test_client_limits_and_upstream_limits_parse() -> None:
     client = {
         "name": "c",
         "key_sha256": "a" * 64,
-        "limits": {"requests_per_minute": 60, "tokens_per_day": 1000,
-                   "reserve_output_tokens": 0},
+        "limits": {"requests_per_minute": 60, "tokens_per_day": 1000, "reserve_output_tokens": 0},
     }
     config = parse_config(
         {"clients": [client], **with_backend(limits={"tokens_per_minute": 500, "per": "backend"})}
@@ -1511,7 +1598,9 @@ def test_client_limits_and_upstream_limits_parse() -> None:
     limits = config.clients[0].limits
     assert limits is not None
     assert (limits.requests_per_minute, limits.tokens_per_minute, limits.tokens_per_day) == (
-        60, None, 1000,
+        60,
+        None,
+        1000,
     )
     assert limits.reserve_output_tokens == 0
     upstream = only_backend(config).limits
@@ -1527,13 +1616,25 @@ def test_empty_limits_mean_no_limits() -> None:
 def test_redis_state_parses_url_and_reads_the_password_file(tmp_path: Path) -> None:
     (tmp_path / "redis.pass").write_text("pw-123\n")
     state = parse_config(
-        {"state": {"store": "redis", "url": "rediss://relay@cache.internal:6380/3",
-                   "password_file": "redis.pass", "on_store_failure": "closed",
-                   "fallback_instances": 3, "timeout": 0.2, "key_prefix": "prod"}},
+        {
+            "state": {
+                "store": "redis",
+                "url": "rediss://relay@cache.internal:6380/3",
+                "password_file": "redis.pass",
+                "on_store_failure": "closed",
+                "fallback_instances": 3,
+                "timeout": 0.2,
+                "key_prefix": "prod",
+            }
+        },
         base_dir=str(tmp_path),
     ).state
     assert (state.host, state.port, state.db, state.tls, state.username) == (
-        "cache.internal", 6380, 3, True, "relay",
+        "cache.internal",
+        6380,
+        3,
+        True,
+        "relay",
     )
     assert state.password == "pw-123" and "pw-123" not in repr(state)
     assert (state.on_store_failure, state.fallback_instances, state.timeout) == ("closed", 3, 0.2)
@@ -1545,20 +1646,32 @@ def test_redis_state_parses_url_and_reads_the_password_file(tmp_path: Path) -> N
     [
         ({"store": "etcd"}, "state.store: must be one of memory, redis; got 'etcd'"),
         ({"store": "redis"}, "state.url: required with store: redis"),
-        ({"store": "redis", "url": "http://x"},
-         "state.url: must start with redis:// or rediss:// (TLS)"),
-        ({"store": "redis", "url": "redis://u:pw@x"},
-         "state.url: must not contain a password; put it in state.password_file"),
-        ({"store": "redis", "url": "redis://x/db1"},
-         "state.url: database must be a number, got 'db1'"),
+        (
+            {"store": "redis", "url": "http://x"},
+            "state.url: must start with redis:// or rediss:// (TLS)",
+        ),
+        (
+            {"store": "redis", "url": "redis://u:pw@x"},
+            "state.url: must not contain a password; put it in state.password_file",
+        ),
+        (
+            {"store": "redis", "url": "redis://x/db1"},
+            "state.url: database must be a number, got 'db1'",
+        ),
         ({"url": "redis://x"}, "state.url: only used with store: redis"),
-        ({"on_store_failure": "maybe"},
-         "state.on_store_failure: must be one of open, closed; got 'maybe'"),
-        ({"key_prefix": "{a}"},
-         "state.key_prefix: must contain only letters, digits, '_', '.', ':' and '-'"),
+        (
+            {"on_store_failure": "maybe"},
+            "state.on_store_failure: must be one of open, closed; got 'maybe'",
+        ),
+        (
+            {"key_prefix": "{a}"},
+            "state.key_prefix: must contain only letters, digits, '_', '.', ':' and '-'",
+        ),
         ({"fallback_instances": 0}, "state.fallback_instances: must be a positive integer, got 0"),
-        ({"store": "redis", "url": "redis://x", "ca_file": "ca.pem"},
-         "state.ca_file: only used with a rediss:// url"),
+        (
+            {"store": "redis", "url": "redis://x", "ca_file": "ca.pem"},
+            "state.ca_file: only used with a rediss:// url",
+        ),
     ],
 )
 def test_bad_state(state: dict[str, Any], expected: str) -> None:
@@ -1568,11 +1681,15 @@ def test_bad_state(state: dict[str, Any], expected: str) -> None:
 @pytest.mark.parametrize(
     ("limits", "expected"),
     [
-        ({"requests_per_minute": 0},
-         "clients[0].limits.requests_per_minute: must be a positive integer, got 0"),
+        (
+            {"requests_per_minute": 0},
+            "clients[0].limits.requests_per_minute: must be a positive integer, got 0",
+        ),
         ({"tokens_per_hour": 5}, "clients[0].limits.tokens_per_hour: unknown key"),
-        ({"max_concurrent": True},
-         "clients[0].limits.max_concurrent: must be a positive integer, got boolean"),
+        (
+            {"max_concurrent": True},
+            "clients[0].limits.max_concurrent: must be a positive integer, got boolean",
+        ),
     ],
 )
 def test_bad_client_limits(limits: dict[str, Any], expected: str) -> None:
@@ -1586,3 +1703,42 @@ def test_bad_upstream_limits() -> None:
         "providers[0].backends[0].limits.per: must be one of key, backend; got 'model'",
         "providers[0].backends[0].limits.requests_per_minute: must be a positive integer, got -1",
     ]
+
+
+def test_route_targets_across_provider_types() -> None:
+    data = {
+        "providers": [provider(), provider(name="p1", type="openai")],
+        "routes": [
+            {
+                "api": "openai",
+                "models": ["smart"],
+                "strategy": "weighted",
+                "strict": True,
+                "default_max_tokens": 2048,
+                "anthropic_version": "2023-06-01",
+                "targets": [
+                    {"provider": "p0", "model": "claude-sonnet-4-5", "weight": 3},
+                    {"provider": "p1", "model": "gpt-5"},
+                ],
+            },
+            {"api": "anthropic", "provider": "p1"},
+        ],
+    }
+    config = parse_config(data)
+    assert config.routes == (
+        RouteConfig(
+            api="openai",
+            targets=(
+                RouteTargetConfig("p0", "claude-sonnet-4-5", 3),
+                RouteTargetConfig("p1", "gpt-5", 1),
+            ),
+            models=("smart",),
+            strategy="weighted",
+            strict=True,
+            default_max_tokens=2048,
+            anthropic_version="2023-06-01",
+        ),
+        RouteConfig(api="anthropic", targets=(RouteTargetConfig("p1"),)),
+    )
+    assert config.routes[1].default_max_tokens == 4096
+    assert config.routes[1].strategy == "ordered"
