@@ -14,6 +14,7 @@ import openai
 from support import CLIENT_KEY, backend, relay_config
 
 from relayd.testing.certs import TestCertificates
+from relayd.testing.fakeprovider import input_tokens_for
 from relayd.testing.processes import FakeUpstreamProcess, RelaydProcess, wait_for
 
 ADMIN = re.compile(r"relayd admin listening on (http://[^\s]+)")
@@ -105,3 +106,57 @@ def _read_message_start_then_hang_up(base: str, model: str) -> dict[str, Any]:
     parsed: dict[str, Any] = json.loads(start)
     return parsed
 
+
+
+def test_translated_usage_is_counted_as_the_upstream_reported_it(
+    certs: TestCertificates,
+    upstream_factory: Callable[[str], FakeUpstreamProcess],
+    relayd_factory: Callable[..., RelaydProcess],
+) -> None:
+    """Requests translated either way, JSON and streamed (an OpenAI stream that did not
+    ask for the usage chunk included): the totals are the upstream's own counts."""
+    a1, o1 = upstream_factory("a1"), upstream_factory("o1")
+    config = relay_config(
+        certs, [backend("a1", a1)], [backend("o1", o1)],
+        admin={"address": "127.0.0.1:0"}, health={"enabled": False},
+        routes=[
+            {"api": "openai", "models": ["claude-*"], "provider": "anthropic"},
+            {"api": "anthropic", "models": ["gpt-*"], "provider": "openai"},
+        ],
+    )
+    relay = relayd_factory(config)
+    base = relay.url("http")
+    claude = anthropic.Anthropic(api_key=CLIENT_KEY, base_url=base, max_retries=0)
+    gpt = openai.OpenAI(api_key=CLIENT_KEY, base_url=base + "/v1", max_retries=0)
+    messages: Any = [{"role": "user", "content": "count me"}]
+
+    gpt.chat.completions.create(model="claude-o", messages=messages)
+    list(gpt.chat.completions.create(model="claude-o", messages=messages, stream=True))
+    claude.messages.create(model="gpt-a", max_tokens=64, messages=messages)
+    with claude.messages.stream(model="gpt-a", max_tokens=64, messages=messages) as stream:
+        stream.get_final_message()
+
+    # What the fakes reported for the bodies they received (their defaults: 5 output
+    # tokens; Anthropic 7 cache writes and 11 cache reads, OpenAI 11 cached reads).
+    expected = {
+        "claude-o": {"requests": 2, "input_tokens": 0, "output_tokens": 10,
+                     "cache_read_tokens": 22, "cache_write_tokens": 14},
+        "gpt-a": {"requests": 2, "input_tokens": 0, "output_tokens": 10,
+                  "cache_read_tokens": 22, "cache_write_tokens": 0},
+    }
+    for model, upstream in (("claude-o", a1), ("gpt-a", o1)):
+        recorded = upstream.requests()
+        assert len(recorded) == 2
+        expected[model]["input_tokens"] = sum(
+            input_tokens_for(r["body"].encode()) for r in recorded
+        )
+    admin = ADMIN.search(relay.log_text())
+    assert admin is not None
+    with urllib.request.urlopen(admin.group(1) + "/admin/usage", timeout=10) as response:
+        usage_doc = json.loads(response.read())
+    got = {
+        e["model"]: {k: e[k] for k in ("requests", "input_tokens", "output_tokens",
+                                       "cache_read_tokens", "cache_write_tokens")}
+        for e in usage_doc["entries"]
+    }
+    assert got == expected
