@@ -171,6 +171,15 @@ class RouteTarget:
         self.translated = translated
 
 
+def providers_of(targets: Sequence[RouteTarget]) -> list[ProviderRoute]:
+    """The distinct providers of ``targets``, in order."""
+    seen: list[ProviderRoute] = []
+    for target in targets:
+        if target.provider not in seen:
+            seen.append(target.provider)
+    return seen
+
+
 class Route:
     """A compiled ``routes`` entry: which requests it takes and the targets serving them.
 
@@ -213,11 +222,7 @@ class Route:
     @property
     def providers(self) -> list[ProviderRoute]:
         """The distinct providers of the targets, in target order."""
-        seen: list[ProviderRoute] = []
-        for target in self.targets:
-            if target.provider not in seen:
-                seen.append(target.provider)
-        return seen
+        return providers_of(self.targets)
 
     def order(self) -> tuple[RouteTarget, ...]:
         """The targets in the order this request should try them."""

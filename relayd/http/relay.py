@@ -68,7 +68,7 @@ from relayd.providers import (
     family_of,
 )
 from relayd.providers.base import model_entries
-from relayd.routing import ProviderRoute, Route, RouteTarget
+from relayd.routing import ProviderRoute, Route, RouteTarget, providers_of
 from relayd.runtime import Client, RelayRuntime
 from relayd.translate import TranslationError
 from relayd.upstream import Backend, BytesProducer
@@ -446,16 +446,8 @@ class Exchange:
         self._send(*target)
 
     def _provider_names(self) -> str:
-        names = [repr(p.name) for p in self._providers()]
+        names = [repr(p.name) for p in providers_of(self.targets)]
         return ("provider " if len(names) == 1 else "providers ") + ", ".join(names)
-
-    def _providers(self) -> list[ProviderRoute]:
-        """The distinct providers of the targets this request may use, in order."""
-        seen: list[ProviderRoute] = []
-        for target in self.targets:
-            if target.provider not in seen:
-                seen.append(target.provider)
-        return seen
 
     def _call_for(self, target: RouteTarget) -> UpstreamCall | None:
         """The upstream request for ``target`` (built once); None if it cannot be made."""
@@ -1174,7 +1166,7 @@ class Exchange:
         """Seconds until some backend of the route's providers may take requests (>= 1)."""
         now = self.clock.seconds()
         soonest: float | None = None
-        backends = [b for p in self._providers() for b in p.balancer.backends]
+        backends = [b for p in providers_of(self.targets) for b in p.balancer.backends]
         for backend in backends:
             candidates = []
             if backend.breaker.state == "open" and backend.breaker.opened_until is not None:

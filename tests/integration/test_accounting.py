@@ -74,17 +74,26 @@ def test_usage_totals_match_the_upstream(
         u_start.get("cache_read_input_tokens", 0), u_start.get("cache_creation_input_tokens", 0))
     wait_for(lambda: "outcome=client_gone" in relay.log_text(), 15, "the cut stream to end")
 
+    usage_doc = _admin_usage(relay)
+    got = _totals_by_model(usage_doc)
+    assert got == expected
+    assert usage_doc["clients"]["team-a"]["requests"] == 6
+
+
+def _admin_usage(relay: RelaydProcess) -> dict[str, Any]:
     admin = ADMIN.search(relay.log_text())
     assert admin is not None
     with urllib.request.urlopen(admin.group(1) + "/admin/usage", timeout=10) as response:
-        usage_doc = json.loads(response.read())
-    got = {
+        document: dict[str, Any] = json.loads(response.read())
+        return document
+
+
+def _totals_by_model(usage_doc: dict[str, Any]) -> dict[str, dict[str, int]]:
+    return {
         e["model"]: {k: e[k] for k in ("requests", "input_tokens", "output_tokens",
                                        "cache_read_tokens", "cache_write_tokens")}
         for e in usage_doc["entries"]
     }
-    assert got == expected
-    assert usage_doc["clients"]["team-a"]["requests"] == 6
 
 
 def _read_message_start_then_hang_up(base: str, model: str) -> dict[str, Any]:
@@ -150,13 +159,6 @@ def test_translated_usage_is_counted_as_the_upstream_reported_it(
         expected[model]["input_tokens"] = sum(
             input_tokens_for(r["body"].encode()) for r in recorded
         )
-    admin = ADMIN.search(relay.log_text())
-    assert admin is not None
-    with urllib.request.urlopen(admin.group(1) + "/admin/usage", timeout=10) as response:
-        usage_doc = json.loads(response.read())
-    got = {
-        e["model"]: {k: e[k] for k in ("requests", "input_tokens", "output_tokens",
-                                       "cache_read_tokens", "cache_write_tokens")}
-        for e in usage_doc["entries"]
-    }
+    usage_doc = _admin_usage(relay)
+    got = _totals_by_model(usage_doc)
     assert got == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -87,6 +88,16 @@ def config(*routes: dict[str, Any]) -> dict[str, Any]:
     return base_config(routes=list(routes))
 
 
+@contextmanager
+def harness(*routes: dict[str, Any]) -> Iterator[Harness]:
+    """A relay whose routes are ``routes`` (the default clients and providers)."""
+    h = Harness(config(*routes))
+    try:
+        yield h
+    finally:
+        h.close()
+
+
 def sse(request: Request, events: list[bytes]) -> Any:
     request.setHeader(b"content-type", b"text/event-stream")
     for event in events:
@@ -135,9 +146,15 @@ def o2a() -> Iterator[Harness]:
 def a2o() -> Iterator[Harness]:
     """Anthropic clients asking for "smart" are served by the OpenAI provider."""
     h = Harness(
-        config({"api": "anthropic", "models": ["smart"], "targets": [
-            {"provider": "openai", "model": "gpt-5"},
-        ]})
+        config(
+            {
+                "api": "anthropic",
+                "models": ["smart"],
+                "targets": [
+                    {"provider": "openai", "model": "gpt-5"},
+                ],
+            }
+        )
     )
     yield h
     h.close()
@@ -147,7 +164,10 @@ def test_openai_client_served_by_anthropic_backend(o2a: Harness) -> None:
     o2a.upstreams["us"].handler = lambda r, b: json_reply(r, ANTHROPIC_MESSAGE)
     o2a.upstreams["eu"].handler = o2a.upstreams["us"].handler
     status, headers, body = o2a.call(
-        "POST", "/v1/chat/completions?x=1", CHAT, api="openai",
+        "POST",
+        "/v1/chat/completions?x=1",
+        CHAT,
+        api="openai",
         headers={"openai-organization": "org-1", "x-stainless-lang": "python"},
     )
     assert status == 200
@@ -218,29 +238,23 @@ def test_untranslatable_request_is_a_400_in_the_callers_shape(o2a: Harness) -> N
 
 
 def test_strict_route_rejects_what_it_would_drop() -> None:
-    h = Harness(config({"api": "openai", "provider": "anthropic", "strict": True}))
-    try:
+    with harness({"api": "openai", "provider": "anthropic", "strict": True}) as h:
         status, _, body = h.call(
             "POST", "/v1/chat/completions", dict(CHAT, logprobs=True), api="openai"
         )
         assert status == 400
         assert "logprobs" in json.loads(body)["error"]["message"]
-    finally:
-        h.close()
 
 
 def test_default_max_tokens_and_anthropic_version_come_from_the_route() -> None:
-    h = Harness(
-        config(
-            {
-                "api": "openai",
-                "provider": "anthropic",
-                "default_max_tokens": 777,
-                "anthropic_version": "2026-10-21",
-            }
-        )
-    )
-    try:
+    with harness(
+        {
+            "api": "openai",
+            "provider": "anthropic",
+            "default_max_tokens": 777,
+            "anthropic_version": "2026-10-21",
+        }
+    ) as h:
         chat = {k: v for k, v in CHAT.items() if k != "max_tokens"}
         status, _, _ = h.call("POST", "/v1/chat/completions", chat, api="openai")
         assert status == 200
@@ -248,8 +262,6 @@ def test_default_max_tokens_and_anthropic_version_come_from_the_route() -> None:
         assert json.loads(seen.body)["max_tokens"] == 777
         assert json.loads(seen.body)["model"] == "smart"  # no target model: passed through
         assert seen.headers[b"anthropic-version"] == [b"2026-10-21"]
-    finally:
-        h.close()
 
 
 def test_upstream_error_is_translated(o2a: Harness) -> None:
@@ -309,9 +321,10 @@ def test_anthropic_stream_becomes_openai_chunks(o2a: Harness) -> None:
     chunks = [data for _, data in events[:-1]]
     assert events[-1][1] == "[DONE]"
     assert {c["model"] for c in chunks} == {"smart"}
-    assert "".join(
-        c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]
-    ) == "Hi"
+    assert (
+        "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+        == "Hi"
+    )
     assert chunks[-1]["usage"]["completion_tokens"] == 9
     (seen,) = o2a.upstreams["us"].seen + o2a.upstreams["eu"].seen
     assert json.loads(seen.body)["stream"] is True
@@ -322,8 +335,9 @@ def test_anthropic_stream_becomes_openai_chunks(o2a: Harness) -> None:
 def test_truncated_translated_stream_ends_with_the_clients_error(o2a: Harness) -> None:
     o2a.upstreams["us"].handler = lambda r, b: sse(r, ANTHROPIC_EVENTS[:3])
     o2a.upstreams["eu"].handler = o2a.upstreams["us"].handler
-    status, _, body = o2a.call("POST", "/v1/chat/completions", dict(CHAT, stream=True),
-                               api="openai")
+    status, _, body = o2a.call(
+        "POST", "/v1/chat/completions", dict(CHAT, stream=True), api="openai"
+    )
     assert status == 200
     events = events_of(body)
     assert "error" in events[-1][1]
@@ -379,15 +393,12 @@ def test_openai_stream_becomes_anthropic_events(a2o: Harness) -> None:
 
 
 def test_embeddings_cannot_reach_an_anthropic_target() -> None:
-    h = Harness(config({"api": "openai", "provider": "anthropic"}))
-    try:
+    with harness({"api": "openai", "provider": "anthropic"}) as h:
         status, _, body = h.call(
             "POST", "/v1/embeddings", {"model": "m", "input": "x"}, api="openai"
         )
         assert status == 404
         assert "translated" in json.loads(body)["error"]["message"]
-    finally:
-        h.close()
 
 
 # -- fallback across providers ---------------------------------------------------------------
@@ -477,9 +488,7 @@ def test_stream_error_before_content_falls_back_to_openai(dual: Harness) -> None
     assert events[0][0] == "message_start"
     assert events[-1][0] == "message_stop"
     assert b"overloaded" not in body
-    text = "".join(
-        d["delta"].get("text", "") for n, d in events if n == "content_block_delta"
-    )
+    text = "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta")
     assert text == "Hello"
 
 
@@ -494,44 +503,34 @@ def test_healthy_fallback_target_wins_over_an_unhealthy_first(dual: Harness) -> 
 
 
 def test_untranslatable_request_skips_to_a_target_that_can_take_it() -> None:
-    h = Harness(
-        config(
-            {
-                "api": "openai",
-                "targets": [{"provider": "anthropic"}, {"provider": "openai"}],
-            }
-        )
-    )
-    try:
+    with harness(
+        {
+            "api": "openai",
+            "targets": [{"provider": "anthropic"}, {"provider": "openai"}],
+        }
+    ) as h:
         status, _, _ = h.call("POST", "/v1/chat/completions", dict(CHAT, n=2), api="openai")
         assert status == 200
         assert len(h.upstreams["main"].seen) == 1
         assert not h.upstreams["us"].seen and not h.upstreams["eu"].seen
-    finally:
-        h.close()
 
 
 def test_weighted_targets_share_requests_by_weight() -> None:
-    h = Harness(
-        config(
-            {
-                "api": "openai",
-                "strategy": "weighted",
-                "targets": [
-                    {"provider": "openai", "weight": 3},
-                    {"provider": "anthropic", "weight": 1},
-                ],
-            }
-        )
-    )
-    try:
+    with harness(
+        {
+            "api": "openai",
+            "strategy": "weighted",
+            "targets": [
+                {"provider": "openai", "weight": 3},
+                {"provider": "anthropic", "weight": 1},
+            ],
+        }
+    ) as h:
         for _ in range(8):
             status, _, _ = h.call("POST", "/v1/chat/completions", CHAT, api="openai")
             assert status == 200
         anthropic = len(h.upstreams["us"].seen) + len(h.upstreams["eu"].seen)
         assert (len(h.upstreams["main"].seen), anthropic) == (6, 2)
-    finally:
-        h.close()
 
 
 def test_model_list_shows_aliases(dual: Harness) -> None:
