@@ -401,6 +401,17 @@ class Exchange:
             self.reply_error(404, f"no route for {what} on the {self.family.name} API")
             return
         endpoint = self.endpoint
+        if (
+            endpoint.name == "models.item"
+            and self.model in route.matcher.literals
+            and any(t.model is not None for t in route.targets)
+        ):
+            # A model name this route gives other upstream names: relayd's own entry,
+            # as in the model list.
+            self.route = route
+            self.status = 200
+            self._write_json(200, self.family.render_model(self.family.model_entry(self.model)))
+            return
         self.targets = tuple(t for t in route.order() if serves(t, self.family, endpoint))
         if not self.targets:
             names = ", ".join(sorted({t.provider.type for t in route.targets}))

@@ -198,6 +198,9 @@ class AnthropicProvider:
     def model_entry(self, model_id: str) -> dict[str, Any]:
         return {"id": model_id, "display_name": model_id, "created_at": "1970-01-01T00:00:00Z"}
 
+    def render_model(self, entry: dict[str, Any]) -> bytes:
+        return json.dumps({"type": "model", **entry}).encode()
+
     def render_model_list(self, entries: Sequence[dict[str, Any]]) -> bytes:
         data = [{"type": "model", **entry} for entry in entries]
         return json.dumps(

@@ -157,6 +157,9 @@ class IProvider(Interface):
     def model_entry(model_id: str) -> dict[str, Any]:
         """A model-list entry for a name relayd itself serves (a route's model alias)."""
 
+    def render_model(entry: dict[str, Any]) -> bytes:
+        """A single-model body (``GET /v1/models/{id}``) in this family's shape."""
+
 
 def model_entries(body: bytes) -> list[dict[str, Any]]:
     """The entries of a model-list body shaped ``{"data": [{"id": ...}, ...]}``.

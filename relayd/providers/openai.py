@@ -236,6 +236,9 @@ class OpenAIProvider:
     def model_entry(self, model_id: str) -> dict[str, Any]:
         return {"id": model_id, "created": 0, "owned_by": "relayd"}
 
+    def render_model(self, entry: dict[str, Any]) -> bytes:
+        return json.dumps({"object": "model", **entry}).encode()
+
     def render_model_list(self, entries: Sequence[dict[str, Any]]) -> bytes:
         data = [{"object": "model", **entry} for entry in entries]
         return json.dumps({"object": "list", "data": data}).encode()

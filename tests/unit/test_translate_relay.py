@@ -541,3 +541,15 @@ def test_model_list_shows_aliases(dual: Harness) -> None:
     assert status == 200
     assert [m["id"] for m in json.loads(body)["data"]] == ["smart"]
     assert json.loads(body)["data"][0]["type"] == "model"
+
+
+def test_a_single_alias_model_is_answered_by_the_relay(dual: Harness) -> None:
+    status, _, body = dual.call("GET", "/v1/models/smart")
+    assert status == 200
+    assert json.loads(body) == {
+        "type": "model",
+        "id": "smart",
+        "display_name": "smart",
+        "created_at": "1970-01-01T00:00:00Z",
+    }
+    assert not dual.upstreams["us"].seen and not dual.upstreams["eu"].seen
