@@ -412,7 +412,11 @@ class Exchange:
             self.status = 200
             self._write_json(200, self.family.render_model(self.family.model_entry(self.model)))
             return
-        self.targets = tuple(t for t in route.order() if serves(t, self.family, endpoint))
+        if endpoint.sticky:
+            # Batches live in the account that created them: always the first provider.
+            self.targets = tuple(t for t in route.targets if serves(t, self.family, endpoint))[:1]
+        else:
+            self.targets = tuple(t for t in route.order() if serves(t, self.family, endpoint))
         if not self.targets:
             names = ", ".join(sorted({t.provider.type for t in route.targets}))
             self.reply_error(
@@ -484,6 +488,18 @@ class Exchange:
             if self.translation_error is None:
                 self.translation_error = exc
             call = None
+        except Exception:
+            # A translator bug must not take the exchange down: this target is skipped.
+            log.failure(
+                "{request_id}: translating for {provider} failed",
+                request_id=self.request_id,
+                provider=target.provider.name,
+            )
+            if self.translation_error is None:
+                self.translation_error = TranslationError(
+                    400, "the request could not be translated for the upstream's API"
+                )
+            call = None
         self.calls[target] = call
         return call
 
@@ -552,7 +568,7 @@ class Exchange:
             checks += upstream.checks(key.index, self.estimate)
         d = runtime.store.admit(checks)
         d.addCallback(self._admitted, target, backend, key)
-        d.addErrback(self._on_unexpected)
+        d.addErrback(self.on_unexpected)
 
     def _admitted(
         self, decision: Decision, target: RouteTarget, backend: Backend, key: UpstreamKey
@@ -696,7 +712,7 @@ class Exchange:
             callbackArgs=(attempt,),
             errbackArgs=(attempt,),
         )
-        d.addErrback(self._on_unexpected)
+        d.addErrback(self.on_unexpected)
 
     def _may_retry(self, reason: str) -> tuple[RouteTarget, Backend, UpstreamKey] | None:
         """Whether (and where) a failed attempt may be retried; counts refusals."""
@@ -1158,6 +1174,10 @@ class Exchange:
         except BadUpstreamBodyError as exc:
             self._refuse_rewrite(attempt, str(exc))
             return
+        except Exception:
+            log.failure("{request_id}: rewriting the answer failed", request_id=self.request_id)
+            self._refuse_rewrite(attempt, "could not be translated")
+            return
         self.status = rewritten[0]
         self._begin_client_response(rewritten)
         self.request.write(rewritten[1])
@@ -1193,7 +1213,7 @@ class Exchange:
         clamped = min(seconds, self.runtime.config.failover.max_retry_after)
         self.request.setHeader(b"retry-after", b"%d" % math.ceil(clamped))
 
-    def _on_unexpected(self, failure: Failure) -> None:
+    def on_unexpected(self, failure: Failure) -> None:
         log.failure("unexpected error relaying {request_id}", failure, request_id=self.request_id)
         self.fail_unexpectedly()
 
@@ -1201,6 +1221,10 @@ class Exchange:
         if self.done:
             return
         self.outcome = "relay_error"
+        attempt = self.attempt
+        if attempt is not None and attempt.body is not None:
+            self.request.unregisterProducer()
+            attempt.body.stopProducing()
         if self.request.startedWriting:
             self.request.loseConnection()
             self._complete()
@@ -1235,7 +1259,7 @@ class Exchange:
             return
         d = DeferredList(fetches, consumeErrors=True)
         d.addCallback(self._merge_model_lists, asked, aliases)
-        d.addErrback(self._on_unexpected)
+        d.addErrback(self.on_unexpected)
 
     def _model_aliases(self) -> list[dict[str, Any]]:
         """Entries for the literal model names of routes that rename the model upstream."""
@@ -1375,7 +1399,8 @@ class Exchange:
             self._end_attempt(attempt)
         now = self.clock.seconds()
         usage = self.usage
-        status = 499 if self.client_gone and self.status is None else self.status
+        # A client that left before any byte was written got no status at all.
+        status = 499 if self.client_gone and not self.request.startedWriting else self.status
         total = now - self.started
         ttfb = self.first_byte_at - self.started if self.first_byte_at is not None else None
         upstream_wait = 0.0
@@ -1506,10 +1531,16 @@ class _BodyRelay(Protocol):
         self.exchange.on_body_start(self.attempt, self.transport)
 
     def dataReceived(self, data: bytes) -> None:
-        self.exchange.on_body_data(self.attempt, data)
+        try:
+            self.exchange.on_body_data(self.attempt, data)
+        except Exception:
+            self.exchange.on_unexpected(Failure())
 
     def connectionLost(self, reason: Failure = _RESPONSE_DONE) -> None:
-        self.exchange.on_body_end(self.attempt, reason)
+        try:
+            self.exchange.on_body_end(self.attempt, reason)
+        except Exception:
+            self.exchange.on_unexpected(Failure())
 
 
 class _Drain(Protocol):

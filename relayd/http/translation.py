@@ -30,6 +30,7 @@ from relayd.translate import (
     openai_to_anthropic_response,
     translate_error,
 )
+from relayd.translate.mapping import json_bytes
 from relayd.translate.responses import rename_model
 from relayd.translate.streams import ModelRenamingStream
 
@@ -155,7 +156,7 @@ class UpstreamCall:
             out = anthropic_to_openai_response(payload, model=model, created=created)
         else:
             out = openai_to_anthropic_response(payload, model=model)
-        return status, json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+        return status, json_bytes(out)
 
 
 def serves(target: RouteTarget, family: IProvider, endpoint: Endpoint) -> bool:
@@ -187,9 +188,11 @@ def prepare_call(
             return UpstreamCall(family, endpoint, uri, headers, body)
         renamed = dict(payload)
         renamed["model"] = target.model
-        return UpstreamCall(
-            family, endpoint, uri, headers, json.dumps(renamed).encode(), model=model
-        )
+        # The answer is read whole to be renamed: no compression to undo.
+        renamed_headers = headers.copy()
+        renamed_headers.setRawHeaders(b"accept-encoding", [b"identity"])
+        body = json_bytes(renamed)
+        return UpstreamCall(family, endpoint, uri, renamed_headers, body, model=model)
     assert payload is not None and model is not None
     upstream = PROVIDERS[target.provider.type]
     if upstream.name == "anthropic":
@@ -225,7 +228,7 @@ def prepare_call(
         upstream_endpoint,
         upstream_endpoint.pattern.pattern[1:-1],
         out,
-        json.dumps(translated.body, ensure_ascii=False).encode(),
+        json_bytes(translated.body),
         model=model,
         translated=True,
         dropped=tuple(translated.dropped),

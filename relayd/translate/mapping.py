@@ -108,7 +108,7 @@ def normalize_tool_call_id(raw: str) -> str:
     """
     if _TOOL_ID_OK.fullmatch(raw):
         return raw
-    digest = hashlib.sha256(raw.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(raw.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return f"{_TOOL_ID_BAD_CHAR.sub('_', raw)}_{digest}"
 
 
@@ -131,6 +131,18 @@ def anthropic_id_for(openai_id: object) -> str:
 def compact_json(value: object) -> str:
     """JSON without insignificant spaces, non-ASCII kept as is (the form we emit)."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_bytes(value: object) -> bytes:
+    """:func:`compact_json` as UTF-8 bytes, the form sent on the wire.
+
+    Text holding a lone surrogate (JSON allows ``"\\ud83d"``, UTF-8 cannot carry it) is
+    sent with non-ASCII escaped instead, as the peer wrote it.
+    """
+    try:
+        return compact_json(value).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
 
 
 # --- usage arithmetic ---------------------------------------------------------------------

@@ -246,7 +246,7 @@ def _o2a_output_config(body: JsonDict, out: JsonDict, losses: _Losses) -> None:
             raise _reject(f"response_format type {kind!r} is not supported")
     effort = body.get("reasoning_effort")
     if effort is not None and effort != "none":
-        if effort not in _EFFORT_FOR_REASONING_EFFORT:
+        if not isinstance(effort, str) or effort not in _EFFORT_FOR_REASONING_EFFORT:
             raise _reject(f"reasoning_effort {effort!r} is not supported")
         config["effort"] = _EFFORT_FOR_REASONING_EFFORT[effort]
     if config:
@@ -570,7 +570,7 @@ def _a2o_reasoning_and_format(body: JsonDict, out: JsonDict, losses: _Losses) ->
             if value is None:
                 continue
             if key == "effort":
-                if value not in _REASONING_EFFORT_FOR_EFFORT:
+                if not isinstance(value, str) or value not in _REASONING_EFFORT_FOR_EFFORT:
                     raise _reject(f"output_config.effort {value!r} is not supported")
                 effort = _REASONING_EFFORT_FOR_EFFORT[value]
             elif key == "format":
@@ -620,7 +620,7 @@ def _a2o_tools_and_choice(body: JsonDict, out: JsonDict, losses: _Losses) -> Non
     choice = _as_dict(raw, "tool_choice")
     kind = choice.get("type")
     simple = {"auto": "auto", "any": "required", "none": "none"}
-    if kind in simple:
+    if isinstance(kind, str) and kind in simple:
         out["tool_choice"] = simple[kind]
     elif kind == "tool":
         name = _as_str(choice.get("name"), "tool_choice.name")

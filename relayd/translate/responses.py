@@ -17,6 +17,7 @@ from relayd.translate.mapping import (
     anthropic_usage,
     compact_json,
     finish_reason_for,
+    json_bytes,
     normalize_tool_call_id,
     openai_error,
     openai_id_for,
@@ -172,12 +173,12 @@ def translate_error(
     message = error_message(payload) or f"upstream returned HTTP {status}"
     if to_family == "openai":
         out_status = openai_status_for(status)
-        return out_status, compact_json(openai_error(out_status, message)).encode()
+        return out_status, json_bytes(openai_error(out_status, message))
     error = payload.get("error") if isinstance(payload, dict) else None
     if isinstance(error, dict):
         if status_for_openai_error(error.get("type"), error.get("code")) == 402:
             status = 402
-    return status, compact_json(anthropic_error(status, message)).encode()
+    return status, json_bytes(anthropic_error(status, message))
 
 
 def anthropic_error_to_openai(error: object) -> JsonDict:

@@ -20,8 +20,8 @@ from relayd.translate.mapping import (
     anthropic_error,
     anthropic_id_for,
     anthropic_usage,
-    compact_json,
     finish_reason_for,
+    json_bytes,
     normalize_tool_call_id,
     openai_error,
     openai_id_for,
@@ -194,7 +194,7 @@ class AnthropicToOpenAIStream(_StreamTranslator):
 
     @staticmethod
     def _data(payload: JsonDict) -> bytes:
-        return b"data: " + compact_json(payload).encode() + b"\n\n"
+        return b"data: " + json_bytes(payload) + b"\n\n"
 
 
 _BlockKind = Literal["text", "tool"]
@@ -350,7 +350,7 @@ class OpenAIToAnthropicStream(_StreamTranslator):
 
     @staticmethod
     def _event(name: str, payload: JsonDict) -> bytes:
-        return b"event: " + name.encode() + b"\ndata: " + compact_json(payload).encode() + b"\n\n"
+        return b"event: " + name.encode() + b"\ndata: " + json_bytes(payload) + b"\n\n"
 
 
 class ModelRenamingStream(_StreamTranslator):
@@ -374,6 +374,6 @@ class ModelRenamingStream(_StreamTranslator):
         if b'"model"' in data:
             payload = _decode(event)
             if payload is not None and rename_model(payload, self._model):
-                data = compact_json(payload).encode()
+                data = json_bytes(payload)
         head = b"event: " + event.event + b"\n" if event.event is not None else b""
         return head + b"data: " + data.replace(b"\n", b"\ndata: ") + b"\n\n"

@@ -553,3 +553,104 @@ def test_a_single_alias_model_is_answered_by_the_relay(dual: Harness) -> None:
         "created_at": "1970-01-01T00:00:00Z",
     }
     assert not dual.upstreams["us"].seen and not dual.upstreams["eu"].seen
+
+
+# -- hardening: odd inputs, odd answers, sticky calls, clients that leave ---------------------
+
+
+def test_a_request_the_translator_cannot_read_is_a_400_and_fails_over_to_a_usable_target() -> None:
+    with harness(
+        {
+            "api": "openai",
+            "models": ["smart"],
+            "targets": [{"provider": "openai"}, {"provider": "anthropic", "model": "claude-x"}],
+        }
+    ) as h:
+        h.upstreams["main"].handler = lambda r, b: json_reply(r, {"error": {"message": "x"}}, 503)
+        odd = dict(CHAT, reasoning_effort=[])
+        status, _, body = h.call("POST", "/v1/chat/completions", odd, api="openai")
+        # The OpenAI target failed; the Anthropic one cannot take reasoning_effort: [].
+        assert status == 503
+        assert not h.upstreams["us"].seen and not h.upstreams["eu"].seen
+        assert not h.resource.active
+        assert [b.in_flight for b in h.runtime.backends] == [0, 0, 0]
+    with harness({"api": "openai", "provider": "anthropic"}) as h:
+        status, _, body = h.call("POST", "/v1/chat/completions", odd, api="openai")
+        assert status == 400
+        assert "reasoning_effort" in json.loads(body)["error"]["message"]
+
+
+def test_lone_surrogates_cross_translation_escaped(o2a: Harness) -> None:
+    answer = (
+        b'{"id":"msg_01","type":"message","role":"assistant","model":"claude-x",'
+        b'"content":[{"type":"text","text":"cut emoji \\ud83d"}],"stop_reason":"max_tokens",'
+        b'"usage":{"input_tokens":3,"output_tokens":4}}'
+    )
+
+    def handler(request: Request, body: bytes) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        return answer
+
+    o2a.upstreams["us"].handler = o2a.upstreams["eu"].handler = handler
+    raw = json.dumps(dict(CHAT, messages=[{"role": "user", "content": "half \ud83d"}])).encode()
+    status, _, body = o2a.call("POST", "/v1/chat/completions", raw=raw, api="openai")
+    assert status == 200
+    assert json.loads(body)["choices"][0]["message"]["content"] == "cut emoji \ud83d"
+    (seen,) = o2a.upstreams["us"].seen + o2a.upstreams["eu"].seen
+    assert json.loads(seen.body)["messages"][0]["content"] == "half \ud83d"
+
+
+def test_renamed_answers_are_asked_for_without_compression(dual: Harness) -> None:
+    dual.call("POST", "/v1/messages", MESSAGE, headers={"accept-encoding": "gzip, deflate, br"})
+    (seen,) = dual.upstreams["us"].seen + dual.upstreams["eu"].seen
+    assert seen.headers[b"accept-encoding"] == [b"identity"]
+
+
+def test_batches_stay_with_the_first_provider_of_a_weighted_route() -> None:
+    cfg = base_config()
+    cfg["providers"].append(
+        {
+            "name": "anthropic2",
+            "type": "anthropic",
+            "backends": [{"name": "b2", "url": "http://up-b2.test", "api_key": "sk-b2"}],
+        }
+    )
+    cfg["routes"] = [
+        {
+            "api": "anthropic",
+            "strategy": "weighted",
+            "targets": [{"provider": "anthropic"}, {"provider": "anthropic2"}],
+        }
+    ]
+    h = Harness(cfg)
+    try:
+        for _ in range(4):
+            h.call("GET", "/v1/messages/batches/msgbatch_1")
+        assert not h.upstreams["b2"].seen
+        assert len(h.upstreams["us"].seen) == 4  # the provider's primary backend
+    finally:
+        h.close()
+
+
+def test_a_client_that_leaves_while_the_answer_is_buffered_is_logged_as_499(o2a: Harness) -> None:
+    def partial(request: Request, body: bytes) -> Any:
+        request.setHeader(b"content-type", b"application/json")
+        request.write(b'{"id":"msg_01","type":"message",')
+        return NOT_DONE_YET
+
+    o2a.upstreams["us"].handler = o2a.upstreams["eu"].handler = partial
+    o2a.client.request(
+        "POST",
+        "http://relay.test/v1/chat/completions",
+        headers={"authorization": f"Bearer {CLIENT_KEY}"},
+        data=json.dumps(CHAT).encode(),
+    )
+    o2a.flush()
+    o2a.flush()
+    (exchange,) = o2a.resource.active
+    assert exchange.rewritten is not None
+    exchange.request.connectionLost(Exception("client hung up"))
+    o2a.flush()
+    line = o2a.logs.access()[-1]
+    assert (line["status"], line["outcome"]) == (499, "client_gone")
+    assert [b.in_flight for b in o2a.runtime.backends] == [0, 0, 0]
