@@ -136,7 +136,7 @@ class EndpointTable:
         self._patterns: list[tuple[IProvider, Endpoint]] = []
         for family in families:
             for ep in family.endpoints:
-                literal = ep.pattern.pattern[1:-1]
+                literal = ep.path
                 if literal.replace(b"/", b"").replace(b"_", b"").isalnum():
                     self._exact.setdefault(literal, []).append((family, ep))
                 else:

@@ -34,10 +34,24 @@ from relayd.translate.mapping import json_bytes
 from relayd.translate.responses import rename_model
 from relayd.translate.streams import ModelRenamingStream
 
-# (client family, client endpoint) -> the upstream endpoint of the other family.
-_TRANSLATED_ENDPOINTS = {
-    ("openai", "chat.completions"): "messages",
-    ("anthropic", "messages"): "chat.completions",
+
+def _endpoint(family: IProvider, name: str) -> Endpoint:
+    for candidate in family.endpoints:
+        if candidate.name == name:
+            return candidate
+    raise LookupError(f"{family.name} has no endpoint {name}")
+
+
+# (client family, client endpoint) -> the other family and its endpoint, found once.
+_TRANSLATED_ENDPOINTS: dict[tuple[str, str], tuple[IProvider, Endpoint]] = {
+    ("openai", "chat.completions"): (
+        PROVIDERS["anthropic"],
+        _endpoint(PROVIDERS["anthropic"], "messages"),
+    ),
+    ("anthropic", "messages"): (
+        PROVIDERS["openai"],
+        _endpoint(PROVIDERS["openai"], "chat.completions"),
+    ),
 }
 
 # Request headers of one family that mean nothing to the other (API versions, betas,
@@ -58,13 +72,6 @@ class StreamRewriter(Protocol):
 
 class BadUpstreamBodyError(Exception):
     """A successful upstream answer that could not be read (not a JSON object)."""
-
-
-def _endpoint(family: IProvider, name: str) -> Endpoint:
-    for candidate in family.endpoints:
-        if candidate.name == name:
-            return candidate
-    raise LookupError(f"{family.name} has no endpoint {name}")
 
 
 class UpstreamCall:
@@ -194,7 +201,7 @@ def prepare_call(
         body = json_bytes(renamed)
         return UpstreamCall(family, endpoint, uri, renamed_headers, body, model=model)
     assert payload is not None and model is not None
-    upstream = PROVIDERS[target.provider.type]
+    upstream, upstream_endpoint = _TRANSLATED_ENDPOINTS[(family.name, endpoint.name)]
     if upstream.name == "anthropic":
         translated = openai_to_anthropic_request(
             payload,
@@ -210,7 +217,6 @@ def prepare_call(
             target_model=target.model,
             default_max_tokens=route.default_max_tokens,
         )
-    upstream_endpoint = _endpoint(upstream, _TRANSLATED_ENDPOINTS[(family.name, endpoint.name)])
     out = Headers()
     foreign = _FAMILY_HEADER_PREFIXES[family.name]
     for name, values in headers.getAllRawHeaders():
@@ -226,7 +232,7 @@ def prepare_call(
     return UpstreamCall(
         upstream,
         upstream_endpoint,
-        upstream_endpoint.pattern.pattern[1:-1],
+        upstream_endpoint.path,
         out,
         json_bytes(translated.body),
         model=model,

@@ -63,6 +63,11 @@ class Endpoint:
     sticky: bool = False
     local: bool = False
 
+    @property
+    def path(self) -> bytes:
+        """The path pattern without its anchors: the path itself for a fixed path."""
+        return self.pattern.pattern[1:-1]
+
 
 def endpoint(
     name: str,

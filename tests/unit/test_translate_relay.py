@@ -128,36 +128,30 @@ def events_of(body: bytes) -> list[tuple[str | None, Any]]:
 @pytest.fixture
 def o2a() -> Iterator[Harness]:
     """OpenAI clients asking for "smart" are served by the Anthropic provider."""
-    h = Harness(
-        config(
-            {
-                "api": "openai",
-                "models": ["smart"],
-                "targets": [{"provider": "anthropic", "model": "claude-sonnet-4-5"}],
-            },
-            {"api": "openai", "provider": "openai"},
-        )
-    )
-    yield h
-    h.close()
+    with harness(
+        {
+            "api": "openai",
+            "models": ["smart"],
+            "targets": [{"provider": "anthropic", "model": "claude-sonnet-4-5"}],
+        },
+        {"api": "openai", "provider": "openai"},
+    ) as h:
+        yield h
 
 
 @pytest.fixture
 def a2o() -> Iterator[Harness]:
     """Anthropic clients asking for "smart" are served by the OpenAI provider."""
-    h = Harness(
-        config(
-            {
-                "api": "anthropic",
-                "models": ["smart"],
-                "targets": [
-                    {"provider": "openai", "model": "gpt-5"},
-                ],
-            }
-        )
-    )
-    yield h
-    h.close()
+    with harness(
+        {
+            "api": "anthropic",
+            "models": ["smart"],
+            "targets": [
+                {"provider": "openai", "model": "gpt-5"},
+            ],
+        }
+    ) as h:
+        yield h
 
 
 def test_openai_client_served_by_anthropic_backend(o2a: Harness) -> None:
@@ -413,20 +407,17 @@ def overloaded(request: Request, body: bytes) -> bytes:
 @pytest.fixture
 def dual() -> Iterator[Harness]:
     """Anthropic clients: Anthropic first, OpenAI as the fallback."""
-    h = Harness(
-        config(
-            {
-                "api": "anthropic",
-                "models": ["smart"],
-                "targets": [
-                    {"provider": "anthropic", "model": "claude-sonnet-4-5"},
-                    {"provider": "openai", "model": "gpt-5"},
-                ],
-            }
-        )
-    )
-    yield h
-    h.close()
+    with harness(
+        {
+            "api": "anthropic",
+            "models": ["smart"],
+            "targets": [
+                {"provider": "anthropic", "model": "claude-sonnet-4-5"},
+                {"provider": "openai", "model": "gpt-5"},
+            ],
+        }
+    ) as h:
+        yield h
 
 
 def test_same_family_target_model_is_renamed_both_ways(dual: Harness) -> None:
