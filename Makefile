@@ -21,8 +21,10 @@ $(STAMP): setup.cfg requirements.lock
 run: $(STAMP)
 	$(BIN)/python -m relayd.testing.demo
 
-## test: lint, type-check and the whole test suite (unit + integration with real processes,
-## and tests/packaging: the fast checks of debian/, see docs/packaging.md).
+## test: lint, type-check and the whole test suite: unit, integration with real processes,
+## tests/install (the wheel built from a clean copy, installed in a fresh venv, relaying
+## through twistd from there) and tests/packaging (the fast checks of debian/, see
+## docs/packaging.md).
 test: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest -q tests
 

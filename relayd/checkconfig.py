@@ -9,11 +9,16 @@ must be readable/set in the environment it runs in.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from relayd.config import DEFAULT_CONFIG_PATH, Config, ConfigErrors, load_config
 
 PROG = "relayd-checkconfig"
+
+# What ``twistd relayd`` imports to start: a file can only be "OK" if the daemon that
+# would read it can start at all (a broken install lacking a module cannot).
+_DAEMON_MODULE = "relayd.service"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +31,15 @@ def main(argv: list[str] | None = None) -> int:
         for error in exc.errors:
             print(error, file=sys.stderr)
         print(f"{PROG}: {path}: {_count(len(exc.errors), 'error')}", file=sys.stderr)
+        return 1
+    try:
+        importlib.import_module(_DAEMON_MODULE)
+    except ImportError as exc:
+        print(
+            f"{PROG}: {path} is valid, but relayd cannot start: its installation is "
+            f"broken ({type(exc).__name__}: {exc})",
+            file=sys.stderr,
+        )
         return 1
     print(f"{PROG}: {path} OK: {summarize(config)}")
     return 0

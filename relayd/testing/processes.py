@@ -26,8 +26,9 @@ import yaml
 _LISTENING = re.compile(r"relayd listening on (https?://[^\s]+)")
 
 
-def _bin(name: str) -> str:
-    return str(Path(sys.executable).with_name(name))
+def _bin(name: str, python: str | None = None) -> str:
+    """A console script installed beside ``python`` (default: this interpreter)."""
+    return str(Path(python or sys.executable).with_name(name))
 
 
 def wait_for(predicate: Any, timeout: float, what: str, log: Path | None = None) -> Any:
@@ -50,6 +51,7 @@ class FakeUpstreamProcess:
     name: str = "upstream"
     tls: tuple[str, str] | None = None
     listen: str = "127.0.0.1:0"
+    python: str = sys.executable  # another venv's interpreter runs its installed copy
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
 
@@ -57,13 +59,17 @@ class FakeUpstreamProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         port_file = self.workdir / f"{self.name}.port"
         log = self.workdir / f"{self.name}.log"
-        args = [sys.executable, "-m", "relayd.testing.fakeprovider", "--listen", self.listen,
+        args = [self.python, "-m", "relayd.testing.fakeprovider", "--listen", self.listen,
                 "--port-file", str(port_file)]
         if self.tls:
             args += ["--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
         port_file.unlink(missing_ok=True)
         with log.open("wb") as out:
-            self.process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+            # Not the caller's directory: with ``-m``, a checkout there would shadow an
+            # installed relayd.
+            self.process = subprocess.Popen(
+                args, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir
+            )
 
         def listening() -> bool:
             assert self.process is not None
@@ -117,6 +123,7 @@ class RelaydProcess:
     workdir: Path
     config: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
+    python: str | None = None  # run the twistd installed beside this interpreter
     process: subprocess.Popen[bytes] | None = None
     urls: list[str] = field(default_factory=list)
 
@@ -132,7 +139,8 @@ class RelaydProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
         wanted = expect_listeners or len(self.config.get("listen", [{}]))
-        args = [_bin("twistd"), "-n", "--pidfile=", "relayd", "-c", str(self.config_path)]
+        args = [_bin("twistd", self.python), "-n", "--pidfile=", "relayd", "-c",
+                str(self.config_path)]
         environ = dict(os.environ, **self.env)
         with self.log_path.open("wb") as out:
             self.process = subprocess.Popen(

@@ -216,3 +216,23 @@ def test_runs_as_a_module(tmp_path: Path) -> None:
     assert result.stderr == (
         f"max_body_bytes: must be a positive integer, got 0\nrelayd-checkconfig: {path}: 1 error\n"
     )
+
+
+def test_a_broken_installation_is_not_ok(
+    config_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A valid file is still an error when the daemon that would read it cannot import
+    (the .deb once lacked relayd.limits: checkconfig said OK, twistd could not start)."""
+    path = write(config_dir, VALID_YAML)
+    real_import = checkconfig.importlib.import_module
+
+    def broken(name: str) -> object:
+        if name == "relayd.service":
+            raise ModuleNotFoundError("No module named 'relayd.limits'")
+        return real_import(name)
+
+    monkeypatch.setattr(checkconfig.importlib, "import_module", broken)
+    assert checkconfig.main(["-c", path]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert "relayd cannot start" in err and "No module named 'relayd.limits'" in err
