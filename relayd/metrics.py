@@ -24,7 +24,7 @@ from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -316,9 +316,9 @@ class RuntimeCollector:
     The runtime is duck-typed: ``runtime.backends`` is a list of objects with
     ``provider_name``, ``name``, ``weight``, ``priority``, ``in_flight``,
     ``health.healthy``, ``breaker.state``, ``keys.keys`` (objects with ``index`` and
-    ``cooldown_until``, a clock time, 0.0 when usable) and ``pool`` (an
-    ``HTTPConnectionPool`` or ``None``). Keys are labelled by index only: a key's value
-    never reaches a label. With no source set, nothing is collected.
+    ``cooldown_until``, a clock time, 0.0 when usable) and ``pool`` (a
+    :class:`~relayd.pool.ConnectionPool` or ``None``). Keys are labelled by index only: a
+    key's value never reaches a label. With no source set, nothing is collected.
     """
 
     def __init__(self) -> None:
@@ -351,7 +351,7 @@ class RuntimeCollector:
         return iter(families)
 
 
-def _families() -> list[GaugeMetricFamily]:
+def _families() -> list[GaugeMetricFamily | CounterMetricFamily]:
     """Fresh, empty backend metric families in exposition order."""
     pb = ["provider", "backend"]
     return [
@@ -382,12 +382,27 @@ def _families() -> list[GaugeMetricFamily]:
             "relayd_pool_connections", "Pooled upstream connections of the backend, by state.",
             labels=[*pb, "state"],
         ),
+        CounterMetricFamily(
+            "relayd_upstream_connections_opened",
+            "Upstream connections the backend's pool opened (the rest were reused).",
+            labels=pb,
+        ),
+        CounterMetricFamily(
+            "relayd_upstream_stale_connection_retries",
+            "Requests sent again on a fresh connection because the reused one had been "
+            "closed by the upstream before any answer (not a backend failure).",
+            labels=pb,
+        ),
     ]
 
 
-def _fill(families: Sequence[GaugeMetricFamily], backends: Iterable[Any], now: float) -> None:
+def _fill(
+    families: Sequence[GaugeMetricFamily | CounterMetricFamily],
+    backends: Iterable[Any],
+    now: float,
+) -> None:
     """Add one sample set per backend to ``families`` (as made by :func:`_families`)."""
-    healthy, breaker, in_flight, weight, priority, cooldown, pool = families
+    healthy, breaker, in_flight, weight, priority, cooldown, idle, opened, stale = families
     for backend in backends:
         pb = [backend.provider_name, backend.name]
         healthy.add_metric(pb, 1.0 if backend.health.healthy else 0.0)
@@ -402,16 +417,7 @@ def _fill(families: Sequence[GaugeMetricFamily], backends: Iterable[Any], now: f
         for key in getattr(keyset, "keys", ()):
             remaining = key.cooldown_until - now
             cooldown.add_metric([*pb, str(key.index)], remaining if remaining > 0.0 else 0.0)
-        pool.add_metric([*pb, "idle"], float(_idle_connections(backend.pool)))
-
-
-def _idle_connections(pool: Any) -> int:
-    """Idle cached connections of an ``HTTPConnectionPool`` (0 if there is none).
-
-    Reads the pool's private ``_connections`` (key -> list of idle connections); a
-    Twisted that renames it makes this 0 instead of breaking the scrape.
-    """
-    connections = getattr(pool, "_connections", None)
-    if not isinstance(connections, dict):
-        return 0
-    return sum(len(idle) for idle in connections.values())
+        pool = backend.pool
+        idle.add_metric([*pb, "idle"], float(pool.idle_connections() if pool else 0))
+        opened.add_metric(pb, float(pool.opened if pool else 0))
+        stale.add_metric(pb, float(pool.stale_retries if pool else 0))

@@ -13,67 +13,24 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IConsumer, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    URI,
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    _HTTP11ClientFactory,
-)
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import (
-    IAgent,
-    IAgentEndpointFactory,
-    IBodyProducer,
-    IPolicyForHTTPS,
-    IResponse,
-)
+from twisted.web.iweb import IAgent, IAgentEndpointFactory, IPolicyForHTTPS, IResponse
 from zope.interface import implementer
 
 from relayd import __version__
 from relayd.config.model import BackendConfig
 from relayd.health import ActiveHealth, CircuitBreaker, HealthChecker, KeyRing
+from relayd.pool import ConnectionPool
 from relayd.providers.base import IProvider
 
 _CONNECTION_DONE = Failure(ConnectionDone())
 
 # Active probes say who they are, so upstream logs (and tests) can tell them apart.
 PROBE_USER_AGENT = b"relayd/" + __version__.encode() + b" health-probe"
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """Sends a request body held in memory in one write, with a known length.
-
-    ``FileBodyProducer`` would schedule a cooperator task per request; a body the relay
-    already holds needs no such pacing.
-    """
-
-    __slots__ = ("_body", "length")
-
-    def __init__(self, body: bytes) -> None:
-        self._body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self._body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
-
-
-class _QuietHTTP11ClientFactory(_HTTP11ClientFactory):
-    noisy = False
 
 
 @implementer(IAgentEndpointFactory)
@@ -141,13 +98,11 @@ class Backend:
         self.breaker = CircuitBreaker(config.breaker, reactor)
         self.health = ActiveHealth(config.health)
         self.checker: HealthChecker | None = None
-        self.pool: HTTPConnectionPool | None = None
+        self.pool: ConnectionPool | None = None
         if agent is None:
-            pool = HTTPConnectionPool(reactor, persistent=True)
-            pool.maxPersistentPerHost = config.pool.max_idle_connections
-            pool.cachedConnectionTimeout = config.pool.idle_timeout  # type: ignore[assignment]
-            pool.retryAutomatically = False
-            pool._factory = _QuietHTTP11ClientFactory  # no log line per new connection
+            pool = ConnectionPool(
+                reactor, config.pool.max_idle_connections, config.pool.idle_timeout
+            )
             self.pool = pool
             endpoints = CachedEndpointFactory(
                 reactor, tls_policy or BrowserLikePolicyForHTTPS(), config.timeouts.connect
@@ -267,8 +222,7 @@ class Backend:
         return self.pool.closeCachedConnections()
 
     def idle_connections(self) -> int:
-        connections = getattr(self.pool, "_connections", None) or {}
-        return sum(len(v) for v in connections.values())
+        return self.pool.idle_connections() if self.pool is not None else 0
 
     def describe(self, now: float) -> dict[str, Any]:
         """The backend's state as JSON-able data (for /admin/backends)."""

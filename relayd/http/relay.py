@@ -57,6 +57,7 @@ from relayd.limits.checks import (
 from relayd.limits.policy import estimate_tokens, usage_tokens
 from relayd.logs import log_access
 from relayd.metrics import RelayMetrics
+from relayd.pool import BytesProducer
 from relayd.providers import (
     DEFAULT_FAMILY,
     PROVIDERS,
@@ -71,7 +72,7 @@ from relayd.providers.base import model_entries
 from relayd.routing import ProviderRoute, Route, RouteTarget, providers_of
 from relayd.runtime import Client, RelayRuntime
 from relayd.translate import TranslationError
-from relayd.upstream import Backend, BytesProducer
+from relayd.upstream import Backend
 
 log = Logger(namespace="relayd.relay")
 

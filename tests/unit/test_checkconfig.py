@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -224,14 +225,14 @@ def test_a_broken_installation_is_not_ok(
     """A valid file is still an error when the daemon that would read it cannot import
     (the .deb once lacked relayd.limits: checkconfig said OK, twistd could not start)."""
     path = write(config_dir, VALID_YAML)
-    real_import = checkconfig.importlib.import_module
+    real_import = importlib.import_module
 
     def broken(name: str) -> object:
         if name == "relayd.service":
             raise ModuleNotFoundError("No module named 'relayd.limits'")
         return real_import(name)
 
-    monkeypatch.setattr(checkconfig.importlib, "import_module", broken)
+    monkeypatch.setattr(importlib, "import_module", broken)
     assert checkconfig.main(["-c", path]) == 1
     out, err = capsys.readouterr()
     assert out == ""

@@ -12,7 +12,6 @@ import pytest
 from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
-from twisted.web.client import HTTPConnectionPool
 from zope.interface import implementer
 
 import relayd
@@ -69,7 +68,7 @@ class FakeBackend:
     health: FakeHealth = field(default_factory=FakeHealth)
     breaker: FakeBreaker = field(default_factory=FakeBreaker)
     keys: FakeKeySet = field(default_factory=lambda: FakeKeySet((FakeKey(0),)))
-    pool: HTTPConnectionPool | None = None
+    pool: FakePool | None = None
 
 
 @dataclass
@@ -77,13 +76,14 @@ class FakeRuntime:
     backends: list[FakeBackend]
 
 
-def pool_with_idle(clock: MemoryReactorClock, per_host: list[int]) -> HTTPConnectionPool:
-    """A real pool whose private idle-connection cache holds ``per_host`` fake entries."""
-    pool = HTTPConnectionPool(clock, persistent=True)
-    assert isinstance(pool._connections, dict), "Twisted renamed HTTPConnectionPool._connections"
-    for i, count in enumerate(per_host):
-        pool._connections[(b"https", b"host%d" % i, 443)] = [object() for _ in range(count)]
-    return pool
+@dataclass
+class FakePool:
+    idle: int
+    opened: int = 0
+    stale_retries: int = 0
+
+    def idle_connections(self) -> int:
+        return self.idle
 
 
 def fake_runtime(clock: MemoryReactorClock) -> FakeRuntime:
@@ -92,7 +92,7 @@ def fake_runtime(clock: MemoryReactorClock) -> FakeRuntime:
             "anthropic", "us", weight=3, priority=0, in_flight=2,
             keys=FakeKeySet((FakeKey(0), FakeKey(1, cooldown_until=clock.seconds() + 30.0),
                              FakeKey(2, cooldown_until=clock.seconds() - 5.0))),
-            pool=pool_with_idle(clock, [2, 1]),
+            pool=FakePool(3, opened=7, stale_retries=2),
         ),
         FakeBackend(
             "anthropic", "eu", weight=1, priority=1,
@@ -275,6 +275,9 @@ def test_collector_reads_the_runtime(clock: MemoryReactorClock) -> None:
     assert value(metrics, "relayd_upstream_key_cooldown_seconds", key="2", **us) == 0.0
     assert value(metrics, "relayd_pool_connections", state="idle", **us) == 3.0
     assert value(metrics, "relayd_pool_connections", state="idle", **eu) == 0.0
+    assert value(metrics, "relayd_upstream_connections_opened_total", **us) == 7.0
+    assert value(metrics, "relayd_upstream_stale_connection_retries_total", **us) == 2.0
+    assert value(metrics, "relayd_upstream_stale_connection_retries_total", **eu) == 0.0
 
     # Read at scrape time: the clock and the runtime's live fields are seen at once.
     clock.advance(10.0)
