@@ -165,6 +165,12 @@ class RelayMetrics:
             "Upstream keys passed over because relayd's view of their quota was used up.",
             ["provider", "backend"], registry=r,
         )
+        client_disconnects = Counter(
+            "relayd_client_disconnects_total",
+            "Clients that hung up before their answer was complete, by API and by whether "
+            "any of the answer had been sent (before_response, during_response).",
+            ["api", "stage"], registry=r,
+        )
         self._store_errors = Counter(
             "relayd_state_store_errors_total",
             "State store calls that failed or timed out, by operation.",
@@ -197,6 +203,7 @@ class RelayMetrics:
         self._refused = _Children(refused)
         self._limit_rejections = _Children(limit_rejections)
         self._quota_skips = _Children(quota_skips)
+        self._client_disconnects = _Children(client_disconnects)
 
         self._runtime_collector = RuntimeCollector()
         r.register(self._runtime_collector)
@@ -285,6 +292,10 @@ class RelayMetrics:
     def quota_skip(self, provider: str, backend: str) -> None:
         """Count an upstream key skipped because its quota was used up."""
         self._quota_skips.get((provider, backend)).inc()
+
+    def client_disconnected(self, api: str, stage: str) -> None:
+        """A client hung up first (``before_response`` or ``during_response``)."""
+        self._client_disconnects.get((api, stage)).inc()
 
     def store_event(self, store: str, what: str) -> None:
         """A state store event: ``error:<operation>``, ``up`` or ``down``."""

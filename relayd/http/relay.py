@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -801,10 +801,9 @@ class Exchange:
 
     def _on_upstream_error(self, failure: Failure, attempt: Attempt) -> None:
         attempt.request = None
-        if attempt.timed_out is None and failure.check(CancelledError):
-            # The client went away (or the exchange ended): not the backend's fault.
-            self._record(attempt, "cancelled")
-            self._end_attempt(attempt)
+        if attempt.ended:
+            # Ended by relayd before the upstream answered (the client left, a drain
+            # aborted it): the cancellation's failure says nothing about the backend.
             return
         if attempt.timed_out is not None:
             result = "timeout"
@@ -846,8 +845,6 @@ class Exchange:
     def _on_response(self, response: IResponse, attempt: Attempt) -> None:
         attempt.request = None
         if self.done:
-            self._record(attempt, "cancelled")
-            self._end_attempt(attempt)
             response.deliverBody(_Drain())
             return
         backend = attempt.backend
@@ -1219,18 +1216,29 @@ class Exchange:
         self.fail_unexpectedly()
 
     def fail_unexpectedly(self) -> None:
+        """A bug: answer 500 if nothing was sent yet (else drop the connection), stop the
+        upstream call, and record the attempt as the relay's failure, not the backend's."""
         if self.done:
             return
         self.outcome = "relay_error"
+        request = self.request
         attempt = self.attempt
         if attempt is not None and attempt.body is not None:
-            self.request.unregisterProducer()
-            attempt.body.stopProducing()
-        if self.request.startedWriting:
-            self.request.loseConnection()
-            self._complete()
+            request.unregisterProducer()
+        if request.startedWriting:
+            self._end_early("relay_error")
+            request.loseConnection()
             return
-        self.reply_error(500, "internal relay error; see the relay log for this request id")
+        self.status = 500
+        self._end_early("relay_error")
+        self._send_json(
+            500,
+            self.family.render_error(
+                500,
+                "internal relay error; see the relay log for this request id",
+                self.request_id,
+            ),
+        )
 
     # -- the local model list -----------------------------------------------------------------
 
@@ -1350,12 +1358,16 @@ class Exchange:
         self._write_json(status, body)
 
     def _write_json(self, status: int, body: bytes) -> None:
+        self._send_json(status, body)
+        self._complete()
+
+    def _send_json(self, status: int, body: bytes) -> None:
         request = self.request
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
         request.setHeader(b"content-length", b"%d" % len(body))
         request.write(body)
-        self._finish()
+        request.finish()
 
     def _finish(self) -> None:
         if self.done:
@@ -1368,8 +1380,8 @@ class Exchange:
         if self.done:
             return
         self.outcome = "aborted"
+        self._end_early("shutdown")
         self.request.loseConnection()
-        self._client_went_away(None)
 
     def _client_went_away(self, failure: Failure | None) -> None:
         if self.done:
@@ -1377,18 +1389,31 @@ class Exchange:
         self.client_gone = True
         if self.outcome == "ok":
             self.outcome = "client_gone"
+        stage = "during_response" if self.request.startedWriting else "before_response"
+        self.metrics.client_disconnected(self.family.name, stage)
+        self._end_early("client_gone")
+
+    def _end_early(self, result: str) -> None:
+        """End the exchange before its upstream did, for a reason that is not the
+        backend's (``client_gone``, ``shutdown``): complete it first, so that whatever
+        cancelling the upstream call causes finds it done and is neither recorded
+        against the backend nor written to the client; then cancel."""
         if self.watcher is not None:
             self.usage = self.watcher.usage
         attempt = self.attempt
+        self._complete(result)
         if attempt is not None:
             if attempt.request is not None:
                 attempt.request.cancel()
             elif attempt.body is not None:
                 attempt.body.stopProducing()
-        self._complete()
 
-    def _complete(self) -> None:
-        """Release the backend, stop timers, count and log the request (once)."""
+    def _complete(self, unjudged: str = "relay_error") -> None:
+        """Release the backend, stop timers, count and log the request (once).
+
+        An attempt still waiting for its answer is recorded as ``unjudged``: neither a
+        success nor a failure of the backend (a half-open trial frees its slot).
+        """
         if self.done:
             return
         self.done = True
@@ -1396,7 +1421,7 @@ class Exchange:
         attempt = self.attempt
         if attempt is not None:
             if not attempt.judged:
-                self._record(attempt, "cancelled")
+                self._record(attempt, unjudged)
             self._end_attempt(attempt)
         now = self.clock.seconds()
         usage = self.usage

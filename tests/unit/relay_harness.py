@@ -15,7 +15,7 @@ from typing import Any
 from treq.testing import RequestTraversalAgent, StubTreq
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
-from twisted.web.iweb import UNKNOWN_LENGTH
+from twisted.web.iweb import UNKNOWN_LENGTH, IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
@@ -129,13 +129,18 @@ def base_config(**overrides: Any) -> dict[str, Any]:
 class Harness:
     """A relay resource over fake upstreams, and a StubTreq client for it."""
 
-    def __init__(self, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, config: dict[str, Any] | None = None, agents: dict[str, IAgent] | None = None
+    ) -> None:
+        """``agents`` replaces the fake upstream of the named backends with an agent."""
         self.clock = MemoryReactorClock()
         self.upstreams: dict[str, FakeUpstream] = {}
         self.agents: list[RequestTraversalAgent] = []
         parsed = parse_config(config or base_config())
 
-        def agent_for(backend: BackendConfig) -> RequestTraversalAgent:
+        def agent_for(backend: BackendConfig) -> IAgent:
+            if agents and backend.name in agents:
+                return agents[backend.name]
             upstream = FakeUpstream(backend.name)
             self.upstreams[backend.name] = upstream
             agent = RequestTraversalAgent(upstream)

@@ -22,6 +22,7 @@ from relayd.pool import BytesProducer, ConnectionPool
 
 URL = b"http://up.test/v1/messages"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+DONE = Failure(ConnectionDone())
 
 
 @dataclass
@@ -66,7 +67,7 @@ class Body(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.data += data
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure = DONE) -> None:
         self.done = reason
 
 
