@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from relayd.config.model import DEFAULT_ANTHROPIC_VERSION, DEFAULT_MAX_TOKENS
 from relayd.upstream import Backend
@@ -194,6 +194,7 @@ class Route:
         "api",
         "default_max_tokens",
         "matcher",
+        "name",
         "strict",
         "targets",
         "weighted",
@@ -209,8 +210,10 @@ class Route:
         strict: bool = False,
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         anthropic_version: str = DEFAULT_ANTHROPIC_VERSION,
+        name: str = "route",
     ) -> None:
         self.api = api
+        self.name = name  # how messages name it, e.g. "routes[0] (models: smart)"
         self.matcher = matcher
         self.targets = tuple(targets)
         self.weighted = weighted and len(self.targets) > 1
@@ -259,10 +262,12 @@ class Router:
                 return route
         return None
 
-    def first_for(self, api: str) -> Route | None:
-        """The first route for ``api``: where calls that name no model go."""
+    def first_for(
+        self, api: str, accepts: Callable[[Route], bool] = lambda route: True
+    ) -> Route | None:
+        """The first route for ``api`` that ``accepts`` (for calls that name no model)."""
         for route in self._routes:
-            if route.api == api:
+            if route.api == api and accepts(route):
                 return route
         return None
 

@@ -33,6 +33,12 @@ from relayd.upstream import Backend
 AgentFactory = Callable[[BackendConfig], IAgent]
 
 
+def _route_name(index: int, models: tuple[str, ...] | None) -> str:
+    """How errors name a route: its place in the file and what it matches."""
+    matches = f"models: {', '.join(models)}" if models is not None else "every model"
+    return f"routes[{index}] ({matches})"
+
+
 class Client:
     """A relay client at run time: its name, compiled model allowlist and limits."""
 
@@ -152,8 +158,9 @@ class RelayRuntime:
                     strict=r.strict,
                     default_max_tokens=r.default_max_tokens,
                     anthropic_version=r.anthropic_version,
+                    name=_route_name(index, r.models),
                 )
-                for r in config.routes
+                for index, r in enumerate(config.routes)
             ]
         )
 

@@ -124,6 +124,10 @@ _MAX_COLLECTED_BODY = 4 * 1024 * 1024  # JSON bodies larger than this are not pa
 # an upstream answer larger than this is refused with a 502.
 _MAX_REWRITTEN_BODY = 64 * 1024 * 1024
 
+# Statuses the Anthropic and OpenAI SDKs retry by themselves (besides 5xx): a relay-made
+# 4xx outside this set is final and says so with x-should-retry: false.
+_SDK_RETRIED = frozenset({408, 409, 429})
+
 # Rate-limit headers of an upstream response describe relayd's upstream key, not the
 # client: they are replaced by the client's own when it has limits.
 _UPSTREAM_LIMIT_HEADER_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
@@ -225,6 +229,7 @@ class Exchange:
         self.model: str | None = None
         self.stream_requested = False
         self.payload: dict[str, Any] | None = None
+        self.batch_models: list[str] | None = None  # the models inside a batch create
         self.estimate = 0  # tokens reserved against token limits
         self.tickets: list[tuple[Ticket, Attempt | None]] = []
         self.limit_states: list[LimitState] = []
@@ -378,6 +383,7 @@ class Exchange:
                 if not self.client.allows(model):
                     self._forbid_model(model)
                     return False
+            self.batch_models = models
         if self.model is not None and not self.client.allows(self.model):
             self._forbid_model(self.model)
             return False
@@ -391,15 +397,73 @@ class Exchange:
 
     # -- forwarding, with failover before the first byte --------------------------------------
 
+    def _route(self) -> Route | None:
+        """The route of this request, or None after answering why there is none.
+
+        Message Batches live in the upstream account that created them and are relayed
+        as they are (no model renamed, no translation): a batch create goes to the route
+        of the models inside it, which must serve batches; calls that name no model (a
+        batch's status, results, cancel, the list) go to the first route that serves
+        batches, which is where those models' batches went.
+        """
+        assert self.endpoint is not None
+        router = self.runtime.router
+        api = self.family.name
+        endpoint = self.endpoint
+        if self.model is not None or not endpoint.sticky:
+            route = router.route(api, self.model)
+            if route is None:
+                what = f"model {self.model!r}" if self.model else "this request"
+                self.reply_error(404, f"no route for {what} on the {api} API")
+            return route
+
+        def serves_batches(route: Route) -> bool:
+            return any(serves(t, self.family, endpoint) for t in route.targets)
+
+        if not self.batch_models:
+            route = router.first_for(api, serves_batches)
+            if route is None:
+                self.reply_error(
+                    404,
+                    f"no route of the {api} API can serve Message Batches: batches are "
+                    "relayed as they are, so they need a route with a target of type "
+                    f"{api} that keeps the model name",
+                )
+            return route
+        routes: dict[Route, str] = {}
+        for model in self.batch_models:
+            route = router.route(api, model)
+            if route is None:
+                self.reply_error(
+                    404, f"no route for model {model!r} (in the batch) on the {api} API"
+                )
+                return None
+            routes.setdefault(route, model)
+        if len(routes) > 1:
+            where = "; ".join(f"{model!r} to {route.name}" for route, model in routes.items())
+            self.reply_error(
+                400,
+                "the requests of a batch must all go to one route (one upstream account), "
+                f"but they go to several: {where}",
+            )
+            return None
+        ((route, model),) = routes.items()
+        if not serves_batches(route):
+            self.reply_error(
+                404,
+                f"Message Batches for {model!r} cannot be served by {route.name}: its "
+                "targets rename the model or speak the other API, and batches are relayed "
+                f"as they are; route these models through a route with a target of type "
+                f"{api} that keeps the model name",
+            )
+            return None
+        return route
+
     def _forward(self, body: bytes) -> None:
         assert self.endpoint is not None
         runtime = self.runtime
-        route = runtime.router.route(self.family.name, self.model)
-        if route is None and self.model is None:
-            route = runtime.router.first_for(self.family.name)
+        route = self._route()
         if route is None:
-            what = f"model {self.model!r}" if self.model else "this request"
-            self.reply_error(404, f"no route for {what} on the {self.family.name} API")
             return
         endpoint = self.endpoint
         if (
@@ -1353,6 +1417,10 @@ class Exchange:
             return
         if self.outcome == "ok":
             self.outcome = "rejected" if status < 500 else "relay_error"
+        if status < 500 and status not in _SDK_RETRIED:
+            # A bad key, a forbidden model, an unknown route: asking again will not help,
+            # and clients (Claude Code) otherwise retry a 401 for minutes.
+            self.request.setHeader(b"x-should-retry", b"false")
         self.status = status
         body = self.family.render_error(status, message, self.request_id, code)
         self._write_json(status, body)
@@ -1455,6 +1523,8 @@ class Exchange:
                 "request_id": self.request_id,
                 "client": self.client.name if self.client else None,
                 "api": self.family.name,
+                "method": _printable(self.request.method),
+                "path": _printable(self.request.path),
                 "endpoint": self.endpoint.name if self.endpoint else None,
                 "provider": self.provider_name,
                 "backend": self.backend.name if self.backend else None,
