@@ -16,7 +16,6 @@ import json
 import math
 import os
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
@@ -38,6 +37,7 @@ from twisted.web.server import NOT_DONE_YET
 from relayd.config.model import DEFAULT_RESERVE_OUTPUT_TOKENS
 from relayd.health import UpstreamKey, parse_retry_after
 from relayd.http.body import BoundedBody
+from relayd.http.collected import BadEncodingError, BodyTooLargeError, CollectedBody
 from relayd.http.translation import (
     BadUpstreamBodyError,
     StreamRewriter,
@@ -119,9 +119,10 @@ _DROP_RESPONSE_HEADERS = _HOP_BY_HOP | {
     b"via",
 }
 
-_MAX_COLLECTED_BODY = 4 * 1024 * 1024  # JSON bodies larger than this are not parsed for usage
+# JSON bodies larger than this (decoded) are relayed but not parsed for usage.
+_MAX_COLLECTED_BODY = 4 * 1024 * 1024
 # A body that is rewritten (translated, or its model renamed) is held whole until its end;
-# an upstream answer larger than this is refused with a 502.
+# an upstream answer larger than this (decoded) is refused with a 502.
 _MAX_REWRITTEN_BODY = 64 * 1024 * 1024
 
 # Statuses the Anthropic and OpenAI SDKs retry by themselves (besides 5xx): a relay-made
@@ -254,13 +255,10 @@ class Exchange:
         self.watcher: IStreamWatcher | None = None
         self.call: UpstreamCall | None = None  # of the response being relayed
         self.rewriter: StreamRewriter | None = None  # turns its stream into the client's
-        self.rewritten: list[bytes] | None = None  # a body held whole to be rewritten
-        self.rewritten_size = 0
+        self.rewritten: CollectedBody | None = None  # a body held whole to be rewritten
         self.holding = False
         self.held: list[bytes] = []
-        self.collected: list[bytes] | None = None
-        self.collected_size = 0
-        self.gzip_body = False
+        self.collected: CollectedBody | None = None  # a JSON body read for its usage
         self.total_deadline = 0.0
         self.timed_out: str | None = None
         self.stream_open = False
@@ -949,10 +947,13 @@ class Exchange:
         call = self.call = attempt.call
         content_type = _first(response.headers.getRawHeaders(b"content-type")) or b""
         stream = content_type.startswith(b"text/event-stream") and status == 200
+        gzipped = (
+            _first(response.headers.getRawHeaders(b"content-encoding")) or b""
+        ).lower() == b"gzip"
         if call.rewrites and not stream and (call.translated or status < 300):
             # Translated answers (and renamed successes) are rewritten whole: status and
             # headers wait for the end of the body.
-            self.rewritten = []
+            self.rewritten = CollectedBody(_MAX_REWRITTEN_BODY, gzipped)
         elif content_type.startswith(b"text/event-stream"):
             self.watcher = family.stream_watcher(call.endpoint)
             if stream and call.rewrites:
@@ -965,7 +966,7 @@ class Exchange:
         else:
             self._begin_client_response()
             if status < 300 and b"json" in content_type:
-                self.collected = []
+                self.collected = CollectedBody(_MAX_COLLECTED_BODY, gzipped)
         self._arm_idle_timer(attempt)
         response.deliverBody(_BodyRelay(self, attempt))
 
@@ -1001,9 +1002,7 @@ class Exchange:
                 continue
             if rewritten is not None and lower == b"content-encoding":
                 continue
-            if lower == b"content-encoding" and values[0].lower() == b"gzip":
-                self.gzip_body = True
-            elif lower == b"retry-after":
+            if lower == b"retry-after":
                 seconds = parse_retry_after(values[0], self.clock.seconds())
                 if seconds is not None and seconds > max_retry_after:
                     values = [b"%d" % max_retry_after]
@@ -1060,12 +1059,16 @@ class Exchange:
             return
         if attempt.timer is not None:
             self._arm_idle_timer(attempt)
-        if self.rewritten is not None:
-            self.rewritten_size += len(data)
-            if self.rewritten_size > _MAX_REWRITTEN_BODY:
-                self._refuse_rewrite(attempt, f"is larger than {_MAX_REWRITTEN_BODY} bytes")
-                return
-            self.rewritten.append(data)
+        rewritten = self.rewritten
+        if rewritten is not None:
+            try:
+                rewritten.feed(data)
+            except BodyTooLargeError:
+                self._refuse_rewrite(
+                    attempt, f"is larger than {_MAX_REWRITTEN_BODY} bytes (decoded)"
+                )
+            except BadEncodingError:
+                self._refuse_rewrite(attempt, "is not valid gzip")
             return
         watcher = self.watcher
         if watcher is not None:
@@ -1084,11 +1087,10 @@ class Exchange:
                 if not data:
                     return
         elif self.collected is not None:
-            self.collected_size += len(data)
-            if self.collected_size <= _MAX_COLLECTED_BODY:
-                self.collected.append(data)
-            else:
-                self.collected = None
+            try:
+                self.collected.feed(data)
+            except (BodyTooLargeError, BadEncodingError):
+                self.collected = None  # relayed all the same; its usage stays unknown
         self.request.write(data)
 
     def _release_held(self) -> None:
@@ -1215,20 +1217,23 @@ class Exchange:
 
     def _usage_from_collected(self) -> Usage | None:
         assert self.collected is not None and self.backend is not None
-        body = _decoded(b"".join(self.collected), self.gzip_body)
-        return self.backend.provider.usage_from_json(body) if body is not None else None
+        try:
+            body = self.collected.value()
+        except BadEncodingError:
+            return None
+        return self.backend.provider.usage_from_json(body)
 
     def _relay_rewritten(self, attempt: Attempt) -> None:
         """Send a whole upstream answer, translated or renamed for the client."""
         assert self.rewritten is not None and self.response is not None
         call = attempt.call
         status = self.response.code
-        encoding = _first(self.response.headers.getRawHeaders(b"content-encoding")) or b""
-        body = _decoded(b"".join(self.rewritten), encoding.lower() == b"gzip")
-        self.rewritten = None
-        if body is None:
+        try:
+            body = self.rewritten.value()
+        except BadEncodingError:
             self._refuse_rewrite(attempt, "is not valid gzip")
             return
+        self.rewritten = None
         if status < 300:
             self.usage = call.family.usage_from_json(body)
         try:
@@ -1651,16 +1656,6 @@ class _Drain(Protocol):
 
 def _first(values: Sequence[bytes] | None) -> bytes | None:
     return values[0] if values else None
-
-
-def _decoded(body: bytes, gzipped: bool) -> bytes | None:
-    """A response body without its gzip encoding; None if it is not valid gzip."""
-    if not gzipped:
-        return body
-    try:
-        return zlib.decompress(body, 16 + zlib.MAX_WBITS)
-    except zlib.error:
-        return None
 
 
 def _connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
