@@ -5,10 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from relayd.config.model import ListenerConfig
+from relayd.oslimits import somaxconn
 from relayd.tls import ReloadableServerContext
+
+log = Logger(namespace="relayd.service")
 
 
 def listen(
@@ -28,8 +32,26 @@ def listen(
         if context is None:
             context = ReloadableServerContext(listener.tls)
         factory = TLSMemoryBIOFactory(context, False, factory)
-    port: IListeningPort = reactor.listenTCP(listener.port, factory, interface=listener.host)
+    port: IListeningPort = reactor.listenTCP(
+        listener.port, factory, backlog=effective_backlog(listener), interface=listener.host
+    )
     return port
+
+
+def effective_backlog(listener: ListenerConfig, cap: int | None = None) -> int:
+    """The listener's backlog as the kernel will apply it: at most ``net.core.somaxconn``
+    (logged when that cuts the configured value, so the operator can raise it)."""
+    cap = somaxconn() if cap is None else cap
+    if cap is None or listener.backlog <= cap:
+        return listener.backlog
+    log.warn(
+        "listener {address}: backlog {backlog} is capped at {cap} by net.core.somaxconn; "
+        "raise it (sysctl -w net.core.somaxconn={backlog}) to absorb larger bursts",
+        address=listener.address,
+        backlog=listener.backlog,
+        cap=cap,
+    )
+    return cap
 
 
 def describe(listener: ListenerConfig, port: IListeningPort) -> str:

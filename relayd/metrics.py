@@ -46,6 +46,10 @@ OVERHEAD_BUCKETS: tuple[float, ...] = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )
 
+#: Time spent waiting for a backend slot: from nothing to the default 30 s timeout.
+QUEUE_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+)
 #: Circuit breaker states, each exported as its own 0/1 series.
 BREAKER_STATES: tuple[str, ...] = ("closed", "open", "half_open")
 #: Results of a configuration reload.
@@ -165,6 +169,21 @@ class RelayMetrics:
             "Upstream keys passed over because relayd's view of their quota was used up.",
             ["provider", "backend"], registry=r,
         )
+        self._queued = Gauge(
+            "relayd_queued_requests",
+            "Requests waiting for a free slot (every backend they may use at max_concurrent).",
+            registry=r,
+        )
+        self._queue_wait = Histogram(
+            "relayd_queue_wait_seconds",
+            "Time requests waited for a free backend slot (however the wait ended).",
+            buckets=QUEUE_BUCKETS, registry=r,
+        )
+        queue_refusals = Counter(
+            "relayd_queue_refusals_total",
+            "Requests answered 503 for want of a backend slot: queue full, or wait timed out.",
+            ["reason"], registry=r,
+        )
         client_disconnects = Counter(
             "relayd_client_disconnects_total",
             "Clients that hung up before their answer was complete, by API and by whether "
@@ -204,6 +223,7 @@ class RelayMetrics:
         self._limit_rejections = _Children(limit_rejections)
         self._quota_skips = _Children(quota_skips)
         self._client_disconnects = _Children(client_disconnects)
+        self._queue_refusals = _Children(queue_refusals)
 
         self._runtime_collector = RuntimeCollector()
         r.register(self._runtime_collector)
@@ -292,6 +312,19 @@ class RelayMetrics:
     def quota_skip(self, provider: str, backend: str) -> None:
         """Count an upstream key skipped because its quota was used up."""
         self._quota_skips.get((provider, backend)).inc()
+
+    def queue_entered(self) -> None:
+        """A request began waiting for a backend slot."""
+        self._queued.inc()
+
+    def queue_left(self, waited: float) -> None:
+        """A request stopped waiting (got a slot, timed out, gave up) after ``waited`` s."""
+        self._queued.dec()
+        self._queue_wait.observe(waited)
+
+    def queue_refused(self, reason: str) -> None:
+        """A request was refused for want of a slot (``full`` or ``timeout``)."""
+        self._queue_refusals.get((reason,)).inc()
 
     def client_disconnected(self, api: str, stage: str) -> None:
         """A client hung up first (``before_response`` or ``during_response``)."""

@@ -138,8 +138,9 @@ class WeightedBalancer:
         return None
 
     def usable(self) -> bool:
-        """Whether some backend could take a request now (for readiness)."""
-        return any(b.is_available() for b in self._backends)
+        """Whether some backend can serve requests (for readiness): a backend busy up to
+        its concurrency cap still serves, its requests wait for a slot."""
+        return any(b.can_serve() for b in self._backends)
 
 
 class ProviderRoute:

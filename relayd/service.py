@@ -32,6 +32,7 @@ from relayd.http.admin import AdminResource, admin_site
 from relayd.http.site import RelaySite
 from relayd.listeners import describe, listen
 from relayd.metrics import RelayMetrics
+from relayd.oslimits import raise_open_file_limit
 from relayd.runtime import RelayRuntime
 from relayd.sdnotify import Notifier
 from relayd.tls import ReloadableServerContext, TlsSetupError, certificate_options
@@ -102,6 +103,9 @@ class RelayService(MultiService):
 
     def privilegedStartService(self) -> None:
         """Bind now, before twistd drops privileges, so ports below 1024 work."""
+        before, after = raise_open_file_limit()
+        if after > before:
+            log.info("open file limit raised from {before} to {after}", before=before, after=after)
         config = self.runtime.config
         for key, listener in zip(_listener_keys(list(config.listen)), config.listen, strict=True):
             self.listeners.append(self._open(key, listener))

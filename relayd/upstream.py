@@ -7,13 +7,14 @@ per-request URL or header re-processing on the hot path.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS
@@ -68,10 +69,12 @@ class Backend:
     """One upstream endpoint at run time: pool, Agent, keys, breaker, health and load.
 
     ``in_flight`` counts requests between choosing this backend and finishing the
-    response; the balancer skips a backend at ``max_concurrent``, with an open breaker,
-    or with every key cooling down. A backend survives a reload that keeps its provider,
-    name, URL, pool settings and connect timeout (see :meth:`same_connection_settings`);
-    other settings are applied in place by :meth:`reconfigure`.
+    response (:meth:`acquire`, :meth:`release`); the balancer skips a backend at its
+    ``max_concurrent`` (when it has one), with an open breaker, or with every key cooling
+    down. Requests waiting for one of its slots are in ``waiters``. A backend survives a
+    reload that keeps its provider, name, URL, pool settings and connect timeout (see
+    :meth:`same_connection_settings`); other settings are applied in place by
+    :meth:`reconfigure`.
     """
 
     def __init__(
@@ -91,6 +94,7 @@ class Backend:
         self.url = config.url
         self.base_url = config.url.encode("ascii")
         self.in_flight = 0
+        self.waiters: deque[QueuedRequest] = deque()  # oldest first
         self.retired = False
         self.last_error: str | None = None
         self.last_error_at: float | None = None
@@ -142,14 +146,20 @@ class Backend:
 
     def is_available(self) -> bool:
         """Can take a request now: capacity, breaker not open, a key not cooling down."""
-        return (
-            self.in_flight < self.max_concurrent
-            and self.breaker.state != "open"
-            and self.keys.available()
-        )
+        return self.has_capacity() and self.can_serve()
 
     def has_capacity(self) -> bool:
-        return self.in_flight < self.max_concurrent
+        """Below ``max_concurrent`` (always, without a cap)."""
+        cap = self.max_concurrent
+        return cap is None or self.in_flight < cap
+
+    def can_serve(self) -> bool:
+        """Would take a request given a free slot: breaker not open, a key usable."""
+        return self.breaker.state != "open" and self.keys.available()
+
+    def acquire(self) -> None:
+        """Take a slot for a request about to go to this backend (see :meth:`release`)."""
+        self.in_flight += 1
 
     def note_error(self, message: str) -> None:
         self.last_error = message
@@ -209,8 +219,14 @@ class Backend:
             self.close()
 
     def release(self) -> None:
-        """One request is done with this backend."""
+        """One request is done with this backend: its slot goes to the request that has
+        waited longest for one, if any (see :class:`QueuedRequest`)."""
         self.in_flight -= 1
+        # A woken request may take the slot here, take one elsewhere or give up; then
+        # the next in line gets the chance. (It never waits again on a backend with a
+        # free slot, so this ends.)
+        while self.waiters and self.has_capacity():
+            self.waiters.popleft().slot_freed(self)
         if self.retired and self.in_flight == 0:
             self.close()
 
@@ -264,6 +280,42 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<Backend {self.provider_name}/{self.name} {self.url}>"
+
+
+class QueuedRequest:
+    """A request waiting for a free slot on any of the backends it may use.
+
+    It waits in each such backend's ``waiters``; the first of them to release a slot
+    hands it over by calling :meth:`slot_freed` (at once, so no newer request can take
+    it first), which calls ``on_slot(backend)``: that must either take a slot (or give
+    up) or :meth:`wait_on` again. :meth:`leave` stops the wait everywhere.
+    """
+
+    __slots__ = ("backends", "on_slot", "since", "timer")
+
+    def __init__(self, on_slot: Callable[[Backend], None], since: float) -> None:
+        self.on_slot = on_slot
+        self.since = since  # clock time the wait began
+        self.backends: list[Backend] = []  # where it waits now
+        self.timer: IDelayedCall | None = None
+
+    def wait_on(self, backends: Iterable[Backend]) -> None:
+        for backend in backends:
+            if backend not in self.backends:
+                backend.waiters.append(self)
+                self.backends.append(backend)
+
+    def slot_freed(self, backend: Backend) -> None:
+        self.backends.remove(backend)
+        self.on_slot(backend)
+
+    def leave(self) -> None:
+        for backend in self.backends:
+            backend.waiters.remove(self)
+        self.backends = []
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
 
 
 class ProbeFailedError(Exception):

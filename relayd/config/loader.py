@@ -27,6 +27,7 @@ import yaml
 
 from relayd.config.model import (
     DEFAULT_ANTHROPIC_VERSION,
+    DEFAULT_BACKLOG,
     DEFAULT_LISTEN_ADDRESS,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_TOKENS,
@@ -68,6 +69,8 @@ _ROOT_KEYS = (
     "admin",
     "max_body_bytes",
     "shutdown_timeout",
+    "queue_timeout",
+    "max_queued",
     "timeouts",
     "pool",
     "health",
@@ -78,7 +81,8 @@ _ROOT_KEYS = (
     "providers",
     "routes",
 )
-_LISTENER_KEYS = ("address", "tls")
+_LISTENER_KEYS = ("address", "tls", "backlog")
+_MAX_BACKLOG = 65535  # the kernel's own limit for a listen() backlog
 _TLS_KEYS = ("certificate", "private_key")
 _ADMIN_KEYS = ("address", "token_file")
 _TIMEOUT_KEYS = ("connect", "first_byte", "idle", "total")
@@ -452,6 +456,12 @@ class _Parser:
         shutdown_timeout = self.optional(
             fields, "shutdown_timeout", "", self.positive_number, _CONFIG_DEFAULTS.shutdown_timeout
         )
+        queue_timeout = self.optional(
+            fields, "queue_timeout", "", self.non_negative_number, _CONFIG_DEFAULTS.queue_timeout
+        )
+        max_queued = self.optional(
+            fields, "max_queued", "", self.non_negative_int, _CONFIG_DEFAULTS.max_queued
+        )
         defaults = _Levels(
             timeouts=self.timeouts_in(fields, "", TimeoutsConfig()),
             pool=self.pool_in(fields, "", PoolConfig()),
@@ -481,6 +491,8 @@ class _Parser:
             admin=admin,
             state=state,
             shutdown_timeout=shutdown_timeout,
+            queue_timeout=queue_timeout,
+            max_queued=max_queued,
             source=source,
         )
 
@@ -697,10 +709,13 @@ class _Parser:
         if address is not None:
             self.check_listener_unique(address[1], address[2], path, seen)
         tls = self.tls(fields["tls"], _key_path(path, "tls")) if "tls" in fields else None
+        backlog = self.optional(
+            fields, "backlog", path, self.int_between(1, _MAX_BACKLOG), DEFAULT_BACKLOG
+        )
         if address is None or ("tls" in fields and tls is None):
             return None
         text, host, port = address
-        return ListenerConfig(address=text, host=host, port=port, tls=tls)
+        return ListenerConfig(address=text, host=host, port=port, tls=tls, backlog=backlog)
 
     def address(self, value: object, path: str) -> tuple[str, str, int] | None:
         """``host:port`` or ``[v6]:port`` as ``(text, host, port)``."""

@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 ApiFamily = str
 
 DEFAULT_LISTEN_ADDRESS = "127.0.0.1:8080"
+# The accept backlog of a listener: room for a burst of new connections (the kernel caps
+# it at net.core.somaxconn). Twisted's own default is 50.
+DEFAULT_BACKLOG = 1024
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 # Output tokens reserved for a request that sets no max_tokens (token limits).
 DEFAULT_RESERVE_OUTPUT_TOKENS = 1024
@@ -37,6 +40,7 @@ class ListenerConfig:
     host: str
     port: int
     tls: TlsConfig | None = None
+    backlog: int = DEFAULT_BACKLOG
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +225,7 @@ class BackendConfig:
     ``api_keys`` holds one or more upstream keys (from ``api_key``/``api_key_env``/
     ``api_key_file``, or the ``api_keys`` list), used round-robin. ``priority`` is the
     tier: 0 is the first; a backend of tier 1 gets traffic only when no tier-0 backend
-    is available.
+    is available. ``max_concurrent`` caps requests in flight to it (``None``: no cap).
     """
 
     name: str
@@ -229,7 +233,7 @@ class BackendConfig:
     api_keys: tuple[str, ...] = field(repr=False, default=())
     weight: int = 1
     priority: int = 0
-    max_concurrent: int = 256
+    max_concurrent: int | None = None
     pool: PoolConfig = PoolConfig()
     timeouts: TimeoutsConfig = TimeoutsConfig()  # effective: global < provider < backend
     health: HealthCheckConfig = HealthCheckConfig()  # effective, merged the same way
@@ -296,4 +300,8 @@ class Config:
     admin: AdminConfig | None = None
     state: StateConfig = StateConfig()
     shutdown_timeout: float = 30.0
+    # A request that finds every backend it may use at its max_concurrent waits up to
+    # queue_timeout seconds for a free slot; at most max_queued requests wait at once.
+    queue_timeout: float = 30.0
+    max_queued: int = 1000
     source: str = "<defaults>"

@@ -72,7 +72,7 @@ from relayd.providers.base import model_entries
 from relayd.routing import ProviderRoute, Route, RouteTarget, providers_of
 from relayd.runtime import Client, RelayRuntime
 from relayd.translate import TranslationError
-from relayd.upstream import Backend
+from relayd.upstream import Backend, QueuedRequest
 
 log = Logger(namespace="relayd.relay")
 
@@ -183,6 +183,7 @@ class RelayResource(Resource):
         self.metrics = metrics if metrics is not None else RelayMetrics()
         self.endpoints = EndpointTable(list(PROVIDERS.values()))
         self.active: set[Exchange] = set()
+        self.queued = 0  # exchanges waiting for a backend slot
         self._idle_waiters: list[Deferred[None]] = []
 
     def exchange_done(self, exchange: Exchange) -> None:
@@ -231,6 +232,7 @@ class Exchange:
         self.stream_requested = False
         self.payload: dict[str, Any] | None = None
         self.batch_models: list[str] | None = None  # the models inside a batch create
+        self.queued: QueuedRequest | None = None  # while waiting for a backend slot
         self.estimate = 0  # tokens reserved against token limits
         self.tickets: list[tuple[Ticket, Attempt | None]] = []
         self.limit_states: list[LimitState] = []
@@ -513,15 +515,93 @@ class Exchange:
                 self.outcome = "untranslatable"
                 self.reply_error(error.status, str(error))
                 return
-            self.outcome = "no_backend"
-            self._set_retry_after(self._unavailable_for())
-            self.reply_error(
-                503,
-                f"no backend of {self._provider_names()} is available now "
-                "(all at their concurrency limit, circuit-broken or rate-limited)",
-            )
+            blocked = self._capacity_blocked()
+            if blocked:
+                self._wait_for_slot(blocked)
+            else:
+                self._reply_no_backend()
             return
         self._send(*target)
+
+    def _reply_no_backend(self) -> None:
+        self.outcome = "no_backend"
+        self._set_retry_after(self._unavailable_for())
+        self.reply_error(
+            503,
+            f"no backend of {self._provider_names()} is available now "
+            "(circuit-broken, or every key rate-limited or rejected)",
+        )
+
+    # -- waiting for a free slot --------------------------------------------------------------
+
+    def _capacity_blocked(self) -> list[Backend]:
+        """The backends this request could use but for their ``max_concurrent``."""
+        return [
+            backend
+            for provider in providers_of(self.targets)
+            for backend in provider.balancer.backends
+            if not backend.has_capacity() and backend.can_serve()
+        ]
+
+    def _wait_for_slot(self, blocked: list[Backend]) -> None:
+        """Every usable backend is at its concurrency cap: wait (bounded) for a slot."""
+        config = self.runtime.config
+        resource = self.resource
+        if resource.queued >= config.max_queued or config.queue_timeout <= 0:
+            self.metrics.queue_refused("full")
+            self.outcome = "queue_full"
+            self._set_retry_after(1.0)
+            self.reply_error(
+                503,
+                f"every backend of {self._provider_names()} is at its concurrency limit and "
+                f"the queue is full ({config.max_queued} requests waiting)",
+            )
+            return
+        queued = self.queued = QueuedRequest(self._slot_freed, self.clock.seconds())
+        queued.wait_on(blocked)
+        queued.timer = self.clock.callLater(config.queue_timeout, self._queue_timed_out)
+        resource.queued += 1
+        self.metrics.queue_entered()
+
+    def _slot_freed(self, backend: Backend) -> None:
+        """A backend this request waits for released a slot (called from its release)."""
+        try:
+            target = self._pick_target()
+            if target is not None:
+                self._leave_queue()
+                self._send(*target)
+                return
+            blocked = self._capacity_blocked()
+            if blocked:
+                assert self.queued is not None
+                self.queued.wait_on(blocked)
+                return
+            self._leave_queue()
+            self._reply_no_backend()
+        except Exception:
+            self.on_unexpected(Failure())
+
+    def _queue_timed_out(self) -> None:
+        assert self.queued is not None
+        self.queued.timer = None
+        self._leave_queue()
+        self.metrics.queue_refused("timeout")
+        self.outcome = "queue_timeout"
+        self._set_retry_after(1.0)
+        self.reply_error(
+            503,
+            f"no backend of {self._provider_names()} had a free slot within "
+            f"{self.runtime.config.queue_timeout:g}s (all at their concurrency limit)",
+        )
+
+    def _leave_queue(self) -> None:
+        queued = self.queued
+        if queued is None:
+            return
+        self.queued = None
+        queued.leave()
+        self.resource.queued -= 1
+        self.metrics.queue_left(self.clock.seconds() - queued.since)
 
     def _provider_names(self) -> str:
         names = [repr(p.name) for p in providers_of(self.targets)]
@@ -601,8 +681,16 @@ class Exchange:
                         backend.breaker.release_trial()
                         exclude.append(backend)
                         continue
+                    backend.acquire()  # its slot is ours until the attempt ends or _unpick
                     return target, backend, key
         return None
+
+    @staticmethod
+    def _unpick(backend: Backend) -> None:
+        """Give back what :meth:`_pick_target` took for a backend that gets no attempt:
+        its slot, and its half-open trial if it was one."""
+        backend.breaker.release_trial()
+        backend.release()
 
     # -- limits: admission before each attempt ------------------------------------------------
 
@@ -638,7 +726,7 @@ class Exchange:
     ) -> None:
         if self.done:
             # The client left while the store was deciding: give everything back.
-            backend.breaker.release_trial()
+            self._unpick(backend)
             if decision.allowed:
                 self._settle_ticket(
                     Ticket.of(decision), {"client": (0, True), "upstream": (0, True)}, None
@@ -651,10 +739,10 @@ class Exchange:
             return
         failed = decision.failed
         if failed is not None and failed.scope == "upstream":
-            backend.breaker.release_trial()
+            self._unpick(backend)
             self._route_around_quota(backend, key, decision)
             return
-        backend.breaker.release_trial()
+        self._unpick(backend)
         self._refuse(decision)
 
     def _route_around_quota(self, backend: Backend, key: UpstreamKey, decision: Decision) -> None:
@@ -750,7 +838,6 @@ class Exchange:
         self.tried.append((target, backend))
         self.backend = backend
         self.provider_name = backend.provider_name
-        backend.in_flight += 1
         now = self.clock.seconds()
         if self.first_sent_at is None:
             self.first_sent_at = now
@@ -800,7 +887,7 @@ class Exchange:
             self.metrics.retry_refused(provider, "no_backend")
             return None
         if not self.runtime.retry_budget.try_acquire_retry():
-            target[1].breaker.release_trial()
+            self._unpick(target[1])
             self.metrics.retry_refused(provider, "budget")
             return None
         self.metrics.retry(provider, reason)
@@ -1359,7 +1446,7 @@ class Exchange:
         if version:
             headers.setRawHeaders(b"anthropic-version", version)
         suffix = b"?limit=1000" if backend.provider.name == "anthropic" else b""
-        backend.in_flight += 1
+        backend.acquire()
         d = backend.agent.request(b"GET", backend.base_url + b"/v1/models" + suffix, headers)
 
         def read(response: IResponse) -> Deferred[bytes]:
@@ -1490,6 +1577,7 @@ class Exchange:
         if self.done:
             return
         self.done = True
+        self._leave_queue()
         self.resource.exchange_done(self)
         attempt = self.attempt
         if attempt is not None:

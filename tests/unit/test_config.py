@@ -175,7 +175,7 @@ def test_example_parses_to_the_expected_objects(tmp_path: Path) -> None:
                         url="https://api.anthropic.com",
                         api_keys=("sk-from-env", "sk-second"),
                         weight=3,
-                        max_concurrent=256,
+                        max_concurrent=None,
                         pool=global_pool,
                         timeouts=anthropic_timeouts,
                         health=anthropic_health,

@@ -222,7 +222,12 @@ def test_reload_reuses_unchanged_backends_and_retires_removed(harness: Harness) 
 
 def test_readiness_reports_providers_without_usable_backends(harness: Harness) -> None:
     assert harness.runtime.readiness() == (True, [])
-    backend(harness, "main").in_flight = 10_000
+    main = backend(harness, "main")
+    main.max_concurrent = 1
+    main.in_flight = 10_000  # busy is still ready: its requests wait for a slot
+    assert harness.runtime.readiness() == (True, [])
+    for _ in range(main.breaker.config.failures):
+        main.breaker.record_failure("test")
     ready, problems = harness.runtime.readiness()
     assert not ready and "openai" in problems[0]
 

@@ -173,29 +173,6 @@ def test_body_over_limit_is_413() -> None:
         h.close()
 
 
-def test_concurrency_cap_gives_503() -> None:
-    config = base_config()
-    config["providers"][1]["backends"][0]["max_concurrent"] = 1
-    h = Harness(config)
-    try:
-        h.upstreams["main"].handler = hang
-        d = h.client.request(
-            "POST", "http://relay.test/v1/chat/completions",
-            headers={"authorization": f"Bearer {CLIENT_KEY}"}, data=json.dumps(CHAT).encode(),
-        )
-        h.client.flush()
-        status, headers, body = h.call("POST", "/v1/chat/completions", CHAT, api="openai")
-        assert status == 503
-        assert headers["retry-after"] == ["1"]
-        assert "concurrency limit" in json.loads(body)["error"]["message"]
-        cancelled: list[Any] = []
-        d.addErrback(cancelled.append)
-        d.cancel()
-        assert cancelled
-    finally:
-        h.close()
-
-
 def test_upstream_status_and_error_body_pass_through(harness: Harness) -> None:
     def overloaded(request: Request, body: bytes) -> bytes:
         request.setHeader(b"retry-after", b"7")
