@@ -30,6 +30,14 @@ class SseParser:
         self._event: bytes | None = None
         self._data: list[bytes] = []
 
+    @property
+    def at_boundary(self) -> bool:
+        """Whether what was fed so far ends between two events (nothing half-read), so
+        a comment line may be inserted without changing any event."""
+        return (
+            not self._buffer and not self._pending_cr and not self._data and self._event is None
+        )
+
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """Consume ``chunk`` and return the events it completed (possibly none)."""
         if self._pending_cr:

@@ -71,6 +71,7 @@ _ROOT_KEYS = (
     "shutdown_timeout",
     "queue_timeout",
     "max_queued",
+    "stream_keepalive",
     "timeouts",
     "pool",
     "health",
@@ -462,6 +463,13 @@ class _Parser:
         max_queued = self.optional(
             fields, "max_queued", "", self.non_negative_int, _CONFIG_DEFAULTS.max_queued
         )
+        stream_keepalive = self.optional(
+            fields,
+            "stream_keepalive",
+            "",
+            self.non_negative_number,
+            _CONFIG_DEFAULTS.stream_keepalive,
+        )
         defaults = _Levels(
             timeouts=self.timeouts_in(fields, "", TimeoutsConfig()),
             pool=self.pool_in(fields, "", PoolConfig()),
@@ -493,6 +501,7 @@ class _Parser:
             shutdown_timeout=shutdown_timeout,
             queue_timeout=queue_timeout,
             max_queued=max_queued,
+            stream_keepalive=stream_keepalive,
             source=source,
         )
 

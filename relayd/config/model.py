@@ -304,4 +304,7 @@ class Config:
     # queue_timeout seconds for a free slot; at most max_queued requests wait at once.
     queue_timeout: float = 30.0
     max_queued: int = 1000
+    # During upstream silence on an SSE answer, an SSE comment every this many seconds
+    # keeps proxies in front from closing the connection as idle; 0 turns it off.
+    stream_keepalive: float = 15.0
     source: str = "<defaults>"

@@ -233,6 +233,8 @@ class Exchange:
         self.payload: dict[str, Any] | None = None
         self.batch_models: list[str] | None = None  # the models inside a batch create
         self.queued: QueuedRequest | None = None  # while waiting for a backend slot
+        self.keepalive: IDelayedCall | None = None  # SSE comments during silence
+        self.wrote_at = 0.0  # when stream bytes last went to the client
         self.estimate = 0  # tokens reserved against token limits
         self.tickets: list[tuple[Ticket, Attempt | None]] = []
         self.limit_states: list[LimitState] = []
@@ -1050,6 +1052,11 @@ class Exchange:
             self.holding = status == 200
             if not self.holding:
                 self._begin_client_response()
+            elif self.runtime.config.stream_keepalive > 0:
+                self.wrote_at = self.first_byte_at
+                self.keepalive = self.clock.callLater(
+                    self.runtime.config.stream_keepalive, self._keep_alive
+                )
         else:
             self._begin_client_response()
             if status < 300 and b"json" in content_type:
@@ -1126,11 +1133,11 @@ class Exchange:
             # gets a length-delimited body rather than chunked encoding.
             out.setRawHeaders(b"content-length", [b"%d" % response.length])
 
-    def _arm_idle_timer(self, attempt: Attempt) -> None:
+    def _arm_idle_timer(self, attempt: Attempt, now: float | None = None) -> None:
         """(Re)start the attempt's timer: the idle gap, capped by the total deadline."""
-        delay = max(
-            min(attempt.backend.timeouts.idle, self.total_deadline - self.clock.seconds()), 0.0
-        )
+        if now is None:
+            now = self.clock.seconds()
+        delay = max(min(attempt.backend.timeouts.idle, self.total_deadline - now), 0.0)
         if attempt.timer is not None and attempt.timer.active():
             attempt.timer.reset(delay)
         else:
@@ -1144,8 +1151,9 @@ class Exchange:
     def on_body_data(self, attempt: Attempt, data: bytes) -> None:
         if self.done or attempt is not self.attempt:
             return
+        now = self.clock.seconds()
         if attempt.timer is not None:
-            self._arm_idle_timer(attempt)
+            self._arm_idle_timer(attempt, now)
         rewritten = self.rewritten
         if rewritten is not None:
             try:
@@ -1173,6 +1181,7 @@ class Exchange:
                 data = self.rewriter.feed(data)
                 if not data:
                     return
+            self.wrote_at = now
         elif self.collected is not None:
             try:
                 self.collected.feed(data)
@@ -1180,9 +1189,41 @@ class Exchange:
                 self.collected = None  # relayed all the same; its usage stays unknown
         self.request.write(data)
 
+    def _keep_alive(self) -> None:
+        """Stream keepalive: after ``stream_keepalive`` seconds in which no stream byte
+        reached the client, send an SSE comment (every SDK ignores comments), so that a
+        proxy in front does not close the connection as idle during a long pause.
+
+        A stream still held back for failover is released first: a pause that long
+        means content is slow to come, and the client must see bytes now. A comment is
+        only put between two events, never inside one.
+        """
+        self.keepalive = None
+        if self.done:
+            return
+        interval = self.runtime.config.stream_keepalive
+        now = self.clock.seconds()
+        due = self.wrote_at + interval
+        if now < due:
+            self.keepalive = self.clock.callLater(due - now, self._keep_alive)
+            return
+        if self.holding:
+            self._release_held()
+        watcher = self.watcher
+        if self.rewriter is not None or (watcher is not None and watcher.at_event_boundary()):
+            self.request.write(b": keepalive\n\n")
+        self.wrote_at = now
+        self.keepalive = self.clock.callLater(interval, self._keep_alive)
+
+    def _stop_keepalive(self) -> None:
+        keepalive, self.keepalive = self.keepalive, None
+        if keepalive is not None and keepalive.active():
+            keepalive.cancel()
+
     def _release_held(self) -> None:
         """The stream is past the point of failover: send what was held, then relay live."""
         self.holding = False
+        self.wrote_at = self.clock.seconds()
         self._begin_client_response()
         held, self.held = self.held, []
         rewriter = self.rewriter
@@ -1215,6 +1256,7 @@ class Exchange:
             self._release_held()
             return False
         self.request.unregisterProducer()
+        self._stop_keepalive()
         self.watcher = None
         self.rewriter = None
         self.call = None
@@ -1578,6 +1620,7 @@ class Exchange:
             return
         self.done = True
         self._leave_queue()
+        self._stop_keepalive()
         self.resource.exchange_done(self)
         attempt = self.attempt
         if attempt is not None:

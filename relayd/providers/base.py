@@ -103,6 +103,9 @@ class IStreamWatcher(Interface):
     def feed(data: bytes) -> None:
         """Consume the next chunk of the response body."""
 
+    def at_event_boundary() -> bool:
+        """Whether the bytes fed so far end between two events."""
+
 
 class StreamWatcherBase:
     """State every :class:`IStreamWatcher` keeps: a parser, usage so far, and the end."""
@@ -115,6 +118,9 @@ class StreamWatcherBase:
         self.complete = False
         self.error_seen = False
         self.content_started = False
+
+    def at_event_boundary(self) -> bool:
+        return self._parser.at_boundary
 
 
 class IProvider(Interface):
