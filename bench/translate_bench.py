@@ -1,6 +1,6 @@
 """CPU cost of translation, in process: what a translated request adds to the relay path.
 
-Times, per operation, with the bench's request shape (``relay_bench.message_body``) and
+Times, per operation, with the bench's request shape (``relayd.testing.loadgen.message_body``) and
 the fake upstream's answer shapes: translating the request body both ways (decode,
 translate, encode, as the relay does), a JSON answer both ways, and a 10-event stream
 both ways (fed event by event, as it arrives). Prints one table; takes a few seconds.
@@ -19,8 +19,7 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from relay_bench import message_body
-
+from relayd.testing.loadgen import message_body
 from relayd.translate import (
     AnthropicToOpenAIStream,
     OpenAIToAnthropicStream,

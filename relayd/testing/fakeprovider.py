@@ -1872,10 +1872,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.tls_cert, "rb") as cert, open(args.tls_key, "rb") as key:
             pem = key.read() + b"\n" + cert.read()
         options = ssl.PrivateCertificate.loadPEM(pem).options()
-        listening = reactor.listenSSL(port, site, options, interface=interface)
+        listening = reactor.listenSSL(port, site, options, backlog=1024, interface=interface)
         scheme = "https"
     else:
-        listening = reactor.listenTCP(port, site, interface=interface)
+        listening = reactor.listenTCP(port, site, backlog=1024, interface=interface)
         scheme = "http"
     address = listening.getHost()
     host = f"[{address.host}]" if ":" in address.host else address.host

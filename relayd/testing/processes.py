@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 _LISTENING = re.compile(r"relayd listening on (https?://[^\s]+)")
+_ADMIN_LISTENING = re.compile(r"relayd admin listening on (http://\S+)")
 
 
 def _bin(name: str, python: str | None = None) -> str:
@@ -159,6 +160,14 @@ class RelaydProcess:
 
     def url(self, scheme: str = "http") -> str:
         return next(u for u in self.urls if u.startswith(scheme + "://"))
+
+    def admin_url(self, timeout: float = 20) -> str:
+        """The admin listener's URL, as last announced in the log (a reload may move it)."""
+        found: list[str] = wait_for(
+            lambda: _ADMIN_LISTENING.findall(self.log_text()), timeout, "the admin listener",
+            self.log_path,
+        )
+        return found[-1]
 
     def log_text(self) -> str:
         return self.log_path.read_text()

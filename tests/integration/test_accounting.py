@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import socket
 import urllib.request
 from collections.abc import Callable
@@ -16,8 +15,6 @@ from support import CLIENT_KEY, backend, relay_config
 from relayd.testing.certs import TestCertificates
 from relayd.testing.fakeprovider import input_tokens_for
 from relayd.testing.processes import FakeUpstreamProcess, RelaydProcess, wait_for
-
-ADMIN = re.compile(r"relayd admin listening on (http://[^\s]+)")
 
 
 def test_usage_totals_match_the_upstream(
@@ -81,9 +78,7 @@ def test_usage_totals_match_the_upstream(
 
 
 def _admin_usage(relay: RelaydProcess) -> dict[str, Any]:
-    admin = ADMIN.search(relay.log_text())
-    assert admin is not None
-    with urllib.request.urlopen(admin.group(1) + "/admin/usage", timeout=10) as response:
+    with urllib.request.urlopen(relay.admin_url() + "/admin/usage", timeout=10) as response:
         document: dict[str, Any] = json.loads(response.read())
         return document
 

@@ -27,7 +27,6 @@ from support import CLIENT_KEY, sha
 from relayd.testing.fakeprovider import reply_text
 from relayd.testing.processes import FakeUpstreamProcess, RelaydProcess, wait_for
 
-_ADMIN_LISTENING = re.compile(r"relayd admin listening on (http://\S+)")
 _ACCESS_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)')
 _FULL_REPLY = reply_text(5)  # the fake's default reply: five chunks
 
@@ -157,13 +156,7 @@ class Relay:
 def start_relay(relayd_factory: Callable[..., RelaydProcess]) -> Callable[..., Relay]:
     def start(config: dict[str, Any]) -> Relay:
         process = relayd_factory(config)
-        admin = wait_for(
-            lambda: _ADMIN_LISTENING.findall(process.log_text()),
-            20,
-            "the admin listener",
-            process.log_path,
-        )
-        return Relay(process, admin[0])
+        return Relay(process, process.admin_url())
 
     return start
 

@@ -8,7 +8,6 @@ the configured failure mode and back without a restart.
 from __future__ import annotations
 
 import json
-import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -27,7 +26,6 @@ from relayd.testing.processes import (
     wait_for,
 )
 
-ADMIN = re.compile(r"relayd admin listening on (http://\S+)")
 LIMITED = "sk-relay-limited-client"
 MESSAGE: dict[str, Any] = {
     "model": "claude-limits",
@@ -40,9 +38,7 @@ class Instance:
     def __init__(self, process: RelaydProcess) -> None:
         self.process = process
         self.url = process.url("http")
-        found = ADMIN.search(process.log_text())
-        assert found is not None
-        self.admin = found.group(1)
+        self.admin = process.admin_url()
 
     def admin_get(self, path: str) -> tuple[int, bytes]:
         try:

@@ -39,7 +39,6 @@ MESSAGE: dict[str, Any] = {
     "model": "claude-test-1", "max_tokens": 64, "messages": [{"role": "user", "content": "Hello"}]
 }
 
-_ADMIN = re.compile(r"relayd admin listening on (http://\S+)")
 _ACCESS = re.compile(r"access request_id=(\S+) .*? backend=(\S+)")
 _RELOADED = "configuration reloaded:"
 _INVALID = "still running the previous one"  # the summary line of an invalid file
@@ -118,15 +117,9 @@ def reload(relay: RelaydProcess, config: dict[str, Any], expect: str = _RELOADED
     assert log.count(expect) == seen + 1, log[-3000:]
 
 
-def admin_url(relay: RelaydProcess) -> str:
-    found = wait_for(lambda: _ADMIN.search(relay.log_text()), 10, "the admin listener",
-                     relay.log_path)
-    return str(found.group(1))
-
-
 def admin_get(relay: RelaydProcess, path: str, token: str | None = None) -> httpx2.Response:
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    return httpx2.get(admin_url(relay) + path, headers=headers, timeout=10)
+    return httpx2.get(relay.admin_url() + path, headers=headers, timeout=10)
 
 
 def anthropic_weights(relay: RelaydProcess) -> dict[str, int]:
@@ -618,7 +611,7 @@ def test_sigterm_drains_open_streams(
     up = upstream_factory("up1")
     relay = relayd_factory(relay_config([{"address": "127.0.0.1:0"}], [backend("a1", up)]))
     url = relay.url("http")
-    admin_url(relay)
+    relay.admin_url()
     streams = Streams(url, 50, chunk_delay=0.25, chunks=10).start()  # 14 events, ~3.5 s
     wait_for(lambda: streams.started == 50 or streams.results, 30, "50 streams to start",
              relay.log_path)
