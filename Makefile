@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck unit integration bench clean system-deps deb-lock \
+.PHONY: run test lint typecheck unit integration load bench clean system-deps deb-lock \
 	deb deb-test packaging-check
 
 $(STAMP): setup.cfg requirements.lock
@@ -23,8 +23,8 @@ run: $(STAMP)
 
 ## test: lint, type-check and the whole test suite: unit, integration with real processes,
 ## tests/install (the wheel built from a clean copy, installed in a fresh venv, relaying
-## through twistd from there) and tests/packaging (the fast checks of debian/, see
-## docs/packaging.md).
+## through twistd from there), tests/packaging (the fast checks of debian/, see
+## docs/packaging.md) and tests/load (the load-and-fault suite).
 test: $(STAMP) system-deps lint typecheck
 	$(BIN)/pytest -q tests
 
@@ -44,6 +44,10 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/pytest -q tests/integration
+
+## load: the load-and-fault suite alone (real processes, default settings; part of make test).
+load: $(STAMP)
+	$(BIN)/pytest -q tests/load
 
 bench: $(STAMP)
 	$(BIN)/python bench/relay_bench.py

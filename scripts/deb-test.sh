@@ -163,6 +163,12 @@ check_installed() {
         test "$(in_root id -gn relayd)" = relayd
     check "relayd-checkconfig accepts the shipped config" \
         in_root /usr/bin/relayd-checkconfig -c /etc/relayd.yaml
+    # The first release's .deb lacked two packages; every module of relayd must import
+    # from the installed venv (not only what checkconfig and the unit happen to load).
+    check "every relayd module imports from the installed venv" \
+        in_root "$VENV/bin/python" -c 'import importlib, pkgutil, relayd
+assert relayd.__file__.startswith("/opt/venvs/relayd/"), relayd.__file__
+for m in pkgutil.walk_packages(relayd.__path__, "relayd."): importlib.import_module(m.name)' 
     check "the Twisted plugin cache exists" \
         test -s "$ROOT$VENV/lib/python3.11/site-packages/twisted/plugins/dropin.cache"
     check "byte code is compiled" \
@@ -259,8 +265,14 @@ providers:
     health: {enabled: false}
     backends:
       - {name: fake, url: "http://127.0.0.1:8900", api_key: "sk-upstream-deb-test"}
+  - name: openai
+    type: openai
+    health: {enabled: false}
+    backends:
+      - {name: fake, url: "http://127.0.0.1:8900", api_key: "sk-upstream-deb-test"}
 routes:
   - {api: anthropic, provider: anthropic}
+  - {api: openai, provider: openai}
 ${3:-}
 EOF
 }
@@ -356,7 +368,7 @@ make_certificates(Path("/etc/relayd/tls"))'
     read -r -a reload_argv <<<"${exec_reload//\$MAINPID/$mainpid}"
     check "ExecReload exits 0" as_service "${reload_argv[@]}"
     check "relayd reloads the changed config" \
-        wait_for 30 grep -q 'configuration reloaded: 1 clients, 1 providers, 1 backends, 1 routes' \
+        wait_for 30 grep -q 'configuration reloaded: 1 clients, 2 providers, 2 backends, 2 routes' \
         "$WORK/relayd.log"
     check "relayd sends RELOADING=1, then READY=1 again" \
         wait_for 10 bash -c "grep -A1 '^RELOADING=1' '$WORK/notify.log' | tail -n +2 | grep -q . &&
@@ -365,6 +377,8 @@ make_certificates(Path("/etc/relayd/tls"))'
         test "$(python3 "$WORK/client.py" alpn 127.0.0.1 443 "$WORK/ca.pem")" = h2
     check "a request relayed over https://127.0.0.1:443 gets the upstream's answer" \
         python3 "$WORK/client.py" message https://127.0.0.1:443 "$CLIENT_KEY" "$WORK/ca.pem"
+    check "an OpenAI chat completion relayed over http://127.0.0.1:8080 gets the answer" \
+        python3 "$WORK/client.py" chat http://127.0.0.1:8080 "$CLIENT_KEY"
     check "the admin listener counts the reload" \
         bash -c "python3 '$WORK/client.py' get http://127.0.0.1:9091/metrics |
             grep -q '^relayd_config_reloads_total{result=\"ok\"} 1.0$'"
@@ -517,6 +531,11 @@ make_certificates(Path("/etc/relayd/tls"))' >>"$WORK/checks.log" 2>&1
             -H 'anthropic-version: 2023-06-01' -H 'content-type: application/json' \
             -d '{"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "Hi"}]}' \
             https://127.0.0.1:443/v1/messages)"
+    same "[systemd] an OpenAI chat completion relays to the upstream" "200" \
+        "$(in_ct curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $CLIENT_KEY" \
+            -H 'content-type: application/json' \
+            -d '{"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}' \
+            http://127.0.0.1:8080/v1/chat/completions)"
 
     # The upgrade path with a stream in flight: dpkg -i over the installed package restarts
     # the service (dh_installsystemd), and the restart's stop drains the stream. The
@@ -611,6 +630,13 @@ elif cmd == "get":
 elif cmd == "message":
     reply = json.load(request(args[0] + "/v1/messages", args[1], MESSAGE, *args[2:]))
     assert reply["type"] == "message" and reply["content"][0]["text"], reply
+elif cmd == "chat":
+    headers = {"content-type": "application/json", "authorization": "Bearer " + args[1]}
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}
+    req = urllib.request.Request(args[0] + "/v1/chat/completions",
+                                 data=json.dumps(body).encode(), headers=headers)
+    reply = json.load(urllib.request.urlopen(req, timeout=30))
+    assert reply["object"] == "chat.completion" and reply["choices"][0]["message"]["content"]
 elif cmd == "stream":
     with open(args[2], "w") as out:
         response = request(args[0] + "/v1/messages", args[1], dict(MESSAGE, stream=True))
