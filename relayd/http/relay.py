@@ -550,11 +550,8 @@ class Exchange:
         config = self.runtime.config
         resource = self.resource
         if resource.queued >= config.max_queued or config.queue_timeout <= 0:
-            self.metrics.queue_refused("full")
-            self.outcome = "queue_full"
-            self._set_retry_after(1.0)
-            self.reply_error(
-                503,
+            self._refuse_for_capacity(
+                "full",
                 f"every backend of {self._provider_names()} is at its concurrency limit and "
                 f"the queue is full ({config.max_queued} requests waiting)",
             )
@@ -587,14 +584,18 @@ class Exchange:
         assert self.queued is not None
         self.queued.timer = None
         self._leave_queue()
-        self.metrics.queue_refused("timeout")
-        self.outcome = "queue_timeout"
-        self._set_retry_after(1.0)
-        self.reply_error(
-            503,
+        self._refuse_for_capacity(
+            "timeout",
             f"no backend of {self._provider_names()} had a free slot within "
             f"{self.runtime.config.queue_timeout:g}s (all at their concurrency limit)",
         )
+
+    def _refuse_for_capacity(self, reason: str, message: str) -> None:
+        """503 for want of a backend slot (``full`` or ``timeout``): worth a retry soon."""
+        self.metrics.queue_refused(reason)
+        self.outcome = "queue_" + reason
+        self._set_retry_after(1.0)
+        self.reply_error(503, message)
 
     def _leave_queue(self) -> None:
         queued = self.queued
