@@ -7,12 +7,18 @@ per-request URL or header re-processing on the hot path.
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.endpoints import (
+    HostnameEndpoint,
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    wrapClientTLS,
+)
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
@@ -34,6 +40,24 @@ _CONNECTION_DONE = Failure(ConnectionDone())
 PROBE_USER_AGENT = b"relayd/" + __version__.encode() + b" health-probe"
 
 
+def _tcp_endpoint(reactor: Any, host: str, port: int, timeout: float) -> IStreamClientEndpoint:
+    """A plain TCP endpoint for ``host``: straight to the address when it is one.
+
+    ``HostnameEndpoint`` resolves even an IP literal through the reactor's resolver,
+    which runs getaddrinfo in the thread pool: one thread round-trip per new connection,
+    which a burst of new upstream connections queues behind a pool of a few threads.
+    Host names still get it (and its happy-eyeballs connect).
+    """
+    bare = host[1:-1] if host.startswith("[") else host
+    try:
+        address = ipaddress.ip_address(bare)
+    except ValueError:
+        return HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if address.version == 6:
+        return TCP6ClientEndpoint(reactor, bare, port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, bare, port, timeout=timeout)
+
+
 @implementer(IAgentEndpointFactory)
 class CachedEndpointFactory:
     """Agent endpoints built once per (scheme, host, port).
@@ -53,8 +77,8 @@ class CachedEndpointFactory:
         key = (uri.scheme, uri.host, uri.port)
         endpoint = self._cache.get(key)
         if endpoint is None:
-            endpoint = HostnameEndpoint(
-                self._reactor, uri.host.decode("ascii"), uri.port, timeout=self._connect_timeout
+            endpoint = _tcp_endpoint(
+                self._reactor, uri.host.decode("ascii"), uri.port, self._connect_timeout
             )
             if uri.scheme == b"https":
                 creator = self._tls_policy.creatorForNetloc(uri.host, uri.port)
