@@ -17,6 +17,7 @@ from twisted.web.iweb import IAgent
 
 from relayd.config.model import BackendConfig, Config
 from relayd.health import RetryBudget
+from relayd.labels import ModelLabels
 from relayd.limits import LimitStore, StoreEvent, build_store
 from relayd.limits.policy import ClientPolicy, UpstreamPolicy
 from relayd.providers import PROVIDERS
@@ -140,6 +141,11 @@ class RelayRuntime:
                 provider_config.name, provider_config.type, WeightedBalancer(backends)
             )
         self.retired: list[Backend] = list(reusable.values())
+        known_models = [name for r in config.routes for name in ModelMatcher(r.models).literals]
+        known_models += [t.model for r in config.routes for t in r.targets if t.model]
+        self.model_labels: ModelLabels = ModelLabels(
+            known_models, previous.model_labels.learned if previous is not None else None
+        )
         self.router = Router(
             [
                 Route(

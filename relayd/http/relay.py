@@ -1639,15 +1639,22 @@ class Exchange:
             upstream_wait = (self.upstream_done_at or now) - self.first_sent_at
         if self.stream_open:
             self.metrics.stream_closed()
-        self._settle(usage)
+        # Labels and usage keys never take arbitrary client-supplied names: only routed
+        # requests name a model, and only configured or upstream-confirmed ones.
+        model = (
+            self.runtime.model_labels.label(
+                self.model, self.response is not None and self.response.code < 400
+            )
+            if self.route is not None
+            else "-"
+        )
+        self._settle(usage, model)
         self.metrics.request_finished(
             client=self.client.name if self.client else "-",
             api=self.family.name,
             provider=self.provider_name or "-",
             backend=self.backend.name if self.backend else "-",
-            # Only routed requests name a model: a label must never take arbitrary
-            # client-supplied values.
-            model=(self.model or "-") if self.route is not None else "-",
+            model=model,
             status=status or 0,
             outcome=self.outcome,
             total=total,
@@ -1682,13 +1689,14 @@ class Exchange:
             }
         )
 
-    def _settle(self, usage: Usage | None) -> None:
-        """Hand the request's usage and its limit reservations to the state store."""
+    def _settle(self, usage: Usage | None, model: str) -> None:
+        """Hand the request's usage (under the model's label) and its limit reservations
+        to the state store."""
         record = None
         if self.first_sent_at is not None and self.client is not None and self.backend:
             record = UsageRecord(
                 self.client.name,
-                self.model or "-",
+                model,
                 self.backend.provider_name,
                 self.backend.name,
                 usage,
