@@ -486,6 +486,7 @@ class UpstreamKey:
     """
 
     __slots__ = (
+        "_auth_failures",
         "_reject_streak",
         "auth_headers",
         "cooldown_reason",
@@ -501,8 +502,9 @@ class UpstreamKey:
         self.auth_headers = auth_headers
         self.cooldown_until = 0.0
         self.cooldown_reason: str | None = None  # "rate_limited" | "rejected" | None
-        self.rejections = 0  # every 401/403 ever reported for this key
+        self.rejections = 0  # every 401 ever reported for this key
         self._reject_streak = 0  # rejection cooldowns since the last success
+        self._auth_failures = 0  # 401s in a row since the last success or bench
 
     def __repr__(self) -> str:
         return (
@@ -513,6 +515,9 @@ class UpstreamKey:
 
 # A rejected key's cooldown doubles per consecutive rejection up to this many seconds.
 MAX_REJECT_COOLDOWN = 3600.0
+# 401s in a row (no success between) that bench a key: one can be a fluke of a single
+# request; a key the upstream no longer accepts fails every request.
+REJECTIONS_TO_BENCH = 2
 
 
 class KeyRing:
@@ -583,8 +588,25 @@ class KeyRing:
         self.cool_down(key, _doubled(seconds, key._reject_streak, MAX_REJECT_COOLDOWN), "rejected")
         key.cooldown_reason = "rejected"
 
+    def authentication_failed(self, key: UpstreamKey) -> bool:
+        """The upstream answered 401 (authentication) for ``key``: bench it once that
+        happened :data:`REJECTIONS_TO_BENCH` times in a row; True when benched now.
+
+        A 403 is not reported here: a permission error is about the request (a model, a
+        beta feature the account may not use), and benching the shared key for it would
+        refuse every other client too.
+        """
+        key._auth_failures += 1
+        if key._auth_failures < REJECTIONS_TO_BENCH:
+            key.rejections += 1
+            return False
+        key._auth_failures = 0
+        self.reject(key)
+        return True
+
     def record_success(self, key: UpstreamKey) -> None:
         """The upstream accepted ``key``: the next rejection starts from the base cooldown."""
+        key._auth_failures = 0
         if key._reject_streak:
             key._reject_streak = 0
 
@@ -610,6 +632,7 @@ class KeyRing:
                 key.cooldown_reason = prev.cooldown_reason
                 key.rejections = prev.rejections
                 key._reject_streak = prev._reject_streak
+                key._auth_failures = prev._auth_failures
             fresh.append(key)
         self.keys = tuple(fresh)
         if self._next >= len(self.keys):

@@ -35,7 +35,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from relayd.config.model import DEFAULT_RESERVE_OUTPUT_TOKENS
-from relayd.health import UpstreamKey, parse_retry_after
+from relayd.health import REJECTIONS_TO_BENCH, UpstreamKey, parse_retry_after
 from relayd.http.body import BoundedBody
 from relayd.http.collected import BadEncodingError, BodyTooLargeError, CollectedBody
 from relayd.http.translation import (
@@ -1009,16 +1009,20 @@ class Exchange:
             cooldown = min(max(seconds if seconds is not None else 5.0, 1.0), 600.0)
             backend.keys.cool_down(attempt.key, cooldown, "rate_limited")
             self._record(attempt, "status_429")
-        elif status in (401, 403):
-            backend.keys.reject(attempt.key)
-            log.error(
-                "upstream key #{index} of {backend} was rejected with {status}: check it; "
-                "it is benched and retried later",
-                index=attempt.key.index,
-                backend=backend,
-                status=status,
-            )
-            self._record(attempt, f"status_{status}")
+        elif status == 401:
+            if backend.keys.authentication_failed(attempt.key):
+                log.error(
+                    "upstream key #{index} of {backend} was rejected with 401 "
+                    "{times} times in a row: check it; it is benched and retried later",
+                    index=attempt.key.index,
+                    backend=backend,
+                    times=REJECTIONS_TO_BENCH,
+                )
+            self._record(attempt, "status_401")
+        elif status == 403:
+            # A permission error belongs to this request (a model or feature the account
+            # may not use): relayed to its client, and the shared key stays in service.
+            self._record(attempt, "status_403")
         elif family.is_backend_failure(status):
             self._record(attempt, f"status_{status}", failure=f"upstream answered {status}")
         else:

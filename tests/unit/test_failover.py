@@ -111,20 +111,66 @@ def test_429_cools_the_key_down_and_is_not_a_breaker_failure(harness: Harness) -
     assert len(harness.upstreams["us"].seen) > 1
 
 
-def test_401_benches_the_key_and_passes_through(harness: Harness) -> None:
+def test_401s_in_a_row_bench_the_key_and_pass_through(harness: Harness) -> None:
     config = base_config(failover={"max_attempts": 1})
+    config["providers"][0]["backends"][1]["weight"] = 3  # eu weighs as much as us
     h = Harness(config)
     try:
         h.upstreams["us"].handler = status_reply(401)
-        status, _, _ = h.call("POST", "/v1/messages", MESSAGE)
-        assert status == 401
-        assert backend(h, "us").keys.keys[0].cooldown_reason == "rejected"
+        key = backend(h, "us").keys.keys[0]
+        statuses = [h.call("POST", "/v1/messages", MESSAGE)[0] for _ in range(4)]
+        assert statuses.count(401) == 2  # us twice (us, eu, us, eu), then it is benched
+        assert key.cooldown_reason == "rejected" and key.rejections == 2
         levels = [getattr(e.get("log_level"), "name", None) for e in h.logs.events
                   if "upstream key" in str(e.get("log_format", ""))]
         assert levels == ["error"]
         for _ in range(3):
             assert h.call("POST", "/v1/messages", MESSAGE)[0] == 200
-        assert len(h.upstreams["us"].seen) == 1
+        assert len(h.upstreams["us"].seen) == 2
+    finally:
+        h.close()
+
+
+def test_one_401_between_successes_does_not_bench_the_key() -> None:
+    config = base_config(failover={"max_attempts": 1})
+    config["providers"][0]["backends"] = config["providers"][0]["backends"][:1]
+    h = Harness(config)
+    try:
+        answers = iter([401, 200, 401, 200, 401])
+
+        def flaky(request: Any, body: bytes) -> bytes:
+            status = next(answers)
+            payload = {"id": "m"} if status == 200 else {
+                "type": "error", "error": {"type": "authentication_error", "message": "m"}}
+            return json_reply(request, payload, status)
+
+        h.upstreams["us"].handler = flaky
+        got = [h.call("POST", "/v1/messages", MESSAGE)[0] for _ in range(5)]
+        assert got == [401, 200, 401, 200, 401]
+        key = backend(h, "us").keys.keys[0]
+        assert key.cooldown_reason is None and key.rejections == 3
+    finally:
+        h.close()
+
+
+def test_a_403_is_relayed_and_benches_nothing() -> None:
+    """The campaign: one request-specific 403 (a model the account may not use) benched
+    the shared key for 300 s, and with one key every client got 503."""
+    h = Harness(base_config(failover={"max_attempts": 1}))
+    try:
+        def forbidden_for_opus(request: Any, body: bytes) -> bytes:
+            if b"opus" in body:
+                return json_reply(request, {"type": "error", "error": {
+                    "type": "permission_error", "message": "no access to opus"}}, 403)
+            return json_reply(request, {"id": "m"})
+
+        for name in ("us", "eu"):
+            h.upstreams[name].handler = forbidden_for_opus
+        for _ in range(3):
+            status, _, body = h.call("POST", "/v1/messages", {**MESSAGE, "model": "claude-opus"})
+            assert status == 403 and b"no access to opus" in body
+        assert all(k.cooldown_reason is None for b in h.runtime.backends for k in b.keys.keys)
+        assert [h.call("POST", "/v1/messages", MESSAGE)[0] for _ in range(4)] == [200] * 4
     finally:
         h.close()
 
