@@ -12,7 +12,6 @@ upstream that stops without its terminal event.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import time
@@ -34,6 +33,7 @@ from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from relayd import jsonbody
 from relayd.config.model import DEFAULT_RESERVE_OUTPUT_TOKENS
 from relayd.health import REJECTIONS_TO_BENCH, UpstreamKey, parse_retry_after
 from relayd.http.body import BoundedBody
@@ -360,7 +360,7 @@ class Exchange:
         endpoint = self.endpoint
         if endpoint.needs_model:
             try:
-                payload = json.loads(body)
+                payload = jsonbody.loads(body)
             except ValueError as exc:
                 self.reply_error(400, f"request body is not valid JSON: {exc}")
                 return False
@@ -633,6 +633,10 @@ class Exchange:
         except TranslationError as exc:
             if self.translation_error is None:
                 self.translation_error = exc
+            call = None
+        except RecursionError:
+            if self.translation_error is None:
+                self.translation_error = TranslationError(400, "request body is nested too deeply")
             call = None
         except Exception:
             # A translator bug must not take the exchange down: this target is skipped.
@@ -1375,6 +1379,9 @@ class Exchange:
         except BadUpstreamBodyError as exc:
             self._refuse_rewrite(attempt, str(exc))
             return
+        except RecursionError:
+            self._refuse_rewrite(attempt, "is nested too deeply")
+            return
         except Exception:
             log.failure("{request_id}: rewriting the answer failed", request_id=self.request_id)
             self._refuse_rewrite(attempt, "could not be translated")
@@ -1812,7 +1819,7 @@ def _connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
 def _batch_models(body: bytes) -> list[str] | None:
     """The models of a Message Batches create body, or None when it is malformed."""
     try:
-        payload = json.loads(body)
+        payload = jsonbody.loads(body)
     except ValueError:
         return None
     requests = payload.get("requests") if isinstance(payload, dict) else None

@@ -13,11 +13,11 @@ A route target is reached in one of three ways:
 
 from __future__ import annotations
 
-import json
 from typing import Any, Protocol
 
 from twisted.web.http_headers import Headers
 
+from relayd import jsonbody
 from relayd.providers import PROVIDERS, Endpoint, IProvider
 from relayd.routing import Route, RouteTarget
 from relayd.translate import (
@@ -149,7 +149,7 @@ class UpstreamCall:
             client: Family = "openai" if upstream == "anthropic" else "anthropic"
             return translate_error(status, body, upstream, client)
         try:
-            payload = json.loads(body)
+            payload = jsonbody.loads(body)
         except ValueError as exc:
             raise BadUpstreamBodyError(f"not JSON: {exc}") from None
         if not isinstance(payload, dict):

@@ -10,6 +10,7 @@ from typing import Any
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from relayd import jsonbody
 from relayd.providers.base import (
     Endpoint,
     IProvider,
@@ -103,7 +104,7 @@ class AnthropicStreamWatcher(StreamWatcherBase):
             name = event.event
             if name == b"message_start" or name == b"message_delta":
                 try:
-                    payload = json.loads(event.data)
+                    payload = jsonbody.loads(event.data)
                 except ValueError:
                     continue
                 if not isinstance(payload, dict):
@@ -171,7 +172,7 @@ class AnthropicProvider:
 
     def usage_from_json(self, body: bytes) -> Usage | None:
         try:
-            payload = json.loads(body)
+            payload = jsonbody.loads(body)
         except ValueError:
             return None
         if not isinstance(payload, dict) or "usage" not in payload:

@@ -10,7 +10,6 @@ means adding one module that provides :class:`IProvider` and registering it in
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 from twisted.web.http_headers import Headers
 from zope.interface import Attribute, Interface
 
+from relayd import jsonbody
 from relayd.sse import SseParser
 
 
@@ -178,7 +178,7 @@ def model_entries(body: bytes) -> list[dict[str, Any]]:
     Both families use that shape; entries without a string ``id`` are skipped.
     """
     try:
-        payload = json.loads(body)
+        payload = jsonbody.loads(body)
     except ValueError:
         return []
     items = payload.get("data") if isinstance(payload, dict) else None

@@ -10,6 +10,7 @@ from typing import Any
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
+from relayd import jsonbody
 from relayd.providers.base import (
     Endpoint,
     IProvider,
@@ -112,7 +113,7 @@ class OpenAIStreamWatcher(StreamWatcherBase):
             if self.content_started and b'"usage"' not in body and b'"error"' not in body:
                 continue
             try:
-                payload = json.loads(body)
+                payload = jsonbody.loads(body)
             except ValueError:
                 continue
             if not isinstance(payload, dict):
@@ -214,7 +215,7 @@ class OpenAIProvider:
 
     def usage_from_json(self, body: bytes) -> Usage | None:
         try:
-            payload = json.loads(body)
+            payload = jsonbody.loads(body)
         except ValueError:
             return None
         if not isinstance(payload, dict):

@@ -9,11 +9,11 @@ strict mode every drop becomes a rejection that lists all of them at once.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from relayd import jsonbody
 from relayd.translate.mapping import (
     OTHER_FIELDS,
     Scope,
@@ -463,7 +463,7 @@ def parse_tool_arguments(raw: object, where: str) -> JsonDict:
     if isinstance(raw, dict):
         return raw
     try:
-        value = json.loads(_as_str(raw, where))
+        value = jsonbody.loads(_as_str(raw, where))
     except ValueError:
         value = None
     if not isinstance(value, dict):

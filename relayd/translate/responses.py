@@ -7,9 +7,9 @@ body; the caller passes its clock's time (this module reads no clock).
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from relayd import jsonbody
 from relayd.translate.mapping import (
     Family,
     anthropic_error,
@@ -123,7 +123,7 @@ def _tool_use(call: JsonDict) -> JsonDict:
     parsed: object = {}
     if isinstance(arguments, str) and arguments:
         try:
-            parsed = json.loads(arguments)
+            parsed = jsonbody.loads(arguments)
         except ValueError:
             parsed = {}
     return {
@@ -152,7 +152,7 @@ def error_message(body: object) -> str | None:
 
 def _decode(body_bytes: bytes) -> object:
     try:
-        return json.loads(body_bytes)
+        return jsonbody.loads(body_bytes)
     except ValueError:
         return None
 

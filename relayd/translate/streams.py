@@ -11,9 +11,9 @@ close the response.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
+from relayd import jsonbody
 from relayd.providers.base import Usage
 from relayd.sse import SseEvent, SseParser
 from relayd.translate.mapping import (
@@ -45,7 +45,7 @@ _TRUNCATED = "upstream stream ended before it was complete"
 
 def _decode(event: SseEvent) -> JsonDict | None:
     try:
-        payload = json.loads(event.data)
+        payload = jsonbody.loads(event.data)
     except ValueError:
         return None
     return payload if isinstance(payload, dict) else None
