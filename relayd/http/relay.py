@@ -60,6 +60,7 @@ from relayd.metrics import RelayMetrics
 from relayd.pool import BytesProducer
 from relayd.providers import (
     DEFAULT_FAMILY,
+    MODEL_ID,
     PROVIDERS,
     Endpoint,
     IProvider,
@@ -232,6 +233,7 @@ class Exchange:
         self.stream_requested = False
         self.payload: dict[str, Any] | None = None
         self.batch_models: list[str] | None = None  # the models inside a batch create
+        self.upstream_uri: bytes | None = None  # when it is not the client's, verbatim
         self.queued: QueuedRequest | None = None  # while waiting for a backend slot
         self.keepalive: IDelayedCall | None = None  # SSE comments during silence
         self.wrote_at = 0.0  # when stream bytes last went to the client
@@ -375,7 +377,15 @@ class Exchange:
             self.payload = payload
             self.stream_requested = payload.get("stream") is True
         elif endpoint.name == "models.item":
-            self.model = unquote(path.rsplit(b"/", 1)[1].decode("utf-8", "replace"))
+            model = unquote(path.rsplit(b"/", 1)[1].decode("utf-8", "replace"))
+            if not MODEL_ID.fullmatch(model):
+                # e.g. ..%2F..%2Fadmin: never forwarded with relayd's key
+                self.reply_error(400, f"not a model id: {model[:200]!r}")
+                return False
+            self.model = model
+            # Upstream, the id goes as the canonical path (nothing left to decode there).
+            query = self.request.uri.partition(b"?")[2]
+            self.upstream_uri = b"/v1/models/" + model.encode() + (b"?" + query if query else b"")
         elif endpoint.name == "messages.batches" and self.request.method == b"POST":
             models = _batch_models(body)
             if models is None:
@@ -624,7 +634,7 @@ class Exchange:
                 target,
                 self.family,
                 self.endpoint,
-                uri=self.request.uri,
+                uri=self.upstream_uri or self.request.uri,
                 headers=self.upstream_headers,
                 body=self.body,
                 payload=self.payload,

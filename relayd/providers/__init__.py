@@ -5,7 +5,14 @@ from __future__ import annotations
 from twisted.web.http_headers import Headers
 
 from relayd.providers.anthropic import AnthropicProvider
-from relayd.providers.base import Endpoint, IProvider, IStreamWatcher, LimitState, Usage
+from relayd.providers.base import (
+    MODEL_ID,
+    Endpoint,
+    IProvider,
+    IStreamWatcher,
+    LimitState,
+    Usage,
+)
 from relayd.providers.openai import OpenAIProvider
 
 PROVIDERS: dict[str, IProvider] = {
@@ -27,6 +34,7 @@ def family_of(request_headers: Headers) -> IProvider:
 
 __all__ = [
     "DEFAULT_FAMILY",
+    "MODEL_ID",
     "PROVIDERS",
     "Endpoint",
     "IProvider",

@@ -21,6 +21,11 @@ from zope.interface import Attribute, Interface
 from relayd import jsonbody
 from relayd.sse import SseParser
 
+#: A model id as it may appear in a URL path (``GET /v1/models/{id}``): the ids of both
+#: APIs, fine-tunes (``ft:gpt-4o:org:name:id``), vendor prefixes (``anthropic.claude-3``);
+#: nothing a path could be climbed with (``/``, ``%``, a leading dot).
+MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@+-]{0,255}")
+
 
 @dataclass(slots=True)
 class Usage:

@@ -87,3 +87,24 @@ def test_a_deeply_nested_answer_to_translate_is_a_502() -> None:
         assert not bad_lines(h)
     finally:
         h.close()
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/models/..%2F..%2Fadmin", "/v1/models/%2e%2e", "/v1/models/a%2Fb",
+     "/v1/models/x%00y", "/v1/models/" + "a" * 300],
+)
+def test_a_model_id_that_could_climb_the_upstream_path_is_refused(
+    harness: Harness, path: str
+) -> None:
+    """The campaign: ..%2F..%2Fadmin was forwarded verbatim with relayd's key."""
+    status, _, body = harness.call("GET", path, api="openai")
+    assert status == 400 and "not a model id" in json.loads(body)["error"]["message"]
+    assert not harness.upstreams["main"].seen
+
+
+def test_model_ids_go_upstream_in_their_canonical_form(harness: Harness) -> None:
+    for path, sent in [("/v1/models/gpt%2D4o", b"/v1/models/gpt-4o"),
+                       ("/v1/models/ft:gpt-4o:org:x:1?x=1", b"/v1/models/ft:gpt-4o:org:x:1?x=1")]:
+        harness.call("GET", path, api="openai")
+        assert harness.upstreams["main"].seen[-1].path == sent
