@@ -33,14 +33,23 @@ from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime, I
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
+    HEADER,
+    STATUS,
     HTTP11ClientProtocol,
     Request,
     RequestNotSent,
     RequestTransmissionFailed,
+    ResponseFailed,
     ResponseNeverReceived,
 )
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
+
+#: An upstream answer's status line and headers must fit in this many bytes, else the
+#: connection is dropped as a failed response (the parser would keep header lines in
+#: memory without end). Counted as received while the head is incomplete; a read holds
+#: at most 64 KiB, so a head of 192 KiB always fits.
+MAX_RESPONSE_HEAD = 256 * 1024
 
 # Failures that mean no byte of an answer was received (and for the first two, that the
 # request was not even wholly sent).
@@ -78,14 +87,40 @@ class BytesProducer:
         pass
 
 
+class ResponseHeadTooLargeError(Exception):
+    """The upstream's status line and headers exceeded :data:`MAX_RESPONSE_HEAD`."""
+
+
+def head_too_large(failure: Failure) -> bool:
+    """Whether a request failed because the answer's head was too large."""
+    if not failure.check(ResponseFailed):
+        return False
+    reasons: list[Failure] = getattr(failure.value, "reasons", [])
+    return any(r.check(ResponseHeadTooLargeError) for r in reasons)
+
+
 class _PooledProtocol(HTTP11ClientProtocol):
     """The client protocol of one pooled connection: tells the pool when it goes idle
-    (quiescent) and when its connection is lost."""
+    (quiescent) and when its connection is lost, and bounds the answer's head."""
 
     def __init__(self, pool: ConnectionPool, key: Hashable) -> None:
         super().__init__(self._quiescent)
         self._pool = pool
         self._key = key
+        self._head_bytes = 0
+
+    def request(self, request: Request) -> Deferred[IResponse]:
+        self._head_bytes = 0
+        return super().request(request)
+
+    def dataReceived(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is not None and parser.state in (STATUS, HEADER):
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD:
+                self._giveUp(Failure(ResponseHeadTooLargeError(MAX_RESPONSE_HEAD)))
+                return
+        super().dataReceived(data)
 
     def _quiescent(self, protocol: HTTP11ClientProtocol) -> None:
         self._pool._put(self._key, self)

@@ -57,7 +57,7 @@ from relayd.limits.checks import (
 from relayd.limits.policy import estimate_tokens, usage_tokens
 from relayd.logs import log_access
 from relayd.metrics import RelayMetrics
-from relayd.pool import BytesProducer
+from relayd.pool import MAX_RESPONSE_HEAD, BytesProducer, head_too_large
 from relayd.providers import (
     DEFAULT_FAMILY,
     MODEL_ID,
@@ -125,6 +125,10 @@ _MAX_COLLECTED_BODY = 4 * 1024 * 1024
 # A body that is rewritten (translated, or its model renamed) is held whole until its end;
 # an upstream answer larger than this (decoded) is refused with a 502.
 _MAX_REWRITTEN_BODY = 64 * 1024 * 1024
+
+# An upstream answer with more header lines than this is refused (502, or failed over):
+# real answers carry a few dozen; relaying 20,000 would pass the flood on to the client.
+_MAX_RESPONSE_HEADERS = 200
 
 # Statuses the Anthropic and OpenAI SDKs retry by themselves (besides 5xx): a relay-made
 # 4xx outside this set is final and says so with x-should-retry: false.
@@ -979,6 +983,9 @@ class Exchange:
         ):
             result = "connect_error"
             message = f"could not connect: {failure.getErrorMessage()}"
+        elif head_too_large(failure):
+            result = "bad_headers"
+            message = f"response head larger than {MAX_RESPONSE_HEAD} bytes"
         else:
             result = "no_response"
             message = f"connection closed without a response: {failure.getErrorMessage()}"
@@ -1016,6 +1023,10 @@ class Exchange:
         backend = attempt.backend
         status = response.code
         family = backend.provider
+        headers = sum(len(values) for _, values in response.headers.getAllRawHeaders())
+        if headers > _MAX_RESPONSE_HEADERS:
+            self._bad_headers(response, attempt, headers)
+            return
         if status == 429:
             seconds = parse_retry_after(
                 _first(response.headers.getRawHeaders(b"retry-after")), self.clock.seconds()
@@ -1082,6 +1093,19 @@ class Exchange:
                 self.collected = CollectedBody(_MAX_COLLECTED_BODY, gzipped)
         self._arm_idle_timer(attempt)
         response.deliverBody(_BodyRelay(self, attempt))
+
+    def _bad_headers(self, response: IResponse, attempt: Attempt, count: int) -> None:
+        """An answer with more headers than any real one has: an upstream failure."""
+        message = f"response has {count} headers (at most {_MAX_RESPONSE_HEADERS})"
+        self._record(attempt, "bad_headers", failure=message)
+        target = self._may_retry("bad_headers")
+        self._end_attempt(attempt)
+        response.deliverBody(_Drain())
+        if target is not None:
+            self._send(*target)
+            return
+        self.outcome = "upstream_error"
+        self.reply_error(502, f"the upstream's answer could not be relayed: its {message}")
 
     def _begin_client_response(self, rewritten: tuple[int, bytes] | None = None) -> None:
         """Send status and headers of the final upstream response to the client.

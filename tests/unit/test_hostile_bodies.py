@@ -108,3 +108,21 @@ def test_model_ids_go_upstream_in_their_canonical_form(harness: Harness) -> None
                        ("/v1/models/ft:gpt-4o:org:x:1?x=1", b"/v1/models/ft:gpt-4o:org:x:1?x=1")]:
         harness.call("GET", path, api="openai")
         assert harness.upstreams["main"].seen[-1].path == sent
+
+
+def test_an_answer_with_thousands_of_headers_is_a_502(harness: Harness) -> None:
+    """The campaign: 20,000 upstream headers were relayed to the client."""
+    def flood(request: Request, body: bytes) -> bytes:
+        for i in range(2000):
+            request.setHeader(b"x-flood-%d" % i, b"1")
+        request.setHeader(b"content-type", b"application/json")
+        return b'{"id": "m"}'
+
+    harness.upstreams["us"].handler = harness.upstreams["eu"].handler = flood
+    status, headers, body = harness.call(
+        "POST", "/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": []}
+    )
+    assert status == 502 and "headers" in json.loads(body)["error"]["message"]
+    assert not any(name.startswith("x-flood") for name in headers)
+    assert sum(b.breaker.failures_in_window for b in harness.runtime.backends) == 2  # both
+    assert not bad_lines(harness)

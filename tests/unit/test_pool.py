@@ -18,7 +18,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
-from relayd.pool import BytesProducer, ConnectionPool
+from relayd.pool import BytesProducer, ConnectionPool, head_too_large
 
 URL = b"http://up.test/v1/messages"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -250,3 +250,25 @@ def test_close_cached_connections_closes_only_idle_ones(setup: Setup) -> None:
     a.close()
     assert closed == [None]
     assert setup.pool.idle_connections() == 0 and not busy
+
+
+def test_an_answer_head_without_end_is_cut_off(setup: Setup) -> None:
+    """An upstream sending header lines without end would be buffered without bound."""
+    results = setup.post()
+    (conn,) = setup.endpoints.connections
+    conn.answer(b"HTTP/1.1 200 OK\r\n")
+    line = b"x-flood: " + b"a" * 1000 + b"\r\n"
+    for _ in range(300):  # ~300 KB of headers, 64 KB per read
+        if results:
+            break
+        conn.answer(line * 64)
+    assert isinstance(results[0], Failure) and head_too_large(results[0])
+    assert conn.transport.disconnecting
+
+
+def test_a_large_first_read_with_a_small_head_is_fine(setup: Setup) -> None:
+    results = setup.post()
+    (conn,) = setup.endpoints.connections
+    body = b"x" * 60_000
+    conn.answer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    assert read(results[0]) == body
