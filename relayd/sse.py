@@ -19,23 +19,53 @@ class SseEvent:
     data: bytes
 
 
+#: The longest SSE line, and the most ``data`` one event may carry, that relayd reads: an
+#: OpenAI Responses ``response.completed`` event holds a whole answer in one line, so the
+#: bound is generous; past it the stream is an upstream failure, not a memory sink.
+MAX_LINE_BYTES = 16 * 1024 * 1024
+MAX_EVENT_BYTES = 16 * 1024 * 1024
+
+
+class SseTooLargeError(ValueError):
+    """A line or an event of the stream exceeds :data:`MAX_LINE_BYTES` /
+    :data:`MAX_EVENT_BYTES`."""
+
+
 class SseParser:
-    """Turns a byte stream into :class:`SseEvent` objects, incrementally."""
+    """Turns a byte stream into :class:`SseEvent` objects, incrementally.
 
-    __slots__ = ("_buffer", "_data", "_event", "_pending_cr")
+    Linear in the bytes fed: a line split over many reads is kept as a list of pieces and
+    joined once, when its end arrives (joining at every read made 100 MB without a newline
+    cost 90 s of CPU). Raises :class:`SseTooLargeError` past the size bounds.
+    """
 
-    def __init__(self) -> None:
-        self._buffer = b""
+    __slots__ = (
+        "_data",
+        "_data_size",
+        "_event",
+        "_pending",
+        "_pending_cr",
+        "_pending_size",
+        "max_event",
+        "max_line",
+    )
+
+    def __init__(self, max_line: int | None = None, max_event: int | None = None) -> None:
+        self._pending: list[bytes] = []  # pieces of a line whose end has not come yet
+        self._pending_size = 0
         self._pending_cr = False
         self._event: bytes | None = None
         self._data: list[bytes] = []
+        self._data_size = 0
+        self.max_line = MAX_LINE_BYTES if max_line is None else max_line
+        self.max_event = MAX_EVENT_BYTES if max_event is None else max_event
 
     @property
     def at_boundary(self) -> bool:
         """Whether what was fed so far ends between two events (nothing half-read), so
         a comment line may be inserted without changing any event."""
         return (
-            not self._buffer and not self._pending_cr and not self._data and self._event is None
+            not self._pending and not self._pending_cr and not self._data and self._event is None
         )
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
@@ -47,26 +77,50 @@ class SseParser:
         if b"\r" in chunk:
             self._pending_cr = chunk.endswith(b"\r")
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if self._buffer:
-            chunk = self._buffer + chunk
-        lines = chunk.split(b"\n")
-        self._buffer = lines.pop()
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            self._keep(chunk)
+            return []
+        if self._pending:
+            self._pending.append(chunk[:end])
+            complete = b"".join(self._pending)
+            self._pending = []
+            self._pending_size = 0
+        else:
+            complete = chunk[:end]
+        rest = chunk[end + 1 :]
+        if rest:
+            self._keep(rest)
         events: list[SseEvent] = []
-        for line in lines:
+        for line in complete.split(b"\n"):
             if not line:
                 if self._data or self._event is not None:
                     events.append(SseEvent(self._event, b"\n".join(self._data)))
                 self._event = None
                 self._data = []
+                self._data_size = 0
                 continue
             if line[0] == 0x3A:  # ":" starts a comment
                 continue
+            if len(line) > self.max_line:
+                raise SseTooLargeError(f"an SSE line is longer than {self.max_line} bytes")
             name, sep, value = line.partition(b":")
             if sep and value.startswith(b" "):
                 value = value[1:]
             if name == b"data":
+                self._data_size += len(value)
+                if self._data_size > self.max_event:
+                    raise SseTooLargeError(
+                        f"an SSE event carries more than {self.max_event} bytes"
+                    )
                 self._data.append(value)
             elif name == b"event":
                 self._event = value
             # "id" and "retry" carry nothing the relay needs.
         return events
+
+    def _keep(self, piece: bytes) -> None:
+        self._pending.append(piece)
+        self._pending_size += len(piece)
+        if self._pending_size > self.max_line:
+            raise SseTooLargeError(f"an SSE line is longer than {self.max_line} bytes")

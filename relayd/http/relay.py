@@ -72,6 +72,7 @@ from relayd.providers import (
 from relayd.providers.base import model_entries
 from relayd.routing import ProviderRoute, Route, RouteTarget, providers_of
 from relayd.runtime import Client, RelayRuntime
+from relayd.sse import SseTooLargeError
 from relayd.translate import TranslationError
 from relayd.upstream import Backend, QueuedRequest
 
@@ -129,6 +130,9 @@ _MAX_REWRITTEN_BODY = 64 * 1024 * 1024
 # An upstream answer with more header lines than this is refused (502, or failed over):
 # real answers carry a few dozen; relaying 20,000 would pass the flood on to the client.
 _MAX_RESPONSE_HEADERS = 200
+
+# A stream held back before its first content (for failover) is released past this.
+_MAX_HELD_BYTES = 1024 * 1024
 
 # Statuses the Anthropic and OpenAI SDKs retry by themselves (besides 5xx): a relay-made
 # 4xx outside this set is final and says so with x-should-retry: false.
@@ -268,6 +272,7 @@ class Exchange:
         self.rewritten: CollectedBody | None = None  # a body held whole to be rewritten
         self.holding = False
         self.held: list[bytes] = []
+        self.held_size = 0
         self.collected: CollectedBody | None = None  # a JSON body read for its usage
         self.total_deadline = 0.0
         self.timed_out: str | None = None
@@ -1210,20 +1215,31 @@ class Exchange:
             return
         watcher = self.watcher
         if watcher is not None:
-            watcher.feed(data)
-            if self.holding:
-                self.held.append(data)
-                if watcher.error_seen and not watcher.content_started:
-                    self._fail_over_held_stream(
-                        attempt, "stream_error", "in-stream error before content"
-                    )
-                elif watcher.content_started or watcher.complete:
-                    self._release_held()
-                return
-            if self.rewriter is not None:
-                data = self.rewriter.feed(data)
-                if not data:
+            try:
+                watcher.feed(data)
+                if self.holding:
+                    self.held.append(data)
+                    self.held_size += len(data)
+                    if watcher.error_seen and not watcher.content_started:
+                        self._fail_over_held_stream(
+                            attempt, "stream_error", "in-stream error before content"
+                        )
+                    elif (
+                        watcher.content_started
+                        or watcher.complete
+                        or self.held_size > _MAX_HELD_BYTES
+                    ):
+                        # Past the cap (100 MB of pings), holding costs more than the
+                        # failover it buys: the stream goes live.
+                        self._release_held()
                     return
+                if self.rewriter is not None:
+                    data = self.rewriter.feed(data)
+                    if not data:
+                        return
+            except SseTooLargeError as exc:
+                self._bad_stream(attempt, str(exc))
+                return
             self.wrote_at = now
         elif self.collected is not None:
             try:
@@ -1231,6 +1247,24 @@ class Exchange:
             except (BodyTooLargeError, BadEncodingError):
                 self.collected = None  # relayed all the same; its usage stays unknown
         self.request.write(data)
+
+    def _bad_stream(self, attempt: Attempt, problem: str) -> None:
+        """The upstream's stream cannot be read (a line or event past the parser's bounds):
+        an upstream failure, failed over while nothing was sent, else an error event."""
+        message = f"upstream stream could not be relayed: {problem}"
+        if self.holding:
+            self.held = []  # nothing of it is worth sending
+            self.held_size = 0
+            if self._fail_over_held_stream(attempt, "bad_stream", message):
+                return
+        else:
+            self._record(attempt, "bad_stream", failure=message)
+        self.outcome = "upstream_bad_body"
+        body = attempt.body
+        self.request.unregisterProducer()
+        self._end_stream_with_error(message)
+        if body is not None:
+            body.stopProducing()
 
     def _keep_alive(self) -> None:
         """Stream keepalive: after ``stream_keepalive`` seconds in which no stream byte
@@ -1269,6 +1303,7 @@ class Exchange:
         self.wrote_at = self.clock.seconds()
         self._begin_client_response()
         held, self.held = self.held, []
+        self.held_size = 0
         rewriter = self.rewriter
         if rewriter is not None:
             held = [rewriter.feed(b"".join(held))]
@@ -1304,6 +1339,7 @@ class Exchange:
         self.rewriter = None
         self.call = None
         self.held = []
+        self.held_size = 0
         self.holding = False
         self.response = None
         self.status = None
@@ -1432,7 +1468,12 @@ class Exchange:
             message=message,
             backend=self.backend,
         )
-        self.request.write(self.family.stream_error_event(message, self.request_id))
+        event = self.family.stream_error_event(message, self.request_id)
+        watcher = self.watcher
+        if self.rewriter is None and watcher is not None and not watcher.at_event_boundary():
+            # Cut mid-event: end that event first, so the error event parses on its own.
+            event = b"\n\n" + event
+        self.request.write(event)
         self._finish()
 
     def _unavailable_for(self) -> float:

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from relay_harness import Harness, base_config
-from twisted.web.server import Request
+from relay_harness import CLIENT_KEY, Harness, base_config
+from twisted.web.server import NOT_DONE_YET, Request
 
 
 def nested(depth: int) -> bytes:
@@ -126,3 +126,87 @@ def test_an_answer_with_thousands_of_headers_is_a_502(harness: Harness) -> None:
     assert not any(name.startswith("x-flood") for name in headers)
     assert sum(b.breaker.failures_in_window for b in harness.runtime.backends) == 2  # both
     assert not bad_lines(harness)
+
+
+def stream_upstream(*pieces: bytes, finish: bool = False) -> Any:
+    def handler(request: Request, body: bytes) -> Any:
+        request.setHeader(b"content-type", b"text/event-stream")
+        for piece in pieces:
+            request.write(piece)
+        if finish:
+            request.finish()
+        return NOT_DONE_YET
+
+    return handler
+
+
+START = b'event: message_start\ndata: {"type":"message_start","message":{"usage":{}}}\n\n'
+BLOCK = (b'event: content_block_start\ndata: {"type":"content_block_start","index":0,'
+         b'"content_block":{"type":"text","text":""}}\n\n')
+PING = b'event: ping\ndata: {"type":"ping"}\n\n'
+STREAM = {"model": "claude-x", "max_tokens": 5, "stream": True, "messages": []}
+
+
+def one_backend() -> Harness:
+    config = base_config(failover={"max_attempts": 1})
+    config["providers"][0]["backends"] = config["providers"][0]["backends"][:1]
+    return Harness(config)
+
+
+def test_an_endless_sse_line_fails_the_attempt_with_an_error_event(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("relayd.sse.MAX_LINE_BYTES", 64 * 1024)
+    h = one_backend()
+    try:
+        h.upstreams["us"].handler = stream_upstream(START, BLOCK, *[b"x" * 8192] * 20)
+        status, _, body = h.call("POST", "/v1/messages", STREAM)
+        assert status == 200
+        # The stream was live: what came before the bound was relayed as it came; the
+        # error event starts on a fresh line, after the cut one is closed.
+        assert body.startswith(START + BLOCK)
+        assert b"x\n\nevent: error\n" in body and b"longer than 65536 bytes" in body
+        assert h.logs.access()[-1]["outcome"] == "upstream_bad_body"
+        assert h.runtime.backends[0].breaker.failures_in_window == 1
+        assert not bad_lines(h)
+    finally:
+        h.close()
+
+
+def test_an_endless_line_before_content_is_failed_over() -> None:
+    import relayd.sse
+
+    h = Harness()
+    try:
+        relayd.sse.MAX_LINE_BYTES, saved = 64 * 1024, relayd.sse.MAX_LINE_BYTES
+        try:
+            h.upstreams["us"].handler = stream_upstream(START, *[b"y" * 8192] * 20)
+            h.upstreams["eu"].handler = stream_upstream(
+                START, BLOCK, b'event: message_stop\ndata: {"type":"message_stop"}\n\n',
+                finish=True,
+            )
+            status, _, body = h.call("POST", "/v1/messages", STREAM)
+        finally:
+            relayd.sse.MAX_LINE_BYTES = saved
+        assert status == 200 and b"message_stop" in body and b"y" * 10 not in body
+        assert h.logs.access()[-1]["attempts"] == 2
+    finally:
+        h.close()
+
+
+def test_held_events_are_released_past_their_cap(harness: Harness) -> None:
+    """The campaign: 100 MB of pings before any content were held: +126 MB."""
+    h = one_backend()
+    try:
+        pings = PING * (1024 * 1024 // len(PING) + 1)
+        h.upstreams["us"].handler = stream_upstream(START, pings)
+        answers: list[Any] = []
+        h.client.request("POST", "http://relay.test/v1/messages",
+                         headers={"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01"},
+                         data=json.dumps(STREAM).encode()).addCallback(answers.append)
+        h.flush()
+        (exchange,) = h.resource.active
+        assert not exchange.holding and not exchange.held  # live, nothing kept back
+        assert answers and answers[0].code == 200
+    finally:
+        h.close()
