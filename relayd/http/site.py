@@ -9,6 +9,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request, Site
 
 from relayd.http.body import BoundedBody
+from relayd.http.channel import relay_channel
 from relayd.http.relay import RelayResource
 from relayd.metrics import RelayMetrics
 from relayd.runtime import RelayRuntime
@@ -26,6 +27,7 @@ class RelaySite(Site):
 
     noisy = False
     displayTracebacks = False
+    protocol = relay_channel  # answers clients that half-close after their request
 
     def __init__(
         self,
