@@ -17,6 +17,7 @@ from twisted.web.iweb import IAgent
 
 from relayd.config.model import BackendConfig, Config
 from relayd.health import RetryBudget
+from relayd.http.headers import RequestHeaderPolicy
 from relayd.labels import ModelLabels
 from relayd.limits import LimitStore, StoreEvent, build_store
 from relayd.limits.policy import ClientPolicy, UpstreamPolicy
@@ -146,6 +147,7 @@ class RelayRuntime:
         self.model_labels: ModelLabels = ModelLabels(
             known_models, previous.model_labels.learned if previous is not None else None
         )
+        self.header_policy = RequestHeaderPolicy(config.forward_headers)
         self.router = Router(
             [
                 Route(

@@ -148,6 +148,15 @@ class Backend:
         self.priority = config.priority
         self.max_concurrent = config.max_concurrent
         self.timeouts = config.timeouts
+        # relayd's own choice of the upstream account, sent with every call it makes.
+        self.account_headers = [
+            (name, value.encode())
+            for name, value in (
+                (b"openai-organization", config.organization),
+                (b"openai-project", config.project),
+            )
+            if value is not None
+        ]
         path = config.health.path
         self.probe_url = self.base_url + (path.encode() if path else self.provider.health_path)
 
@@ -199,6 +208,8 @@ class Backend:
         for name, value in key.auth_headers:
             headers.setRawHeaders(name, [value])
         for name, value in self.provider.probe_headers:
+            headers.setRawHeaders(name, [value])
+        for name, value in self.account_headers:
             headers.setRawHeaders(name, [value])
         return headers
 

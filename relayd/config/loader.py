@@ -72,6 +72,8 @@ _ROOT_KEYS = (
     "queue_timeout",
     "max_queued",
     "stream_keepalive",
+    "forward_headers",
+    "half_close",
     "timeouts",
     "pool",
     "health",
@@ -135,6 +137,8 @@ _BACKEND_KEYS = (
     "health",
     "breaker",
     "limits",
+    "organization",
+    "project",
 )
 _ROUTE_KEYS = (
     "api",
@@ -150,6 +154,7 @@ _TARGET_KEYS = ("provider", "model", "weight")
 _ANTHROPIC_VERSION_RE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_.-]+")
+_HEADER_GLOB_RE = re.compile(r"[A-Za-z0-9*?_.-]+")
 _HEX_DIGEST_RE = re.compile(r"[0-9A-Fa-f]{64}")
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 _UNSAFE_CHAR_RE = re.compile(r"[\x00-\x20\x7f]")  # whitespace and control characters
@@ -463,6 +468,15 @@ class _Parser:
         max_queued = self.optional(
             fields, "max_queued", "", self.non_negative_int, _CONFIG_DEFAULTS.max_queued
         )
+        half_close = self.optional(
+            fields, "half_close", "", self.choice(("cancel", "answer")),
+            _CONFIG_DEFAULTS.half_close,
+        )
+        forward_headers = (
+            self.header_globs(fields["forward_headers"], "forward_headers")
+            if "forward_headers" in fields
+            else ()
+        )
         stream_keepalive = self.optional(
             fields,
             "stream_keepalive",
@@ -502,6 +516,8 @@ class _Parser:
             queue_timeout=queue_timeout,
             max_queued=max_queued,
             stream_keepalive=stream_keepalive,
+            forward_headers=forward_headers,
+            half_close=half_close,
             source=source,
         )
 
@@ -673,6 +689,29 @@ class _Parser:
         patterns = [self.string(item, item_path) for item_path, item in pairs]
         valid = [pattern for pattern in patterns if pattern is not None]
         return tuple(valid) if len(valid) == len(patterns) else None
+
+    def header_globs(self, value: object, path: str) -> tuple[str, ...]:
+        """A list of header names or globs (``x-fake-*``)."""
+        pairs = self.items(value, path, empty=None)
+        globs = []
+        for item_path, item in pairs:
+            glob = self.string(item, item_path)
+            if glob is None:
+                continue
+            if not _HEADER_GLOB_RE.fullmatch(glob):
+                self.error(item_path, "must be a header name or a glob of one (letters, "
+                           "digits, - _ . and the wildcards * ?)")
+                continue
+            globs.append(glob.lower())
+        return tuple(globs)
+
+    def header_value(self, value: object, path: str) -> str | None:
+        """A non-empty string usable as an HTTP header value (no whitespace or controls)."""
+        text = self.string(value, path)
+        if text is not None and _UNSAFE_CHAR_RE.search(text):
+            self.error(path, "must not contain whitespace or control characters")
+            return None
+        return text
 
     def optional_globs(self, fields: Mapping[str, object], path: str) -> tuple[str, ...] | None:
         """The optional ``models`` key of ``fields``; absent means every model."""
@@ -1179,6 +1218,15 @@ class _Parser:
         backends = self.required(
             fields, "backends", path, lambda v, p: self.backends(v, p, inherited)
         )
+        listed = fields.get("backends")
+        if family is not None and family != "openai" and isinstance(listed, list):
+            for index, item in enumerate(listed):
+                for key in ("organization", "project"):
+                    if isinstance(item, dict) and key in item:
+                        self.error(
+                            _key_path(_item_path(_key_path(path, "backends"), index), key),
+                            f"only backends of providers of type openai have an {key}",
+                        )
         if name is None or family is None or not backends:
             return None
         return ProviderConfig(name=name, type=family, backends=backends)
@@ -1220,6 +1268,8 @@ class _Parser:
             fields, "max_concurrent", path, self.positive_int, defaults.max_concurrent
         )
         effective = self.levels_in(fields, path, inherited)
+        organization = self.optional(fields, "organization", path, self.header_value, None)
+        project = self.optional(fields, "project", path, self.header_value, None)
         limits = (
             self.upstream_limits(fields["limits"], _key_path(path, "limits"))
             if "limits" in fields
@@ -1239,6 +1289,8 @@ class _Parser:
             health=effective.health,
             breaker=effective.breaker,
             limits=limits,
+            organization=organization,
+            project=project,
         )
 
     def url(self, value: object, path: str) -> str | None:

@@ -239,6 +239,9 @@ class BackendConfig:
     health: HealthCheckConfig = HealthCheckConfig()  # effective, merged the same way
     breaker: BreakerConfig = BreakerConfig()  # effective, merged the same way
     limits: UpstreamLimitsConfig | None = None
+    # OpenAI account selectors relayd sends with this backend's key (never the client's).
+    organization: str | None = None
+    project: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,4 +310,9 @@ class Config:
     # During upstream silence on an SSE answer, an SSE comment every this many seconds
     # keeps proxies in front from closing the connection as idle; 0 turns it off.
     stream_keepalive: float = 15.0
+    # A client's end-of-file while its request is served: "cancel" (it is gone) or
+    # "answer" (a half-close: answer, then close). See relayd.http.channel.
+    half_close: str = "cancel"
+    # Client headers forwarded upstream besides each API's allow list (names or globs).
+    forward_headers: tuple[str, ...] = ()
     source: str = "<defaults>"

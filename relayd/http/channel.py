@@ -1,11 +1,16 @@
-"""The HTTP channel of a relay listener: twisted.web's, plus half-close.
+"""The HTTP channel of a relay listener: twisted.web's, optionally answering half-closes.
 
 A client may shut down its sending side once its request is sent (``shutdown(SHUT_WR)``;
-some HTTP/1.0 clients and scripted tools do). Without ``IHalfCloseableProtocol`` the
-reactor treats that end-of-file as the connection being lost, so relayd cancelled the
-call and answered nobody (``499``). A half-closed client still reads: its request is
-answered, then the connection closes. A client that half-closes before its request is
-complete can never complete it: that connection closes at once.
+some scripted tools do) and still read the answer. On the wire that end-of-file is the
+same FIN a client sends when it closes its socket because its user pressed "stop", and
+nothing tells the two apart before relayd writes to it. So by default (``half_close:
+cancel``) end-of-file means the client is gone: the upstream call is cancelled at once
+and no tokens are burned for nobody, as nginx (499) and Go's net/http do. With
+``half_close: answer`` the channel provides ``IHalfCloseableProtocol``: a request received
+in full is answered, then the connection closes; the price is that a client that closed
+its socket is only noticed when its answer is written (for a non-streamed answer: after
+the upstream produced all of it). A half-close before the request is complete closes the
+connection at once either way.
 
 This module is where relayd depends on twisted.web's channel internals (the private
 ``_GenericHTTPChannelProtocol`` that switches between HTTP/1.1 and HTTP/2, and
@@ -14,6 +19,8 @@ exercises it against the installed Twisted.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.web.http import HTTPChannel, Request, _GenericHTTPChannelProtocol
@@ -44,6 +51,14 @@ class RelayChannel(_GenericHTTPChannelProtocol):
             transport.loseConnection()
 
 
-def relay_channel(factory: object) -> RelayChannel:
-    """``Site.protocol``: a channel protocol for one new connection."""
-    return RelayChannel(HTTPChannel())
+class HalfCloseChoice(Protocol):
+    """What :func:`relay_channel` asks of its Site."""
+
+    def answers_half_close(self) -> bool: ...
+
+
+def relay_channel(site: HalfCloseChoice) -> _GenericHTTPChannelProtocol:
+    """``Site.protocol``: the channel protocol for one new connection, as configured."""
+    if site.answers_half_close():
+        return RelayChannel(HTTPChannel())
+    return _GenericHTTPChannelProtocol(HTTPChannel())

@@ -38,6 +38,7 @@ from relayd.config.model import DEFAULT_RESERVE_OUTPUT_TOKENS
 from relayd.health import REJECTIONS_TO_BENCH, UpstreamKey, parse_retry_after
 from relayd.http.body import BoundedBody
 from relayd.http.collected import BadEncodingError, BodyTooLargeError, CollectedBody
+from relayd.http.headers import DROP_RESPONSE_HEADERS
 from relayd.http.translation import (
     BadUpstreamBodyError,
     StreamRewriter,
@@ -79,47 +80,6 @@ from relayd.upstream import Backend, QueuedRequest
 log = Logger(namespace="relayd.relay")
 
 REQUEST_ID_HEADER = b"x-relayd-request-id"
-
-# Hop-by-hop headers (RFC 9110 7.6.1), never relayed in either direction; the headers
-# named by a request's Connection header are dropped too.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"proxy-connection",
-        b"keep-alive",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"trailer",
-    }
-)
-
-# Never forwarded upstream: the client's relay credential (both places it can be),
-# browser and proxy credentials, and headers that are the relay's to set.
-_DROP_REQUEST_HEADERS = _HOP_BY_HOP | {
-    b"authorization",
-    b"x-api-key",
-    b"proxy-authorization",
-    b"cookie",
-    b"origin",
-    b"anthropic-dangerous-direct-browser-access",
-    b"host",
-    b"content-length",
-    b"expect",
-}
-
-# Never relayed back: cookies and upstream identity details.
-_DROP_RESPONSE_HEADERS = _HOP_BY_HOP | {
-    b"set-cookie",
-    b"server",
-    b"date",
-    b"cf-ray",
-    b"cf-cache-status",
-    b"anthropic-organization-id",
-    b"openai-organization",
-    b"alt-svc",
-    b"via",
-}
 
 # JSON bodies larger than this (decoded) are relayed but not parsed for usage.
 _MAX_COLLECTED_BODY = 4 * 1024 * 1024
@@ -515,18 +475,11 @@ class Exchange:
         self.route = route
         self.provider_name = self.targets[0].provider.name
         self.body = body
-        request = self.request
-        headers = Headers()
-        set_raw = headers.setRawHeaders
-        connection = request.requestHeaders.getRawHeaders(b"connection")
-        named = _connection_tokens(connection) if connection else ()
-        for name, values in request.requestHeaders.getAllRawHeaders():
-            lower = name.lower()
-            if lower in _DROP_REQUEST_HEADERS or lower in named:
-                continue
-            set_raw(name, values)
+        headers = runtime.header_policy.upstream_headers(
+            self.family.name, self.request.requestHeaders
+        )
         if self.stream_requested:
-            set_raw(b"accept-encoding", [b"identity"])
+            headers.setRawHeaders(b"accept-encoding", [b"identity"])
         self.upstream_headers = headers
         runtime.retry_budget.record_request()
         target = self._pick_target()
@@ -871,6 +824,8 @@ class Exchange:
         headers = call.headers.copy()
         for name, value in key.auth_headers:
             headers.setRawHeaders(name, [value])
+        for name, value in backend.account_headers:
+            headers.setRawHeaders(name, [value])
         timeouts = backend.timeouts
         attempt.timer = self.clock.callLater(
             max(min(timeouts.first_byte, self.total_deadline - now), 0.0),
@@ -1136,7 +1091,7 @@ class Exchange:
         drop_limits = bool(own_limits) or call.translated
         for name, values in response.headers.getAllRawHeaders():
             lower = name.lower()
-            if lower in _DROP_RESPONSE_HEADERS:
+            if lower in DROP_RESPONSE_HEADERS:
                 continue
             if drop_limits and lower.startswith(_UPSTREAM_LIMIT_HEADER_PREFIXES):
                 continue
@@ -1882,13 +1837,6 @@ class _Drain(Protocol):
 
 def _first(values: Sequence[bytes] | None) -> bytes | None:
     return values[0] if values else None
-
-
-def _connection_tokens(values: Sequence[bytes]) -> frozenset[bytes]:
-    """Header names listed in ``Connection`` (hop-by-hop by declaration)."""
-    return frozenset(
-        token.strip().lower() for value in values for token in value.split(b",") if token.strip()
-    )
 
 
 def _batch_models(body: bytes) -> list[str] | None:

@@ -27,7 +27,7 @@ class RelaySite(Site):
 
     noisy = False
     displayTracebacks = False
-    protocol = relay_channel  # answers clients that half-close after their request
+    protocol = relay_channel  # answers half-closed clients with half_close: answer
 
     def __init__(
         self,
@@ -44,6 +44,9 @@ class RelaySite(Site):
             parsePOSTFormSubmission=False,
         )
         self._get_runtime = get_runtime
+
+    def answers_half_close(self) -> bool:
+        return self._get_runtime().config.half_close == "answer"
 
     def getContentFile(self, length: int | None) -> Any:
         return BoundedBody(self._get_runtime().max_body_bytes)

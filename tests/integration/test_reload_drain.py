@@ -90,6 +90,8 @@ def relay_config(
         "clients": [{"name": "team-a", "key_sha256": sha(CLIENT_KEY)}],
         "providers": providers,
         "routes": routes,
+        # The fake upstream's per-request knobs travel as x-fake-* headers.
+        "forward_headers": ["x-fake-*"],
         **extra,
     }
 

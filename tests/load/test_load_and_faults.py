@@ -65,6 +65,8 @@ def default_config(upstream: FakeUpstreamProcess) -> dict[str, Any]:
         ],
         "routes": [{"api": "anthropic", "provider": "anthropic"},
                    {"api": "openai", "provider": "openai"}],
+        # Test plumbing, not tuning: the fake upstream's per-request knobs are headers.
+        "forward_headers": ["x-fake-*"],
     }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -28,11 +29,16 @@ class Later(Resource):
 
 class ChannelSite(Site):
     protocol = relay_channel  # as RelaySite has it
+    answer = True
+
+    def answers_half_close(self) -> bool:
+        return self.answer
 
 
-def connect() -> tuple[Any, StringTransport, Later]:
+def connect(answer: bool = True) -> tuple[Any, StringTransport, Later]:
     resource = Later()
     site = ChannelSite(resource, reactor=MemoryReactorClock())
+    site.answer = answer
     protocol = site.buildProtocol(None)
     transport = StringTransport()
     protocol.makeConnection(transport)
@@ -42,9 +48,25 @@ def connect() -> tuple[Any, StringTransport, Later]:
 REQUEST = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
 
 
-def test_the_channel_accepts_half_closes() -> None:
-    protocol, _, _ = connect()
-    assert IHalfCloseableProtocol.providedBy(protocol)
+def test_the_channel_accepts_half_closes_only_when_configured() -> None:
+    """By default end-of-file is a client gone (its upstream call is cancelled at once):
+    a FIN from a client that closed its socket looks the same as a half-close."""
+    assert IHalfCloseableProtocol.providedBy(connect(answer=True)[0])
+    assert not IHalfCloseableProtocol.providedBy(connect(answer=False)[0])
+
+
+def test_the_relay_site_follows_the_configuration() -> None:
+    from relay_harness import base_config
+
+    from relayd.config import parse_config
+    from relayd.http.site import RelaySite
+    from relayd.runtime import RelayRuntime
+
+    clock = MemoryReactorClock()
+    for setting, halfclosable in (("cancel", False), ("answer", True)):
+        runtime = RelayRuntime(parse_config(base_config(half_close=setting)), clock)
+        site = RelaySite(functools.partial(lambda r: r, runtime), clock)
+        assert IHalfCloseableProtocol.providedBy(site.buildProtocol(None)) is halfclosable
 
 
 def test_a_request_whose_client_half_closed_is_answered_then_closed() -> None:

@@ -1,0 +1,120 @@
+"""Which headers cross the relay: an allow list for requests, drop lists for answers.
+
+**Upstream**, a request carries only the client headers an API defines for callers
+(content negotiation, API version and betas, the SDKs' ``x-stainless-*``, idempotency),
+plus the names an operator adds with ``forward_headers``. Everything else stays behind:
+the client's relay key (both places it can be), cookies, ``Origin`` (Anthropic refuses
+CORS requests), proxy credentials, hop-by-hop headers, and headers that choose or
+describe the upstream account or the client (``OpenAI-Organization`` and
+``OpenAI-Project`` would let a client bill another organisation of relayd's key: a
+backend sets them itself with ``organization``/``project``; ``X-Forwarded-For`` and
+``Forwarded`` are not passed on, and relayd adds no address of the client: providers
+are told nothing about who is behind the relay).
+
+**Back to the client**, an answer's headers pass except cookies, hop-by-hop headers and
+upstream identity details (see :data:`DROP_RESPONSE_HEADERS`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Sequence
+
+from twisted.web.http_headers import Headers
+
+# Hop-by-hop headers (RFC 9110 7.6.1), never relayed in either direction; the headers
+# named by a request's Connection header are dropped too.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"proxy-connection",
+        b"keep-alive",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+    }
+)
+
+# Never relayed back: cookies and upstream identity details.
+DROP_RESPONSE_HEADERS = HOP_BY_HOP | {
+    b"set-cookie",
+    b"server",
+    b"date",
+    b"cf-ray",
+    b"cf-cache-status",
+    b"anthropic-organization-id",
+    b"openai-organization",
+    b"alt-svc",
+    b"via",
+}
+
+# Never forwarded, whatever ``forward_headers`` says: the client's relay credential (both
+# places it can be), browser and proxy credentials, and headers that are the relay's to
+# set or that would let a client pick the upstream account.
+NEVER_FORWARDED = HOP_BY_HOP | {
+    b"authorization",
+    b"x-api-key",
+    b"proxy-authorization",
+    b"cookie",
+    b"host",
+    b"content-length",
+    b"expect",
+    b"openai-organization",
+    b"openai-project",
+}
+
+# Client request headers forwarded to every upstream, and per API family.
+_COMMON = frozenset(
+    {b"content-type", b"accept", b"accept-encoding", b"user-agent", b"idempotency-key"}
+)
+_COMMON_PREFIXES = (b"x-stainless-",)  # the official SDKs' own (language, retry count...)
+_FAMILY = {
+    "anthropic": _COMMON
+    | {b"anthropic-version", b"anthropic-beta", b"x-app", b"x-claude-code-session-id"},
+    "openai": _COMMON | {b"openai-beta", b"x-client-request-id"},
+}
+
+
+class RequestHeaderPolicy:
+    """Builds a request's upstream headers from the client's: the allow list of its API
+    family, plus the ``extra`` globs of the configuration (``forward_headers``)."""
+
+    __slots__ = ("_allowed", "_extra")
+
+    def __init__(self, extra: Sequence[str] = ()) -> None:
+        self._allowed = _FAMILY
+        self._extra = (
+            re.compile(
+                "|".join(f"(?:{fnmatch.translate(glob.lower())})" for glob in extra).encode()
+            )
+            if extra
+            else None
+        )
+
+    def upstream_headers(self, family: str, client: Headers) -> Headers:
+        """The headers of ``client`` that may go upstream for a call of ``family``."""
+        allowed = self._allowed[family]
+        extra = self._extra
+        out = Headers()
+        named: frozenset[bytes] | tuple[()] = ()
+        connection = client.getRawHeaders(b"connection")
+        if connection:
+            named = frozenset(
+                token.strip().lower()
+                for value in connection
+                for token in value.split(b",")
+                if token.strip()
+            )
+        for name, values in client.getAllRawHeaders():
+            lower = name.lower()
+            if lower in named or lower in NEVER_FORWARDED:
+                continue
+            if (
+                lower in allowed
+                or lower.startswith(_COMMON_PREFIXES)
+                or (extra is not None and extra.fullmatch(lower) is not None)
+            ):
+                out.setRawHeaders(name, values)
+        return out
