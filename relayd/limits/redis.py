@@ -45,6 +45,10 @@ from relayd.limits.store import UsageRecord
 log = Logger(namespace="relayd.state")
 
 PROBE_INTERVAL = 1.0
+# txredisapi's reconnect delay grows by e per failed attempt up to 10 s: Redis coming back
+# was noticed 8-14 s late (a window of 503s with on_store_failure: closed). relayd retries
+# at most this far apart, so with the probe above recovery is seen within about 2 s.
+RECONNECT_MAX_DELAY = 1.0
 
 
 class StoreUnavailableError(Exception):
@@ -68,7 +72,7 @@ def connect_redis(config: StateConfig) -> Any:
         else:
             trust = platformTrust()
         tls = optionsForClientTLS(config.host, trustRoot=trust)
-    return txredisapi.lazyConnectionPool(
+    connection = txredisapi.lazyConnectionPool(
         host=config.host,
         port=config.port,
         dbid=config.db,
@@ -81,6 +85,11 @@ def connect_redis(config: StateConfig) -> Any:
         replyTimeout=max(config.timeout * 4, 2.0),
         convertNumbers=True,
     )
+    factory = getattr(connection, "_factory", None)  # read at every reconnect attempt
+    if factory is not None:
+        factory.initialDelay = min(factory.initialDelay, RECONNECT_MAX_DELAY / 2)
+        factory.maxDelay = RECONNECT_MAX_DELAY
+    return connection
 
 
 class RedisStore:
