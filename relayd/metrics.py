@@ -184,6 +184,16 @@ class RelayMetrics:
             "Requests answered 503 for want of a backend slot: queue full, or wait timed out.",
             ["reason"], registry=r,
         )
+        self._client_connections = Gauge(
+            "relayd_client_connections",
+            "Client connections open on the relay listeners.", registry=r,
+        )
+        connections_closed = Counter(
+            "relayd_client_connections_closed_total",
+            "Client connections relayd closed or refused itself, by reason (head_timeout, "
+            "body_timeout, evicted, refused, refused_per_address).",
+            ["reason"], registry=r,
+        )
         client_disconnects = Counter(
             "relayd_client_disconnects_total",
             "Clients that hung up before their answer was complete, by API and by whether "
@@ -224,6 +234,7 @@ class RelayMetrics:
         self._quota_skips = _Children(quota_skips)
         self._client_disconnects = _Children(client_disconnects)
         self._queue_refusals = _Children(queue_refusals)
+        self._connections_closed = _Children(connections_closed)
 
         self._runtime_collector = RuntimeCollector()
         r.register(self._runtime_collector)
@@ -312,6 +323,14 @@ class RelayMetrics:
     def quota_skip(self, provider: str, backend: str) -> None:
         """Count an upstream key skipped because its quota was used up."""
         self._quota_skips.get((provider, backend)).inc()
+
+    def client_connections(self, count: int) -> None:
+        """The number of open client connections changed."""
+        self._client_connections.set(count)
+
+    def client_connection_closed(self, reason: str) -> None:
+        """relayd closed or refused a client connection itself."""
+        self._connections_closed.get((reason,)).inc()
 
     def queue_entered(self) -> None:
         """A request began waiting for a backend slot."""

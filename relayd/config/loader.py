@@ -38,6 +38,7 @@ from relayd.config.model import (
     ClientConfig,
     ClientLimitsConfig,
     Config,
+    ConnectionsConfig,
     FailoverConfig,
     HealthCheckConfig,
     ListenerConfig,
@@ -74,6 +75,7 @@ _ROOT_KEYS = (
     "stream_keepalive",
     "forward_headers",
     "half_close",
+    "connections",
     "timeouts",
     "pool",
     "health",
@@ -85,6 +87,7 @@ _ROOT_KEYS = (
     "routes",
 )
 _LISTENER_KEYS = ("address", "tls", "backlog")
+_CONNECTIONS_KEYS = ("max", "per_address", "head_timeout", "body_timeout", "idle_timeout")
 _MAX_BACKLOG = 65535  # the kernel's own limit for a listen() backlog
 _TLS_KEYS = ("certificate", "private_key")
 _ADMIN_KEYS = ("address", "token_file")
@@ -468,6 +471,11 @@ class _Parser:
         max_queued = self.optional(
             fields, "max_queued", "", self.non_negative_int, _CONFIG_DEFAULTS.max_queued
         )
+        connections = (
+            self.connections(fields["connections"], "connections")
+            if "connections" in fields
+            else ConnectionsConfig()
+        )
         half_close = self.optional(
             fields, "half_close", "", self.choice(("cancel", "answer")),
             _CONFIG_DEFAULTS.half_close,
@@ -518,6 +526,7 @@ class _Parser:
             stream_keepalive=stream_keepalive,
             forward_headers=forward_headers,
             half_close=half_close,
+            connections=connections,
             source=source,
         )
 
@@ -689,6 +698,36 @@ class _Parser:
         patterns = [self.string(item, item_path) for item_path, item in pairs]
         valid = [pattern for pattern in patterns if pattern is not None]
         return tuple(valid) if len(valid) == len(patterns) else None
+
+    def connections(self, value: object, path: str) -> ConnectionsConfig:
+        """The ``connections`` section; every key is optional."""
+        base = ConnectionsConfig()
+        fields = self.mapping(value, path, _CONNECTIONS_KEYS)
+        if fields is None:
+            return base
+        limit = base.max
+        given = fields.get("max", "auto")
+        if given != "auto":
+            if isinstance(given, int) and not isinstance(given, bool) and given > 0:
+                limit = given
+            else:
+                self.error(
+                    _key_path(path, "max"),
+                    f"must be auto or a positive integer, got {self.describe_number(given)}",
+                )
+        return ConnectionsConfig(
+            max=limit,
+            per_address=self.optional(fields, "per_address", path, self.positive_int, None),
+            head_timeout=self.optional(
+                fields, "head_timeout", path, self.positive_number, base.head_timeout
+            ),
+            body_timeout=self.optional(
+                fields, "body_timeout", path, self.positive_number, base.body_timeout
+            ),
+            idle_timeout=self.optional(
+                fields, "idle_timeout", path, self.positive_number, base.idle_timeout
+            ),
+        )
 
     def header_globs(self, value: object, path: str) -> tuple[str, ...]:
         """A list of header names or globs (``x-fake-*``)."""

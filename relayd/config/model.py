@@ -44,6 +44,23 @@ class ListenerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionsConfig:
+    """Bounds on client connections (see :mod:`relayd.http.connections`).
+
+    ``max``: open client connections at most (``None``: auto, from the open-file limit);
+    ``per_address``: per client address (``None``: no bound); ``head_timeout``: seconds
+    from a request's first byte to the end of its head; ``body_timeout``: from the head to
+    the end of the body; ``idle_timeout``: a keep-alive connection with no request.
+    """
+
+    max: int | None = None
+    per_address: int | None = None
+    head_timeout: float = 20.0
+    body_timeout: float = 120.0
+    idle_timeout: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class ClientLimitsConfig:
     """A client's policy; ``None`` means no limit of that kind.
 
@@ -313,6 +330,7 @@ class Config:
     # A client's end-of-file while its request is served: "cancel" (it is gone) or
     # "answer" (a half-close: answer, then close). See relayd.http.channel.
     half_close: str = "cancel"
+    connections: ConnectionsConfig = ConnectionsConfig()
     # Client headers forwarded upstream besides each API's allow list (names or globs).
     forward_headers: tuple[str, ...] = ()
     source: str = "<defaults>"

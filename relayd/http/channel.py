@@ -1,35 +1,181 @@
-"""The HTTP channel of a relay listener: twisted.web's, optionally answering half-closes.
+"""The HTTP channel of a relay listener: twisted.web's, with deadlines for a request's head
+and body, reports of idle and busy connections, and optionally half-close answering.
 
-A client may shut down its sending side once its request is sent (``shutdown(SHUT_WR)``;
-some scripted tools do) and still read the answer. On the wire that end-of-file is the
+**Deadlines.** twisted.web's only client timeout is an idle timer that every byte
+resets, so a client sending a partial request line and one byte every few seconds (the
+slowloris attack) held its connection forever. Here a request's head must be complete
+within ``connections.head_timeout`` seconds of its first byte, and its body within
+``connections.body_timeout`` of the head; past either the client gets a 408 and the
+connection closes. Connections that say nothing are closed by the idle timeout.
+
+**Idle and busy.** The channel tells its :class:`~relayd.http.connections.ConnectionTracker`
+when a connection starts being served (its head is complete) and when it is idle again,
+so the tracker can evict the oldest idle connection when the connection bound is reached.
+
+**Half-close.** A client may shut down its sending side once its request is sent
+(``shutdown(SHUT_WR)``) and still read the answer. On the wire that end-of-file is the
 same FIN a client sends when it closes its socket because its user pressed "stop", and
 nothing tells the two apart before relayd writes to it. So by default (``half_close:
-cancel``) end-of-file means the client is gone: the upstream call is cancelled at once
-and no tokens are burned for nobody, as nginx (499) and Go's net/http do. With
-``half_close: answer`` the channel provides ``IHalfCloseableProtocol``: a request received
-in full is answered, then the connection closes; the price is that a client that closed
-its socket is only noticed when its answer is written (for a non-streamed answer: after
-the upstream produced all of it). A half-close before the request is complete closes the
-connection at once either way.
+cancel``) end-of-file means the client is gone: the upstream call is cancelled at once,
+as nginx (499) and Go's net/http do. With ``half_close: answer`` the channel provides
+``IHalfCloseableProtocol``: a request received in full is answered, then the connection
+closes; the price is that a client that closed its socket is only noticed when its
+answer is written. A half-close before the request is complete closes at once either way.
 
 This module is where relayd depends on twisted.web's channel internals (the private
 ``_GenericHTTPChannelProtocol`` that switches between HTTP/1.1 and HTTP/2, and
-``HTTPChannel``'s ``requests`` and ``persistent``); ``tests/unit/test_channel.py``
+``HTTPChannel``'s hooks, ``requests`` and ``persistent``); ``tests/unit/test_channel.py``
 exercises it against the installed Twisted.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import os
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from h2.connection import ConnectionState
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request, _GenericHTTPChannelProtocol
 from zope.interface import implementer
 
+from relayd.config.model import ConnectionsConfig
+from relayd.providers import family_of
+
+if TYPE_CHECKING:
+    from relayd.http.connections import ConnectionTracker
+
+
+_CONNECTION_DONE = Failure(ConnectionDone())
+_H2_CLOSED = ConnectionState.CLOSED
+_GOAWAY_GRACE = 2.0  # seconds a closed HTTP/2 connection has to flush its GOAWAY
+
+
+class RelayHTTPChannel(HTTPChannel):
+    """twisted.web's HTTP/1.1 channel, with head and body deadlines and state reports."""
+
+    def __init__(self, owner: RelayChannel, config: ConnectionsConfig) -> None:
+        super().__init__()
+        self._owner = owner
+        self._config = config
+        self._deadline: IDelayedCall | None = None
+        self._between_requests = True  # the next byte starts a request's head
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._between_requests and data:
+            self._between_requests = False
+            self._arm(self._config.head_timeout, "head")
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        super().allHeadersReceived()
+        self._disarm()
+        self._arm(self._config.body_timeout, "body")
+        self._owner.tracker.busy(self._owner)
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def requestDone(self, request: Request) -> None:
+        self._between_requests = True
+        self._owner.tracker.idle(self._owner)
+        super().requestDone(request)
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _arm(self, seconds: float, stage: str) -> None:
+        if seconds > 0:
+            call_later: Any = self.callLater  # the reactor's, set by the Site
+            self._deadline = call_later(seconds, self._too_slow, stage)
+
+    def _disarm(self) -> None:
+        deadline, self._deadline = self._deadline, None
+        if deadline is not None and deadline.active():
+            deadline.cancel()
+
+    def _too_slow(self, stage: str) -> None:
+        """The request's head (or body) did not arrive in time: 408, and close."""
+        self._deadline = None
+        transport = self.transport
+        if transport is None:
+            return
+        self._owner.tracker.timed_out(stage)
+        seconds = self._config.head_timeout if stage == "head" else self._config.body_timeout
+        headers = self.requests[-1].requestHeaders if stage == "body" and self.requests else None
+        family = family_of(headers) if headers is not None else family_of(_NO_HEADERS)
+        body = family.render_error(
+            408,
+            f"the request's {stage} did not arrive within {seconds:g}s",
+            "req_" + os.urandom(12).hex(),
+        )
+        transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\n"
+            b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+        )
+        transport.loseConnection()
+
+
+class _NoHeaders:
+    def hasHeader(self, name: bytes) -> bool:
+        return False
+
+
+_NO_HEADERS: Any = _NoHeaders()
+
+
+class RelayChannel(_GenericHTTPChannelProtocol):
+    """One client connection of a relay listener: twisted.web's HTTP/1.1-or-HTTP/2
+    switch, registered with the connection tracker while it is open."""
+
+    def __init__(self, tracker: ConnectionTracker, config: ConnectionsConfig) -> None:
+        super().__init__(RelayHTTPChannel(self, config))
+        self.tracker = tracker
+        self.address: str | None = None
+        self._h2 = False
+        self._closing = False
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._h2 and self._channel.conn.state_machine.state is _H2_CLOSED:
+            # The HTTP/2 connection ended (a protocol error, a reset flood): Twisted
+            # closes it gracefully and keeps reading, and hyper-h2 buffers what still
+            # comes without bound (a CONTINUATION flood grew RSS by 800 MB). Read no
+            # more: the GOAWAY already written still goes out; abort if it cannot.
+            transport: Any = self._channel.transport
+            if transport is not None and not self._closing:
+                self._closing = True
+                transport.pauseProducing()
+                self.callLater(_GOAWAY_GRACE, transport.abortConnection)
+            return
+        super().dataReceived(data)
+        if not self._h2 and self._negotiatedProtocol == b"h2":
+            # An HTTP/2 connection multiplexes requests: never evicted as idle.
+            self._h2 = True
+            self.tracker.busy(self)
+
+    def makeConnection(self, transport: Any) -> None:
+        peer = transport.getPeer()
+        self.address = getattr(peer, "host", None)
+        self.tracker.opened(self)
+        super().makeConnection(transport)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.tracker.closed(self)
+        super().connectionLost(reason)
+
+    def close(self) -> None:
+        """Close this connection (evicted)."""
+        transport = self._channel.transport
+        if transport is not None:
+            transport.loseConnection()
+
 
 @implementer(IHalfCloseableProtocol)
-class RelayChannel(_GenericHTTPChannelProtocol):
-    """twisted.web's channel protocol, answering a request whose client half-closed."""
+class HalfClosingRelayChannel(RelayChannel):
+    """A relay channel that answers a request whose client half-closed."""
 
     def readConnectionLost(self) -> None:
         channel = self._channel
@@ -40,25 +186,7 @@ class RelayChannel(_GenericHTTPChannelProtocol):
             # (the channel closes non-persistent connections when a request is done).
             channel.persistent = False
             return
-        self._close()
+        self.close()
 
     def writeConnectionLost(self) -> None:
-        self._close()
-
-    def _close(self) -> None:
-        transport = self._channel.transport
-        if transport is not None:
-            transport.loseConnection()
-
-
-class HalfCloseChoice(Protocol):
-    """What :func:`relay_channel` asks of its Site."""
-
-    def answers_half_close(self) -> bool: ...
-
-
-def relay_channel(site: HalfCloseChoice) -> _GenericHTTPChannelProtocol:
-    """``Site.protocol``: the channel protocol for one new connection, as configured."""
-    if site.answers_half_close():
-        return RelayChannel(HTTPChannel())
-    return _GenericHTTPChannelProtocol(HTTPChannel())
+        self.close()

@@ -9,7 +9,8 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.web.server import Request, Site
 
 from relayd.http.body import BoundedBody
-from relayd.http.channel import relay_channel
+from relayd.http.channel import HalfClosingRelayChannel, RelayChannel
+from relayd.http.connections import ConnectionTracker, Refused
 from relayd.http.relay import RelayResource
 from relayd.metrics import RelayMetrics
 from relayd.runtime import RelayRuntime
@@ -27,7 +28,6 @@ class RelaySite(Site):
 
     noisy = False
     displayTracebacks = False
-    protocol = relay_channel  # answers half-closed clients with half_close: answer
 
     def __init__(
         self,
@@ -44,9 +44,24 @@ class RelaySite(Site):
             parsePOSTFormSubmission=False,
         )
         self._get_runtime = get_runtime
+        self.tracker = ConnectionTracker(
+            clock, self.resource.metrics, lambda: get_runtime().config.connections
+        )
 
-    def answers_half_close(self) -> bool:
-        return self._get_runtime().config.half_close == "answer"
+    def buildProtocol(self, addr: Any) -> Any:
+        """A channel for a new client connection, within the connection bounds and with
+        the current configuration's deadlines."""
+        if not self.tracker.admit(getattr(addr, "host", None)):
+            return Refused()
+        config = self._get_runtime().config
+        kind = HalfClosingRelayChannel if config.half_close == "answer" else RelayChannel
+        channel = kind(self.tracker, config.connections)
+        channel.factory = self
+        channel.site = self
+        channel.requestFactory = self.requestFactory
+        channel.callLater = self.reactor.callLater
+        channel.timeOut = config.connections.idle_timeout
+        return channel
 
     def getContentFile(self, length: int | None) -> Any:
         return BoundedBody(self._get_runtime().max_body_bytes)

@@ -45,6 +45,7 @@ import os
 import struct
 import sys
 import tempfile
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
@@ -134,6 +135,10 @@ class Knobs:
     cache_creation_input_tokens: int = 7
     #: Anthropic ``cache_read_input_tokens`` / OpenAI ``cached_tokens``.
     cache_read_input_tokens: int = 11
+    #: Hostile answers: this many extra ``x-flood-N`` response headers.
+    flood_headers: int = 0
+    #: Hostile answers: JSON bodies replaced by gzip of this many MiB of zeros (a bomb).
+    gzip_bomb_mib: int = 0
 
     def updated(self, values: Mapping[str, object]) -> Knobs:
         """Return a copy with ``values`` (raw JSON or header strings) applied.
@@ -168,6 +173,8 @@ _KNOB_SPECS: Final[dict[str, tuple[type, bool, float, float]]] = {
     "ping": (bool, False, 0, 1),
     "cache_creation_input_tokens": (int, False, 0, math.inf),
     "cache_read_input_tokens": (int, False, 0, math.inf),
+    "flood_headers": (int, False, 0, 100_000),
+    "gzip_bomb_mib": (int, False, 0, 4096),
 }
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
@@ -248,6 +255,14 @@ def reply_text(n: int, pad: int = 0) -> str:
 
 
 _encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+
+@lru_cache(maxsize=4)
+def _gzip_bomb(mib: int) -> bytes:
+    """gzip of ``mib`` MiB of zeros: about a thousandth of that on the wire."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    block = bytes(1024 * 1024)
+    return b"".join(packer.compress(block) for _ in range(mib)) + packer.flush()
 
 
 def _dumps(obj: object) -> bytes:
@@ -690,6 +705,7 @@ class _Exchange:
         self.record.status = status
         headers = request.responseHeaders
         headers.setRawHeaders(b"content-type", [content_type])
+        self._flood()
         rid = self.request_id.encode("ascii")
         if self.family == ANTHROPIC:
             headers.setRawHeaders(b"request-id", [rid])
@@ -706,6 +722,10 @@ class _Exchange:
             for name, value in _OPENAI_STATIC_HEADERS:
                 headers.setRawHeaders(name, [value])
 
+    def _flood(self) -> None:
+        for i in range(self.knobs.flood_headers):
+            self.request.responseHeaders.setRawHeaders(b"x-flood-%d" % i, [b"1"])
+
     @property
     def request_id(self) -> str:
         return f"req_fake{self.record.id:016d}"
@@ -718,7 +738,10 @@ class _Exchange:
             return
         self._headers(status, content_type)
         request = self.request
-        if self.knobs.gzip:
+        if self.knobs.gzip_bomb_mib:
+            payload = _gzip_bomb(self.knobs.gzip_bomb_mib)
+            request.responseHeaders.setRawHeaders(b"content-encoding", [b"gzip"])
+        elif self.knobs.gzip:
             payload = gzip.compress(payload, compresslevel=6, mtime=0)
             request.responseHeaders.setRawHeaders(b"content-encoding", [b"gzip"])
         request.responseHeaders.setRawHeaders(b"content-length", [b"%d" % len(payload)])

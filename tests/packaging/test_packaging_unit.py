@@ -130,6 +130,12 @@ def test_stop_waits_for_the_drain() -> None:
     assert one("KillMode") == "mixed"  # SIGTERM to relayd alone, SIGKILL to all at the timeout
 
 
+def test_open_file_limit_leaves_room_for_many_connections() -> None:
+    """The campaign: under the shipped unit (soft limit 1024) 1,100 slow clients left no
+    descriptor for ordinary requests."""
+    assert int(one("LimitNOFILE")) >= 65536
+
+
 def test_hardening() -> None:
     directives = unit_directives()
     assert one("CapabilityBoundingSet") == "CAP_NET_BIND_SERVICE"

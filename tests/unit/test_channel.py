@@ -1,16 +1,24 @@
-"""The relay's HTTP channel against the installed Twisted: half-closing clients."""
+"""The relay's HTTP channel and connection bounds against the installed Twisted:
+slow clients, half-closing clients, and the connection bound with eviction."""
 
 from __future__ import annotations
 
-import functools
+import json
 from typing import Any
 
+import pytest
+from relay_harness import base_config
+from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
-from relayd.http.channel import relay_channel
+from relayd.config import parse_config
+from relayd.http.connections import Refused
+from relayd.http.site import RelaySite
+from relayd.metrics import RelayMetrics
+from relayd.runtime import RelayRuntime
 
 
 class Later(Resource):
@@ -27,56 +35,44 @@ class Later(Resource):
         return NOT_DONE_YET
 
 
-class ChannelSite(Site):
-    protocol = relay_channel  # as RelaySite has it
-    answer = True
+class Setup:
+    def __init__(self, **top: Any) -> None:
+        self.clock = MemoryReactorClock()
+        runtime = RelayRuntime(parse_config(base_config(**top)), self.clock)
+        self.metrics = RelayMetrics()
+        self.site = RelaySite(lambda: runtime, self.clock, self.metrics)
+        self.later = Later()
+        self.site.resource = self.later
 
-    def answers_half_close(self) -> bool:
-        return self.answer
+    def connect(self, host: str = "10.0.0.1") -> tuple[Any, StringTransport]:
+        protocol = self.site.buildProtocol(IPv4Address("TCP", host, 40000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 40000))
+        protocol.makeConnection(transport)
+        return protocol, transport
 
-
-def connect(answer: bool = True) -> tuple[Any, StringTransport, Later]:
-    resource = Later()
-    site = ChannelSite(resource, reactor=MemoryReactorClock())
-    site.answer = answer
-    protocol = site.buildProtocol(None)
-    transport = StringTransport()
-    protocol.makeConnection(transport)
-    return protocol, transport, resource
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.metrics.registry.get_sample_value(name, labels)
+        return value or 0.0
 
 
 REQUEST = b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
 
 
-def test_the_channel_accepts_half_closes_only_when_configured() -> None:
+def test_half_close_is_answered_only_when_configured() -> None:
     """By default end-of-file is a client gone (its upstream call is cancelled at once):
     a FIN from a client that closed its socket looks the same as a half-close."""
-    assert IHalfCloseableProtocol.providedBy(connect(answer=True)[0])
-    assert not IHalfCloseableProtocol.providedBy(connect(answer=False)[0])
-
-
-def test_the_relay_site_follows_the_configuration() -> None:
-    from relay_harness import base_config
-
-    from relayd.config import parse_config
-    from relayd.http.site import RelaySite
-    from relayd.runtime import RelayRuntime
-
-    clock = MemoryReactorClock()
-    for setting, halfclosable in (("cancel", False), ("answer", True)):
-        runtime = RelayRuntime(parse_config(base_config(half_close=setting)), clock)
-        site = RelaySite(functools.partial(lambda r: r, runtime), clock)
-        assert IHalfCloseableProtocol.providedBy(site.buildProtocol(None)) is halfclosable
+    assert not IHalfCloseableProtocol.providedBy(Setup().connect()[0])
+    assert IHalfCloseableProtocol.providedBy(Setup(half_close="answer").connect()[0])
 
 
 def test_a_request_whose_client_half_closed_is_answered_then_closed() -> None:
     """The campaign: a client that half-closes after its request got no answer (499)."""
-    protocol, transport, resource = connect()
+    setup = Setup(half_close="answer")
+    protocol, transport = setup.connect()
     protocol.dataReceived(REQUEST)
     protocol.readConnectionLost()
     assert not transport.disconnecting
-    (request,) = resource.pending
-    assert not request._disconnected
+    (request,) = setup.later.pending
     request.write(b"answer")
     request.finish()
     assert b"answer" in transport.value()
@@ -84,13 +80,120 @@ def test_a_request_whose_client_half_closed_is_answered_then_closed() -> None:
 
 
 def test_a_half_close_before_the_request_is_complete_closes_at_once() -> None:
-    protocol, transport, resource = connect()
+    setup = Setup(half_close="answer")
+    protocol, transport = setup.connect()
     protocol.dataReceived(REQUEST[:40])
     protocol.readConnectionLost()
-    assert transport.disconnecting and not resource.pending
+    assert transport.disconnecting and not setup.later.pending
 
 
-def test_an_idle_connection_that_half_closes_is_closed() -> None:
-    protocol, transport, _ = connect()
-    protocol.readConnectionLost()
+def test_a_slowloris_head_gets_408_at_its_deadline_however_it_trickles() -> None:
+    """The campaign: a partial request line plus one byte every 5 s kept a connection
+    open forever (each byte reset the idle timer)."""
+    setup = Setup()
+    protocol, transport = setup.connect()
+    protocol.dataReceived(b"POST /v1/mess")
+    for _ in range(3):
+        setup.clock.advance(5)
+        protocol.dataReceived(b"a")
+    setup.clock.advance(4.9)
+    assert not transport.disconnecting
+    setup.clock.advance(0.1)  # 20 s since the head's first byte
+    assert transport.value().startswith(b"HTTP/1.1 408 Request Timeout\r\n")
+    assert b"head did not arrive within 20s" in transport.value()
     assert transport.disconnecting
+    assert setup.sample("relayd_client_connections_closed_total", reason="head_timeout") == 1
+
+
+def test_a_trickling_body_gets_408_in_the_callers_shape() -> None:
+    setup = Setup(connections={"body_timeout": 30})
+    protocol, transport = setup.connect()
+    protocol.dataReceived(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nanthropic-version: "
+                          b"2023-06-01\r\nContent-Length: 100\r\n\r\n{\"mo")
+    setup.clock.advance(29)
+    protocol.dataReceived(b"del")
+    assert not transport.disconnecting
+    setup.clock.advance(1)
+    head, _, body = transport.value().partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    error = json.loads(body)
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert "body did not arrive within 30s" in error["error"]["message"]
+    assert not setup.later.pending
+
+
+def test_an_idle_keep_alive_connection_has_no_head_deadline() -> None:
+    setup = Setup()
+    protocol, transport = setup.connect()
+    protocol.dataReceived(REQUEST)
+    (request,) = setup.later.pending
+    request.finish()
+    setup.clock.advance(50)  # below the idle timeout (60 s); no head has started
+    assert not transport.disconnecting
+    protocol.dataReceived(REQUEST)  # the next request on the same connection
+    assert len(setup.later.pending) == 2
+
+
+def test_at_the_bound_the_longest_idle_connection_makes_room() -> None:
+    setup = Setup(connections={"max": 3})
+    (first, t1), (second, t2), (busy, t3) = (setup.connect() for _ in range(3))
+    busy.dataReceived(REQUEST)  # being served: never evicted
+    second.dataReceived(b"GET /v1/mo")  # half a head: evictable
+    setup.connect()
+    assert t1.disconnecting and not t2.disconnecting and not t3.disconnecting
+    first.connectionLost(None)
+    assert setup.sample("relayd_client_connections_closed_total", reason="evicted") == 1
+    assert setup.sample("relayd_client_connections") == 3
+
+
+def test_at_the_bound_with_nothing_idle_new_connections_are_refused() -> None:
+    setup = Setup(connections={"max": 2})
+    for _ in range(2):
+        protocol, _ = setup.connect()
+        protocol.dataReceived(REQUEST)
+    refused = setup.site.buildProtocol(IPv4Address("TCP", "10.0.0.9", 1))
+    assert isinstance(refused, Refused)
+    transport = StringTransport()
+    refused.makeConnection(transport)
+    assert transport.disconnecting
+    assert setup.sample("relayd_client_connections_closed_total", reason="refused") == 1
+
+
+def test_per_address_bound_is_opt_in() -> None:
+    setup = Setup(connections={"per_address": 2})
+    for _ in range(2):
+        setup.connect("10.0.0.1")
+    assert isinstance(setup.site.buildProtocol(IPv4Address("TCP", "10.0.0.1", 1)), Refused)
+    assert not isinstance(setup.site.buildProtocol(IPv4Address("TCP", "10.0.0.2", 1)), Refused)
+    many = Setup()  # without it, one address (a NAT) may open many
+    for _ in range(50):
+        many.connect("10.0.0.1")
+    assert many.sample("relayd_client_connections") == 50
+
+
+def test_auto_bound_is_half_the_open_file_limit_left() -> None:
+    import resource
+
+    from relayd.http.connections import FD_RESERVE
+
+    setup = Setup()
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert setup.site.tracker.limit(setup.site._get_runtime().config.connections) == max(
+        (soft - FD_RESERVE) // 2, 16
+    )
+
+
+@pytest.mark.parametrize(
+    ("section", "error"),
+    [
+        ({"max": 0}, "connections.max: must be auto or a positive integer, got 0"),
+        ({"head_timeout": 0}, "connections.head_timeout: must be a positive number, got 0"),
+        ({"per_address": "x"}, "connections.per_address: must be a positive integer, got string"),
+    ],
+)
+def test_connection_settings_are_checked(section: dict[str, Any], error: str) -> None:
+    from relayd.config import ConfigErrors
+
+    with pytest.raises(ConfigErrors) as raised:
+        parse_config(base_config(connections=section))
+    assert [str(e) for e in raised.value.errors] == [error]
