@@ -172,6 +172,16 @@ class RelayRuntime:
             ]
         )
 
+    def backend(self, provider: str, name: str) -> tuple[ProviderRoute, Backend] | None:
+        """The provider and backend of these names in this configuration, if any."""
+        route = self.providers.get(provider)
+        if route is None:
+            return None
+        for backend in route.balancer.backends:
+            if backend.name == name:
+                return route, backend
+        return None
+
     @staticmethod
     def _lease_ttl(config: Config) -> float:
         """How long a concurrency lease outlives an instance that died holding it: the

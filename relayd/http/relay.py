@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import unquote
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectError, ConnectingCancelledError, DNSLookupError
 from twisted.internet.error import TimeoutError as ConnectTimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
@@ -39,6 +39,13 @@ from relayd.health import REJECTIONS_TO_BENCH, UpstreamKey, parse_retry_after
 from relayd.http.body import BoundedBody
 from relayd.http.collected import BadEncodingError, BodyTooLargeError, CollectedBody
 from relayd.http.headers import DROP_RESPONSE_HEADERS
+from relayd.http.objects import (
+    created_id,
+    keep_owned,
+    listed_ids,
+    public_base,
+    rewrite_results_url,
+)
 from relayd.http.translation import (
     BadUpstreamBodyError,
     StreamRewriter,
@@ -46,7 +53,7 @@ from relayd.http.translation import (
     prepare_call,
     serves,
 )
-from relayd.limits import UsageRecord
+from relayd.limits import ObjectRecord, UsageRecord
 from relayd.limits.checks import (
     Decision,
     PeriodCheck,
@@ -56,6 +63,7 @@ from relayd.limits.checks import (
     period_number,
 )
 from relayd.limits.policy import estimate_tokens, usage_tokens
+from relayd.limits.redis import StoreUnavailableError
 from relayd.logs import log_access
 from relayd.metrics import RelayMetrics
 from relayd.pool import MAX_RESPONSE_HEAD, BytesProducer, head_too_large
@@ -70,11 +78,13 @@ from relayd.providers import (
     Usage,
     family_of,
 )
+from relayd.providers.anthropic import BATCH
 from relayd.providers.base import model_entries
 from relayd.routing import ProviderRoute, Route, RouteTarget, providers_of
 from relayd.runtime import Client, RelayRuntime
 from relayd.sse import SseTooLargeError
 from relayd.translate import TranslationError
+from relayd.translate.mapping import json_bytes
 from relayd.upstream import Backend, QueuedRequest
 
 log = Logger(namespace="relayd.relay")
@@ -202,6 +212,9 @@ class Exchange:
         self.payload: dict[str, Any] | None = None
         self.batch_models: list[str] | None = None  # the models inside a batch create
         self.upstream_uri: bytes | None = None  # when it is not the client's, verbatim
+        self.objects: str | None = None  # create / list / item: an upstream object call
+        # The provider and backend that hold the object this call addresses.
+        self.pinned: tuple[ProviderRoute, Backend] | None = None
         self.queued: QueuedRequest | None = None  # while waiting for a backend slot
         self.keepalive: IDelayedCall | None = None  # SSE comments during silence
         self.wrote_at = 0.0  # when stream bytes last went to the client
@@ -279,7 +292,118 @@ class Exchange:
         if self.endpoint.local:
             self._serve_model_list()
             return
+        role = self.endpoint.object_role(request.method)
+        if role is not None:
+            self.objects = role
+            reference = self._object_reference(role)
+            if reference is not None:
+                self._check_owner(reference, body)
+                return
         self._forward(body)
+
+    # -- upstream objects kept to their client (relayd.http.objects) -----------------------
+
+    def _object_reference(self, role: str) -> str | None:
+        """The id of an existing object this call addresses, if any."""
+        assert self.endpoint is not None
+        if role == "item":
+            found = self.endpoint.pattern.match(self.request.path)
+            return found.group("id").decode("ascii") if found is not None else None
+        previous = self.payload.get("previous_response_id") if self.payload else None
+        if previous is None:
+            return None
+        return previous if isinstance(previous, str) else ""
+
+    def _check_owner(self, object_id: str, body: bytes) -> None:
+        """Serve the call only for the client that created the object, on its backend."""
+        assert self.endpoint is not None and self.endpoint.objects is not None
+        d = self.runtime.store.owners(self.endpoint.objects, [object_id])
+        d.addCallbacks(
+            self._owner_found, self._owners_unknown,
+            callbackArgs=(object_id, body),
+        )
+        d.addErrback(self.on_unexpected)
+
+    def _owners_unknown(self, failure: Failure) -> None:
+        failure.trap(StoreUnavailableError)
+        self.outcome = "store_unavailable"
+        self._set_retry_after(1.0)
+        self.reply_error(503, "the state store is unreachable: who owns this object cannot be "
+                              "checked now; retry")
+
+    def _owner_found(self, records: list[ObjectRecord | None], object_id: str,
+                     body: bytes) -> None:
+        if self.done:
+            return
+        assert self.client is not None and self.endpoint is not None
+        record = records[0] if records else None
+        what = (self.endpoint.objects or "object").rsplit(".", 1)[-1]
+        if record is None or record.client != self.client.name:
+            # The same answer whether it exists for another client or not at all.
+            self.reply_error(404, f"no such {what}: {object_id[:200]!r}")
+            return
+        found = self.runtime.backend(record.provider, record.backend)
+        if found is None:
+            self.reply_error(
+                404,
+                f"{what} {object_id!r} lives on backend {record.backend!r} of provider "
+                f"{record.provider!r}, which the configuration no longer has",
+            )
+            return
+        self.pinned = found
+        self._forward(body)
+
+    def _claim_streamed(self, object_id: str) -> None:
+        """Record the object a streamed create call made, once its id went by (before the
+        client has it: the id reaches the client in the same event)."""
+        assert self.client is not None and self.endpoint is not None
+        assert self.endpoint.objects is not None and self.backend is not None
+        self.objects = "claimed"
+        self.runtime.store.claim(
+            self.endpoint.objects, object_id,
+            ObjectRecord(self.client.name, self.backend.provider_name, self.backend.name),
+        )
+
+    def _object_answer(self, body: bytes) -> Deferred[bytes]:
+        """The answer to an object call, after recording the created object (create) or
+        dropping other clients' objects (list), with batches' results URLs rewritten."""
+        assert self.client is not None and self.endpoint is not None
+        kind = self.endpoint.objects
+        assert kind is not None
+        try:
+            payload = jsonbody.loads(body)
+        except ValueError:
+            return succeed(body)
+        if not isinstance(payload, dict):
+            return succeed(body)
+        request = self.request
+        base = public_base(request.getHeader(b"host"), request.isSecure(),
+                           f"{request.getHost().host}:{request.getHost().port}")
+        client = self.client.name
+
+        def rewritten(_: object = None) -> bytes:
+            if kind == BATCH:
+                for entry in payload.get("data") or [payload]:
+                    if isinstance(entry, dict):
+                        rewrite_results_url(entry, base)
+            return json_bytes(payload)
+
+        if self.objects == "create":
+            object_id = created_id(payload)
+            backend = self.backend
+            if object_id is None or backend is None:
+                return succeed(rewritten())
+            record = ObjectRecord(client, backend.provider_name, backend.name)
+            return self.runtime.store.claim(kind, object_id, record).addCallback(rewritten)
+        if self.objects == "list":
+            ids = listed_ids(payload)
+
+            def filtered(records: list[ObjectRecord | None]) -> bytes:
+                keep_owned(payload, dict(zip(ids, records, strict=True)), client)
+                return rewritten()
+
+            return self.runtime.store.owners(kind, ids).addCallback(filtered)
+        return succeed(rewritten())
 
     def _authenticate(self) -> Client | None:
         headers = self.request.requestHeaders
@@ -443,7 +567,14 @@ class Exchange:
     def _forward(self, body: bytes) -> None:
         assert self.endpoint is not None
         runtime = self.runtime
-        route = self._route()
+        if self.pinned is not None and self.model is None:
+            # The object lives on a known backend: any route of the API carries the call.
+            route = runtime.router.first_for(self.family.name)
+            if route is None:
+                self.reply_error(404, f"no route on the {self.family.name} API")
+                return
+        else:
+            route = self._route()
         if route is None:
             return
         endpoint = self.endpoint
@@ -458,7 +589,11 @@ class Exchange:
             self.status = 200
             self._write_json(200, self.family.render_model(self.family.model_entry(self.model)))
             return
-        if endpoint.sticky:
+        if self.pinned is not None:
+            provider = self.pinned[0]
+            same = [t for t in route.targets if t.provider is provider and not t.translated]
+            self.targets = (same[0] if same else RouteTarget(provider, None, 1, False),)
+        elif endpoint.sticky:
             # Batches live in the account that created them: always the first provider.
             self.targets = tuple(t for t in route.targets if serves(t, self.family, endpoint))[:1]
         else:
@@ -633,6 +768,8 @@ class Exchange:
         falls back to a healthy provider rather than to a failing backend of the first.
         """
         assert self.endpoint is not None
+        if self.pinned is not None:
+            return self._pick_pinned()
         sticky = self.endpoint.sticky
         passes: tuple[bool | None, ...] = (None,) if len(self.targets) == 1 else (True, False)
         excludes: dict[RouteTarget, list[Backend]] = {}
@@ -663,6 +800,22 @@ class Exchange:
                     backend.acquire()  # its slot is ours until the attempt ends or _unpick
                     return target, backend, key
         return None
+
+    def _pick_pinned(self) -> tuple[RouteTarget, Backend, UpstreamKey] | None:
+        """The one backend that holds the addressed object (never another: no failover)."""
+        assert self.pinned is not None
+        backend = self.pinned[1]
+        target = self.targets[0]
+        if any(b is backend for _, b in self.tried) or self._call_for(target) is None:
+            return None
+        if not backend.is_available() or not backend.breaker.allow_request():
+            return None
+        key = backend.keys.choose()
+        if key is None:
+            backend.breaker.release_trial()
+            return None
+        backend.acquire()
+        return target, backend, key
 
     @staticmethod
     def _unpick(backend: Backend) -> None:
@@ -1029,7 +1182,10 @@ class Exchange:
         gzipped = (
             _first(response.headers.getRawHeaders(b"content-encoding")) or b""
         ).lower() == b"gzip"
-        if call.rewrites and not stream and (call.translated or status < 300):
+        objects = self.objects is not None and status < 300 and b"json" in content_type
+        if (call.rewrites and not stream and (call.translated or status < 300)) or (
+            objects and not stream
+        ):
             # Translated answers (and renamed successes) are rewritten whole: status and
             # headers wait for the end of the body.
             self.rewritten = CollectedBody(_MAX_REWRITTEN_BODY, gzipped)
@@ -1172,6 +1328,8 @@ class Exchange:
         if watcher is not None:
             try:
                 watcher.feed(data)
+                if self.objects == "create" and watcher.created_id is not None:
+                    self._claim_streamed(watcher.created_id)
                 if self.holding:
                     self.held.append(data)
                     self.held_size += len(data)
@@ -1400,7 +1558,11 @@ class Exchange:
         if status < 300:
             self.usage = call.family.usage_from_json(body)
         try:
-            rewritten = call.rewrite_body(status, body, int(self.clock.seconds()))
+            rewritten = (
+                call.rewrite_body(status, body, int(self.clock.seconds()))
+                if call.rewrites
+                else (status, body)
+            )
         except BadUpstreamBodyError as exc:
             self._refuse_rewrite(attempt, str(exc))
             return
@@ -1410,6 +1572,19 @@ class Exchange:
         except Exception:
             log.failure("{request_id}: rewriting the answer failed", request_id=self.request_id)
             self._refuse_rewrite(attempt, "could not be translated")
+            return
+        if self.objects is not None and rewritten[0] < 300:
+            d = self._object_answer(rewritten[1])
+            d.addCallbacks(
+                lambda answer: self._send_rewritten((rewritten[0], answer)),
+                self._owners_unknown,
+            )
+            d.addErrback(self.on_unexpected)
+            return
+        self._send_rewritten(rewritten)
+
+    def _send_rewritten(self, rewritten: tuple[int, bytes]) -> None:
+        if self.done:
             return
         self.status = rewritten[0]
         self._begin_client_response(rewritten)

@@ -12,11 +12,12 @@ from twisted.internet.interfaces import IReactorTime
 from relayd.config.model import StateConfig
 from relayd.limits.memory import MemoryStore
 from relayd.limits.redis import RedisStore, StoreEvent
-from relayd.limits.store import LimitStore, UsageRecord
+from relayd.limits.store import LimitStore, ObjectRecord, UsageRecord
 
 __all__ = [
     "LimitStore",
     "MemoryStore",
+    "ObjectRecord",
     "RedisStore",
     "StoreEvent",
     "UsageRecord",

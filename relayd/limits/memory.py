@@ -9,6 +9,7 @@ tests.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,7 +29,10 @@ from relayd.limits.checks import (
     period_end,
     period_number,
 )
-from relayd.limits.store import UsageRecord
+from relayd.limits.store import OBJECT_TTL, ObjectRecord, UsageRecord
+
+#: Object records kept by the memory store; the oldest go first beyond it.
+MAX_OBJECTS = 100_000
 
 
 class MemoryStore:
@@ -43,6 +47,7 @@ class MemoryStore:
         self._windows: dict[str, dict[int, int]] = {}
         self._periods: dict[str, dict[int, int]] = {}
         self._leases: dict[str, dict[str, float]] = {}
+        self._objects: OrderedDict[tuple[str, str], tuple[ObjectRecord, float]] = OrderedDict()
         self.ledger = UsageLedger()
 
     # -- admission ---------------------------------------------------------------------
@@ -144,6 +149,31 @@ class MemoryStore:
 
     def usage_snapshot(self) -> Deferred[dict[str, Any]]:
         return succeed(self.ledger.snapshot())
+
+    # -- objects -------------------------------------------------------------------------
+
+    def claim(self, kind: str, object_id: str, record: ObjectRecord) -> Deferred[None]:
+        self.claim_now(kind, object_id, record)
+        return succeed(None)
+
+    def claim_now(self, kind: str, object_id: str, record: ObjectRecord) -> None:
+        objects = self._objects
+        key = (kind, object_id)
+        objects[key] = (record, self._clock.seconds() + OBJECT_TTL)
+        objects.move_to_end(key)
+        while len(objects) > MAX_OBJECTS:
+            objects.popitem(last=False)
+
+    def owners(self, kind: str, object_ids: Sequence[str]) -> Deferred[list[ObjectRecord | None]]:
+        return succeed(self.owners_now(kind, object_ids))
+
+    def owners_now(self, kind: str, object_ids: Sequence[str]) -> list[ObjectRecord | None]:
+        now = self._clock.seconds()
+        found: list[ObjectRecord | None] = []
+        for object_id in object_ids:
+            entry = self._objects.get((kind, object_id))
+            found.append(entry[0] if entry is not None and entry[1] > now else None)
+        return found
 
     def describe(self) -> dict[str, Any]:
         return {"store": self.name, "reachable": True}

@@ -22,7 +22,7 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -40,7 +40,7 @@ from relayd.limits.checks import (
 )
 from relayd.limits.memory import MemoryStore
 from relayd.limits.scripts import ADMIT, SETTLE
-from relayd.limits.store import UsageRecord
+from relayd.limits.store import OBJECT_TTL, ObjectRecord, UsageRecord
 
 log = Logger(namespace="relayd.state")
 
@@ -197,6 +197,44 @@ class RedisStore:
                 keys.append(self._usage_key)
                 args += ("u", json.dumps([*key, kind]), amount)
 
+    # -- objects -------------------------------------------------------------------------
+
+    def _object_key(self, kind: str, object_id: str) -> str:
+        return f"{{{self.config.key_prefix}}}:object:{kind}:{object_id}"
+
+    def claim(self, kind: str, object_id: str, record: ObjectRecord) -> Deferred[None]:
+        """Record the object in Redis; in this instance's memory too, so that it stays
+        reachable here while Redis is away."""
+        self.fallback.claim_now(kind, object_id, record)
+        if self.state != "up" or not self._connected():
+            return succeed(None)
+        d = self._call(
+            "claim", self._connection.set, self._object_key(kind, object_id),
+            json.dumps(list(record)), int(OBJECT_TTL),  # value, then EX seconds
+        )
+        return d.addCallbacks(lambda _: None, lambda _: None)
+
+    def owners(self, kind: str, object_ids: Sequence[str]) -> Deferred[list[ObjectRecord | None]]:
+        """From Redis; while it is away, from what this instance recorded, and an error
+        for objects it does not know (they may be another instance's)."""
+        ids = list(object_ids)
+        if not ids:
+            return succeed([])
+
+        def local(failure: Failure | None = None) -> list[ObjectRecord | None]:
+            found = self.fallback.owners_now(kind, ids)
+            if any(record is None for record in found):
+                raise StoreUnavailableError("object records are in Redis, which is away")
+            return found
+
+        if self.state != "up" or not self._connected():
+            return maybeDeferred(local)
+        d = self._call(
+            "owners", self._connection.mget, [self._object_key(kind, i) for i in ids]
+        )
+        d.addCallbacks(_object_records, local)
+        return d
+
     def usage_snapshot(self) -> Deferred[dict[str, Any]]:
         if not self._connected():
             return fail(StoreUnavailableError("Redis is not connected"))
@@ -351,6 +389,17 @@ def _decision(reply: list[int], checks: tuple[Check, ...]) -> Decision:
         for i in range(1, len(reply), 3)
     )
     return Decision(True, checks, states, store="redis")
+
+
+def _object_records(values: Sequence[Any]) -> list[ObjectRecord | None]:
+    records: list[ObjectRecord | None] = []
+    for value in values:
+        try:
+            client, provider, backend = json.loads(value)
+            records.append(ObjectRecord(str(client), str(provider), str(backend)))
+        except (TypeError, ValueError):
+            records.append(None)
+    return records
 
 
 def _usage_from_hash(fields: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,19 @@ class UsageRecord(NamedTuple):
     usage: Usage | None
 
 
+class ObjectRecord(NamedTuple):
+    """Who created an upstream object (a batch, a stored response) and where it lives."""
+
+    client: str
+    provider: str
+    backend: str
+
+
+#: How long an object's record is kept: Anthropic keeps batch results 29 days, OpenAI
+#: stored responses 30.
+OBJECT_TTL = 31 * 24 * 3600.0
+
+
 class LimitStore(Protocol):
     """Limits, budgets and usage counters: checked and consumed atomically."""
 
@@ -47,6 +60,14 @@ class LimitStore(Protocol):
 
     def usage_snapshot(self) -> Deferred[dict[str, Any]]:
         """Usage totals: ``{"clients": {...}, "entries": [...]}`` (see UsageLedger)."""
+
+    def claim(self, kind: str, object_id: str, record: ObjectRecord) -> Deferred[None]:
+        """Record who created the upstream object ``kind``/``object_id`` (for
+        :data:`OBJECT_TTL`). Never errbacks."""
+
+    def owners(self, kind: str, object_ids: Sequence[str]) -> Deferred[list[ObjectRecord | None]]:
+        """The records of the objects (None: unknown). Errbacks with
+        ``StoreUnavailableError`` when the records cannot be read now."""
 
     def describe(self) -> dict[str, Any]:
         """The store's state for ``/admin/backends`` and logs."""

@@ -35,21 +35,27 @@ _ERROR_TYPES = {
     529: "overloaded_error",
 }
 
+BATCH = "anthropic.batch"
+_BATCH_ID = "(?P<id>[A-Za-z0-9_-]{1,128})"
+
 ENDPOINTS = (
     endpoint("messages", "/v1/messages", ["POST"], needs_model=True),
     endpoint("messages.count_tokens", "/v1/messages/count_tokens", ["POST"], needs_model=True),
-    endpoint("messages.batches", "/v1/messages/batches", ["GET", "POST"], sticky=True),
     endpoint(
-        "messages.batches.item", "/v1/messages/batches/[A-Za-z0-9_-]+", ["GET", "DELETE"],
-        sticky=True,
+        "messages.batches", "/v1/messages/batches", ["GET", "POST"], sticky=True,
+        objects=BATCH, roles={"GET": "list", "POST": "create"},
     ),
     endpoint(
-        "messages.batches.cancel", "/v1/messages/batches/[A-Za-z0-9_-]+/cancel", ["POST"],
-        sticky=True,
+        "messages.batches.item", f"/v1/messages/batches/{_BATCH_ID}", ["GET", "DELETE"],
+        sticky=True, objects=BATCH, roles={"GET": "item", "DELETE": "item"},
     ),
     endpoint(
-        "messages.batches.results", "/v1/messages/batches/[A-Za-z0-9_-]+/results", ["GET"],
-        sticky=True,
+        "messages.batches.cancel", f"/v1/messages/batches/{_BATCH_ID}/cancel", ["POST"],
+        sticky=True, objects=BATCH, roles={"POST": "item"},
+    ),
+    endpoint(
+        "messages.batches.results", f"/v1/messages/batches/{_BATCH_ID}/results", ["GET"],
+        sticky=True, objects=BATCH, roles={"GET": "item"},
     ),
     endpoint("models", "/v1/models", ["GET"], local=True),
     endpoint("models.item", "/v1/models/[^/]+", ["GET"]),

@@ -58,7 +58,11 @@ class Endpoint:
     ``needs_model``: the JSON body must name a ``model`` (used for routing and the
     allowlist). ``sticky``: the upstream keeps state between calls (batches), so these go
     to the provider's first backend rather than being balanced. ``local``: answered by
-    the relay itself (the model list).
+    the relay itself (the model list). ``objects``: the kind of upstream object the
+    endpoint creates, lists or addresses (``anthropic.batch``, ``openai.response``), with
+    ``object_roles`` saying which per method: ``create``, ``list`` or ``item`` (the
+    object's id is the pattern's ``id`` group); relayd keeps every client to its own
+    objects (:mod:`relayd.http.objects`).
     """
 
     name: str
@@ -67,6 +71,15 @@ class Endpoint:
     needs_model: bool = False
     sticky: bool = False
     local: bool = False
+    objects: str | None = None
+    object_roles: tuple[tuple[bytes, str], ...] = ()
+
+    def object_role(self, method: bytes) -> str | None:
+        """``create``, ``list`` or ``item`` for a call of ``method``, or None."""
+        for known, role in self.object_roles:
+            if known == method:
+                return role
+        return None
 
     @property
     def path(self) -> bytes:
@@ -82,6 +95,8 @@ def endpoint(
     needs_model: bool = False,
     sticky: bool = False,
     local: bool = False,
+    objects: str | None = None,
+    roles: dict[str, str] | None = None,
 ) -> Endpoint:
     """Build an :class:`Endpoint` whose path regex must match the whole path."""
     return Endpoint(
@@ -91,6 +106,8 @@ def endpoint(
         needs_model=needs_model,
         sticky=sticky,
         local=local,
+        objects=objects,
+        object_roles=tuple((m.encode(), r) for m, r in (roles or {}).items()),
     )
 
 
@@ -104,6 +121,9 @@ class IStreamWatcher(Interface):
         "True once an event other than preamble (start, ping) or an error was seen: "
         "before that, an in-stream error can still be failed over."
     )
+    created_id = Attribute(
+        "The id of the upstream object the stream created (a stored response), or None."
+    )
 
     def feed(data: bytes) -> None:
         """Consume the next chunk of the response body."""
@@ -115,7 +135,7 @@ class IStreamWatcher(Interface):
 class StreamWatcherBase:
     """State every :class:`IStreamWatcher` keeps: a parser, usage so far, and the end."""
 
-    __slots__ = ("_parser", "complete", "content_started", "error_seen", "usage")
+    __slots__ = ("_parser", "complete", "content_started", "created_id", "error_seen", "usage")
 
     def __init__(self) -> None:
         self._parser = SseParser()
@@ -123,6 +143,7 @@ class StreamWatcherBase:
         self.complete = False
         self.error_seen = False
         self.content_started = False
+        self.created_id: str | None = None  # the object a create call's stream made
 
     def at_event_boundary(self) -> bool:
         return self._parser.at_boundary

@@ -35,11 +35,30 @@ _ERRORS = {
     504: ("server_error", "timeout"),
 }
 
+RESPONSE = "openai.response"
+_RESPONSE_ID = "(?P<id>[A-Za-z0-9_-]{1,128})"
+
 ENDPOINTS = (
     endpoint("chat.completions", "/v1/chat/completions", ["POST"], needs_model=True),
     endpoint("completions", "/v1/completions", ["POST"], needs_model=True),
     endpoint("embeddings", "/v1/embeddings", ["POST"], needs_model=True),
-    endpoint("responses", "/v1/responses", ["POST"], needs_model=True),
+    endpoint(
+        "responses", "/v1/responses", ["POST"], needs_model=True,
+        objects=RESPONSE, roles={"POST": "create"},
+    ),
+    # Stored responses live in the account that created them.
+    endpoint(
+        "responses.item", f"/v1/responses/{_RESPONSE_ID}", ["GET", "DELETE"], sticky=True,
+        objects=RESPONSE, roles={"GET": "item", "DELETE": "item"},
+    ),
+    endpoint(
+        "responses.input_items", f"/v1/responses/{_RESPONSE_ID}/input_items", ["GET"],
+        sticky=True, objects=RESPONSE, roles={"GET": "item"},
+    ),
+    endpoint(
+        "responses.cancel", f"/v1/responses/{_RESPONSE_ID}/cancel", ["POST"], sticky=True,
+        objects=RESPONSE, roles={"POST": "item"},
+    ),
     endpoint("models", "/v1/models", ["GET"], local=True),
     endpoint("models.item", "/v1/models/[^/]+", ["GET"]),
 )
@@ -124,6 +143,12 @@ class OpenAIStreamWatcher(StreamWatcherBase):
                 self.content_started = _is_content(name, payload)
             raw = payload.get("usage")
             response = payload.get("response")
+            if (
+                name == b"response.created"
+                and isinstance(response, dict)
+                and isinstance(response.get("id"), str)
+            ):
+                self.created_id = response["id"]
             if raw is None and isinstance(response, dict):
                 raw = response.get("usage")
             usage = usage_from_mapping(raw)

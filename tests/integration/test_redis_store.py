@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import deferLater
 
 from relayd.config.model import StateConfig
-from relayd.limits import RedisStore, UsageRecord
+from relayd.limits import ObjectRecord, RedisStore, UsageRecord
 from relayd.limits.checks import (
     ConcurrencyCheck,
     Decision,
@@ -23,7 +23,7 @@ from relayd.limits.checks import (
     WindowCheck,
     period_number,
 )
-from relayd.limits.redis import RECONNECT_MAX_DELAY
+from relayd.limits.redis import RECONNECT_MAX_DELAY, StoreUnavailableError
 from relayd.providers.base import Usage
 from relayd.testing.certs import TestCertificates, make_certificates
 from relayd.testing.processes import RedisServerProcess
@@ -269,3 +269,25 @@ def test_reconnect_attempts_stay_close_together(
     delays = [factory.retryDelay(attempt) for attempt in range(1, 40)]
     assert max(delays) <= RECONNECT_MAX_DELAY * 2  # a cap of 1 s, with txredisapi's jitter
     assert RECONNECT_MAX_DELAY <= 1.0
+
+
+@pytest_twisted.inlineCallbacks
+def test_object_records_are_shared_and_survive_an_outage_locally(
+    redis_server: RedisServerProcess, stores: list[RedisStore]
+) -> Generator[Any, Any, None]:
+    one = new_store(stores, config(redis_server))
+    two = new_store(stores, config(redis_server))
+    yield from ready(one)
+    yield from ready(two)
+    record = ObjectRecord("team-a", "anthropic", "us")
+    yield one.claim("anthropic.batch", "msgbatch_1", record)
+    assert (yield two.owners("anthropic.batch", ["msgbatch_1", "msgbatch_2"])) == [record, None]
+    ttl = int(redis_server.command("TTL", f"{PREFIX}:object:anthropic.batch:msgbatch_1")
+              .decode().strip(":\r\n"))
+    assert 30 * 24 * 3600 < ttl <= 31 * 24 * 3600
+    redis_server.kill()
+    # What this instance recorded stays reachable here; others' records cannot be read.
+    assert (yield one.owners("anthropic.batch", ["msgbatch_1"])) == [record]
+    failed: list[Any] = []
+    yield two.owners("anthropic.batch", ["msgbatch_1"]).addErrback(failed.append)
+    assert failed and failed[0].check(StoreUnavailableError)

@@ -23,6 +23,7 @@ from zope.interface import implementer
 from relayd.config import parse_config
 from relayd.config.model import BackendConfig
 from relayd.http.relay import RelayResource
+from relayd.limits import ObjectRecord
 from relayd.runtime import RelayRuntime
 
 CLIENT_KEY = "sk-relay-team-a"
@@ -152,6 +153,14 @@ class Harness:
         self.client: Any = StubTreq(self.resource)
         self.logs = LogCapture()
         globalLogPublisher.addObserver(self.logs)
+
+    def own(self, kind: str, object_id: str, backend: str, client: str = "team-a") -> None:
+        """Record an upstream object as created by ``client`` on ``backend``."""
+        record = next(
+            ObjectRecord(client, b.provider_name, b.name)
+            for b in self.runtime.backends if b.name == backend
+        )
+        self.runtime.store.claim(kind, object_id, record)
 
     def close(self) -> None:
         globalLogPublisher.removeObserver(self.logs)

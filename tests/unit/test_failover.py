@@ -296,6 +296,7 @@ def test_key_rotation_across_api_keys() -> None:
 
 
 def test_batches_stick_to_the_first_backend_and_never_fail_over(harness: Harness) -> None:
+    harness.own("anthropic.batch", "msgbatch_1", "us")
     harness.upstreams["us"].handler = status_reply(503)
     status, _, _ = harness.call("GET", "/v1/messages/batches/msgbatch_1")
     assert status == 503

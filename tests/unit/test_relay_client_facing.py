@@ -117,6 +117,7 @@ def test_example_config_routes_a_batch_by_the_models_inside_it(example: Harness)
 def test_example_config_serves_batch_calls_without_a_model(example: Harness, path: str) -> None:
     upstream = example.upstreams["anthropic-fake"]
     upstream.handler = lambda request, body: json_reply(request, {"id": "msgbatch_1"})
+    example.own("anthropic.batch", "msgbatch_1", "anthropic-fake", client="demo")
     status, _, _ = example.call("GET", path, None, key=DEMO_KEY)
     assert status == 200
     assert [r.path for r in upstream.seen] == [path.encode()]

@@ -615,10 +615,24 @@ def test_batches_stay_with_the_first_provider_of_a_weighted_route() -> None:
     ]
     h = Harness(cfg)
     try:
+        created = iter(range(4))
+
+        def batches(request: Request, body: bytes) -> bytes:
+            if request.method == b"POST":
+                return json_reply(request, {"id": f"msgbatch_{next(created)}"})
+            return json_reply(request, {"id": request.path.rsplit(b"/", 1)[1].decode()})
+
+        for name in ("us", "eu", "b2"):
+            h.upstreams[name].handler = batches
+        batch = {"requests": [{"custom_id": "a", "params": {
+            "model": "claude-x", "max_tokens": 5, "messages": []}}]}
         for _ in range(4):
-            h.call("GET", "/v1/messages/batches/msgbatch_1")
+            assert h.call("POST", "/v1/messages/batches", batch)[0] == 200
         assert not h.upstreams["b2"].seen
         assert len(h.upstreams["us"].seen) == 4  # the provider's primary backend
+        for i in range(4):  # and each batch is fetched where it was made
+            assert h.call("GET", f"/v1/messages/batches/msgbatch_{i}")[0] == 200
+        assert len(h.upstreams["us"].seen) == 8 and not h.upstreams["b2"].seen
     finally:
         h.close()
 
