@@ -125,7 +125,7 @@ def test_a_listing_shows_only_the_callers_batches(h: Harness) -> None:
 
 def test_an_object_store_that_cannot_answer_is_a_503(h: Harness) -> None:
     batch = create(h)
-    h.runtime.store.owners = lambda kind, ids: fail(  # type: ignore[method-assign]
+    h.runtime.store.owners = lambda kind, ids: fail(  # type: ignore[method-assign,assignment]
         StoreUnavailableError("down")
     )
     status, headers, _ = h.call("GET", f"/v1/messages/batches/{batch['id']}")
