@@ -213,6 +213,7 @@ class Exchange:
         self.batch_models: list[str] | None = None  # the models inside a batch create
         self.upstream_uri: bytes | None = None  # when it is not the client's, verbatim
         self.objects: str | None = None  # create / list / item: an upstream object call
+        self.claimed = False  # a streamed create call's object is recorded
         # The provider and backend that hold the object this call addresses.
         self.pinned: tuple[ProviderRoute, Backend] | None = None
         self.queued: QueuedRequest | None = None  # while waiting for a backend slot
@@ -358,7 +359,7 @@ class Exchange:
         client has it: the id reaches the client in the same event)."""
         assert self.client is not None and self.endpoint is not None
         assert self.endpoint.objects is not None and self.backend is not None
-        self.objects = "claimed"
+        self.claimed = True
         self.runtime.store.claim(
             self.endpoint.objects, object_id,
             ObjectRecord(self.client.name, self.backend.provider_name, self.backend.name),
@@ -1328,7 +1329,11 @@ class Exchange:
         if watcher is not None:
             try:
                 watcher.feed(data)
-                if self.objects == "create" and watcher.created_id is not None:
+                if (
+                    self.objects == "create"
+                    and watcher.created_id is not None
+                    and not self.claimed
+                ):
                     self._claim_streamed(watcher.created_id)
                 if self.holding:
                     self.held.append(data)
