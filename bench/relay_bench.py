@@ -1,7 +1,7 @@
 """relayd benchmark: added latency, relay CPU per request, streaming, RSS.
 
 One run starts the fake upstream (``python -m relayd.testing.fakeprovider``), relayd
-(``twistd -n relayd``) and a bare Twisted+treq pass-through proxy (``bench/bare_proxy.py``,
+(``twistd -n relayd``) and the leanest Twisted pass-through proxy (``bench/bare_proxy.py``,
 the reference point of the CPU budget) as subprocesses on 127.0.0.1 ephemeral ports,
 warms them up, then measures with a small asyncio load generator that speaks raw
 HTTP/1.1 over keep-alive sockets (request bytes built once, responses parsed by
@@ -56,6 +56,7 @@ from relayd.testing.loadgen import (
     memory_kib,
     message_body,
     percentile,
+    send_once,
     sequential_interleaved,
 )
 
@@ -360,11 +361,17 @@ async def run_phases(
     if bare is not None:
         await phase("warm-up bare proxy", concurrent_batch(bare, w, c, False, warm))
 
-    # 1. Added latency: plain requests at concurrency 1, direct and relayed interleaved.
+    sequential = [direct, relay] + ([bare] if bare is not None else [])
+    # Events per stream, counted once on a direct stream.
+    probe = await send_once(direct.port, direct.stream, 30)
+    results["events_per_stream"] = probe.body.count(b"\n\n")
+
+    # 1. Added latency: plain requests at concurrency 1, direct, relayed and through the
+    # reference proxy, interleaved.
     relay_cpu = cpu_seconds(relay_pid)
     lat = await phase(
         "latency (concurrency 1, plain)",
-        sequential_interleaved([direct, relay], settings.requests, False, tally("latency")),
+        sequential_interleaved(sequential, settings.requests, False, tally("latency")),
     )
     relay_cpu = cpu_seconds(relay_pid) - relay_cpu
     results["latency"] = {name: distribution(s) for name, s in lat.items()}
@@ -388,14 +395,14 @@ async def run_phases(
     relay_cpu = cpu_seconds(relay_pid)
     ttfb = await phase(
         "streaming time to first byte (concurrency 1)",
-        sequential_interleaved([direct, relay], settings.stream_requests, True,
+        sequential_interleaved(sequential, settings.stream_requests, True,
                                tally("stream-ttfb")),
     )
     relay_cpu = cpu_seconds(relay_pid) - relay_cpu
     results["stream_ttfb"] = {name: distribution(s) for name, s in ttfb.items()}
     results["stream_ttfb"]["relay_cpu_ms_per_req"] = _per_request(relay_cpu, len(ttfb["relay"]))
     stream_batches: dict[str, Any] = {}
-    for target, pid in ((direct, None), (relay, relay_pid)):
+    for target, pid in runs:
         figures = await phase(
             f"batch {target.name} (concurrency {c}, streaming)",
             measured_batch(target, settings.stream_batch, c, True,
@@ -489,8 +496,9 @@ def render_report(results: dict[str, Any]) -> str:
         f"{m['cpus']} CPUs ({m['cpu_model'] or 'unknown model'}), "
         f"Python {m['python']}, Twisted {m['twisted']}",
         "",
-        "| latency at concurrency 1, ms | direct to upstream | through relayd | relay adds |",
-        "| --- | ---: | ---: | ---: |",
+        "| latency at concurrency 1, ms | direct to upstream | through relayd | relay adds "
+        "| through the lean proxy | lean proxy adds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for label, table, key in (
         (f"non-streaming p50 (n={s['requests']})", lat, "p50_ms"),
@@ -499,7 +507,10 @@ def render_report(results: dict[str, Any]) -> str:
         (f"streaming, first body byte p99 (n={s['stream_requests']})", ttfb, "p99_ms"),
     ):
         d, r = table["direct"][key], table["relay"][key]
-        lines.append(f"| {label} | {_ms(d)} | {_ms(r)} | {_diff(r, d)} |")
+        b = table["bare-proxy"][key] if "bare-proxy" in table else math.nan
+        lines.append(
+            f"| {label} | {_ms(d)} | {_ms(r)} | {_diff(r, d)} | {_ms(b)} | {_diff(b, d)} |"
+        )
     lines += [
         "",
         f"| concurrency {c} | requests | req/s | proxy CPU ms/req | upstream CPU ms/req "
@@ -511,11 +522,13 @@ def render_report(results: dict[str, Any]) -> str:
         ("non-streaming, through relayd", plain["relay"]),
     ]
     if "bare-proxy" in plain:
-        rows.append(("non-streaming, through a bare Twisted+treq proxy", plain["bare-proxy"]))
+        rows.append(("non-streaming, through the lean Twisted proxy", plain["bare-proxy"]))
     rows += [
         ("streaming, direct to upstream", stream["direct"]),
         ("streaming, through relayd", stream["relay"]),
     ]
+    if "bare-proxy" in stream:
+        rows.append(("streaming, through the lean Twisted proxy", stream["bare-proxy"]))
     for label, fig in rows:
         proxy = _ms(fig["proxy_cpu_ms_per_req"])
         if fig["target"] == "relay":
@@ -541,6 +554,17 @@ def render_report(results: dict[str, Any]) -> str:
         f"; at concurrency 1: {_ms(lat['relay_cpu_ms_per_req'])} ms per non-streaming "
         f"request, {_ms(ttfb['relay_cpu_ms_per_req'])} ms per stream."
     )
+    events = results.get("events_per_stream") or 0
+    if events:
+        per_event = []
+        for name, label in (("relay", "relayd"), ("bare-proxy", "the lean proxy")):
+            if name in stream and name in plain:
+                extra = stream[name]["proxy_cpu_ms_per_req"] - plain[name]["proxy_cpu_ms_per_req"]
+                per_event.append(f"{label} {extra / events * 1000:.0f} µs")
+        lines.append(
+            f"- CPU per stream event at concurrency {c} ((stream - plain request) / "
+            f"{events} events): " + ", ".join(per_event) + "."
+        )
     log = results.get("relay_log") or {}
     lines += [
         f"- relayd RSS after the run: {mem.get('VmRSS', 0) / 1024:.1f} MiB "
@@ -587,7 +611,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, metavar="W",
                         help="warm-up requests per target (default N / 4)")
     parser.add_argument("--no-baseline", dest="baseline", action="store_false",
-                        help="skip the bare Twisted+treq reference proxy")
+                        help="skip the lean Twisted reference proxy")
     parser.add_argument("--duration-cap", type=float, default=300.0, metavar="S",
                         help="hard limit on the whole run, in seconds (default %(default)s)")
     parser.add_argument("--json", metavar="OUT", help="write the raw figures here")
