@@ -147,7 +147,7 @@ class RelayRuntime:
         self.model_labels: ModelLabels = ModelLabels(
             known_models, previous.model_labels.learned if previous is not None else None
         )
-        self.header_policy = RequestHeaderPolicy(config.forward_headers)
+        self.header_policy = RequestHeaderPolicy(PROVIDERS.values(), config.forward_headers)
         self.router = Router(
             [
                 Route(

@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from twisted.web.http_headers import Headers
+
+from relayd.health import parse_retry_after
+from relayd.providers import IProvider
 
 # Hop-by-hop headers (RFC 9110 7.6.1), never relayed in either direction; the headers
 # named by a request's Connection header are dropped too.
@@ -65,16 +68,16 @@ NEVER_FORWARDED = HOP_BY_HOP | {
     b"openai-project",
 }
 
-# Client request headers forwarded to every upstream, and per API family.
+# Client request headers forwarded to every upstream; each family adds its own
+# (``IProvider.forwarded_headers``).
 _COMMON = frozenset(
     {b"content-type", b"accept", b"accept-encoding", b"user-agent", b"idempotency-key"}
 )
 _COMMON_PREFIXES = (b"x-stainless-",)  # the official SDKs' own (language, retry count...)
-_FAMILY = {
-    "anthropic": _COMMON
-    | {b"anthropic-version", b"anthropic-beta", b"x-app", b"x-claude-code-session-id"},
-    "openai": _COMMON | {b"openai-beta", b"x-client-request-id"},
-}
+
+# Rate-limit headers of an upstream response describe relayd's upstream key, not the
+# client: they are replaced by the client's own when it has limits.
+UPSTREAM_LIMIT_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
 
 
 class RequestHeaderPolicy:
@@ -83,8 +86,8 @@ class RequestHeaderPolicy:
 
     __slots__ = ("_allowed", "_extra")
 
-    def __init__(self, extra: Sequence[str] = ()) -> None:
-        self._allowed = _FAMILY
+    def __init__(self, families: Iterable[IProvider], extra: Sequence[str] = ()) -> None:
+        self._allowed = {f.name: _COMMON | f.forwarded_headers for f in families}
         self._extra = (
             re.compile(
                 "|".join(f"(?:{fnmatch.translate(glob.lower())})" for glob in extra).encode()
@@ -118,3 +121,44 @@ class RequestHeaderPolicy:
             ):
                 out.setRawHeaders(name, values)
         return out
+
+
+def copy_response_headers(
+    upstream: Headers,
+    out: Headers,
+    *,
+    now: float,
+    max_retry_after: float,
+    drop_limits: bool,
+    translated: bool,
+    rewritten: bool,
+) -> None:
+    """Copy an upstream answer's headers that may reach the client into ``out``.
+
+    ``drop_limits``: leave out the upstream's rate-limit headers (they describe relayd's
+    key; the client's own replace them, or they are in names the client's SDK does not
+    read). ``translated``: the content type is the relay's to set. ``rewritten``: the
+    body is re-encoded, so the upstream's encoding no longer applies. ``Retry-After``
+    (and ``retry-after-ms``) are capped at ``max_retry_after`` seconds.
+    """
+    for name, values in upstream.getAllRawHeaders():
+        lower = name.lower()
+        if lower in DROP_RESPONSE_HEADERS:
+            continue
+        if drop_limits and lower.startswith(UPSTREAM_LIMIT_PREFIXES):
+            continue
+        if translated and lower == b"content-type":
+            continue
+        if rewritten and lower == b"content-encoding":
+            continue
+        if lower == b"retry-after":
+            seconds = parse_retry_after(values[0], now)
+            if seconds is not None and seconds > max_retry_after:
+                values = [b"%d" % max_retry_after]
+        elif lower == b"retry-after-ms":
+            try:
+                if float(values[0]) > max_retry_after * 1000:
+                    values = [b"%d" % (max_retry_after * 1000)]
+            except ValueError:
+                continue
+        out.setRawHeaders(name, values)

@@ -13,7 +13,8 @@ A route target is reached in one of three ways:
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, cast
 
 from twisted.web.http_headers import Headers
 
@@ -24,6 +25,7 @@ from relayd.translate import (
     AnthropicToOpenAIStream,
     Family,
     OpenAIToAnthropicStream,
+    TranslatedRequest,
     anthropic_to_openai_request,
     anthropic_to_openai_response,
     openai_to_anthropic_request,
@@ -42,21 +44,97 @@ def _endpoint(family: IProvider, name: str) -> Endpoint:
     raise LookupError(f"{family.name} has no endpoint {name}")
 
 
-# (client family, client endpoint) -> the other family and its endpoint, found once.
-_TRANSLATED_ENDPOINTS: dict[tuple[str, str], tuple[IProvider, Endpoint]] = {
-    ("openai", "chat.completions"): (
-        PROVIDERS["anthropic"],
-        _endpoint(PROVIDERS["anthropic"], "messages"),
+class Translator:
+    """How requests of one client (family, endpoint) reach the other family, and how the
+    answers come back: the only place that knows which direction is which."""
+
+    __slots__ = ("client_family", "errors", "request", "response", "stream", "upstream",
+                 "upstream_endpoint")
+
+    def __init__(
+        self,
+        client_family: str,
+        upstream: IProvider,
+        upstream_endpoint: Endpoint,
+        request: Callable[[dict[str, Any], Route, str | None], TranslatedCall],
+        response: Callable[[dict[str, Any], str, int], dict[str, Any]],
+        stream: Callable[[str, bool, int], StreamRewriter],
+    ) -> None:
+        self.client_family = client_family
+        self.upstream = upstream
+        self.upstream_endpoint = upstream_endpoint
+        self.request = request
+        self.response = response
+        self.stream = stream
+        # translate_error's (from, to) names
+        self.errors: tuple[Family, Family] = (
+            cast(Family, upstream.name), cast(Family, client_family)
+        )
+
+
+class TranslatedCall:
+    """A translated request body, the headers it needs, and what translation dropped."""
+
+    __slots__ = ("body", "dropped", "headers", "include_usage")
+
+    def __init__(self, translated: TranslatedRequest,
+                 headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+        self.body = translated.body
+        self.dropped = tuple(translated.dropped)
+        self.include_usage = translated.include_usage
+        self.headers = headers
+
+
+def _to_anthropic(payload: dict[str, Any], route: Route, model: str | None) -> TranslatedCall:
+    translated = openai_to_anthropic_request(
+        payload,
+        default_max_tokens=route.default_max_tokens,
+        anthropic_version=route.anthropic_version,
+        strict=route.strict,
+        target_model=model,
+    )
+    return TranslatedCall(translated, ((b"anthropic-version", route.anthropic_version.encode()),))
+
+
+def _to_openai(payload: dict[str, Any], route: Route, model: str | None) -> TranslatedCall:
+    return TranslatedCall(anthropic_to_openai_request(
+        payload,
+        strict=route.strict,
+        target_model=model,
+        default_max_tokens=route.default_max_tokens,
+    ))
+
+
+def _anthropic_answer(payload: dict[str, Any], model: str, created: int) -> dict[str, Any]:
+    return anthropic_to_openai_response(payload, model=model, created=created)
+
+
+def _openai_answer(payload: dict[str, Any], model: str, created: int) -> dict[str, Any]:
+    return openai_to_anthropic_response(payload, model=model)
+
+
+def _anthropic_stream(model: str, include_usage: bool, created: int) -> StreamRewriter:
+    return AnthropicToOpenAIStream(model, include_usage, created=created)
+
+
+def _openai_stream(model: str, include_usage: bool, created: int) -> StreamRewriter:
+    return OpenAIToAnthropicStream(model)
+
+
+_ANTHROPIC, _OPENAI = PROVIDERS["anthropic"], PROVIDERS["openai"]
+
+# (client family, client endpoint) -> how it reaches the other family. Only Chat
+# Completions and Messages translate.
+TRANSLATORS: dict[tuple[str, str], Translator] = {
+    ("openai", "chat.completions"): Translator(
+        "openai", _ANTHROPIC, _endpoint(_ANTHROPIC, "messages"),
+        _to_anthropic, _anthropic_answer, _anthropic_stream,
     ),
-    ("anthropic", "messages"): (
-        PROVIDERS["openai"],
-        _endpoint(PROVIDERS["openai"], "chat.completions"),
+    ("anthropic", "messages"): Translator(
+        "anthropic", _OPENAI, _endpoint(_OPENAI, "chat.completions"),
+        _to_openai, _openai_answer, _openai_stream,
     ),
 }
-
-# Request headers of one family that mean nothing to the other (API versions, betas,
-# organisations): not sent to a translated target.
-_FAMILY_HEADER_PREFIXES = {"anthropic": b"anthropic-", "openai": b"openai-"}
 
 # Set by the translation itself, not taken from the client.
 _REPLACED_HEADERS = frozenset({b"content-type", b"accept-encoding"})
@@ -91,7 +169,7 @@ class UpstreamCall:
         "include_usage",
         "model",
         "path",
-        "translated",
+        "translator",
     )
 
     def __init__(
@@ -103,7 +181,7 @@ class UpstreamCall:
         body: bytes,
         *,
         model: str | None = None,
-        translated: bool = False,
+        translator: Translator | None = None,
         dropped: tuple[str, ...] = (),
         include_usage: bool = False,
     ) -> None:
@@ -113,9 +191,14 @@ class UpstreamCall:
         self.headers = headers
         self.body = body
         self.model = model
-        self.translated = translated
+        self.translator = translator
         self.dropped = dropped
         self.include_usage = include_usage
+
+    @property
+    def translated(self) -> bool:
+        """Whether the call goes to the other API family."""
+        return self.translator is not None
 
     @property
     def rewrites(self) -> bool:
@@ -127,11 +210,9 @@ class UpstreamCall:
         model = self.model
         if model is None:
             return None
-        if not self.translated:
+        if self.translator is None:
             return ModelRenamingStream(model)
-        if self.family.name == "anthropic":
-            return AnthropicToOpenAIStream(model, self.include_usage, created=created)
-        return OpenAIToAnthropicStream(model)
+        return self.translator.stream(model, self.include_usage, created)
 
     def rewrite_body(self, status: int, body: bytes, created: int) -> tuple[int, bytes]:
         """The client's status and body for a complete (decoded) upstream answer.
@@ -142,28 +223,22 @@ class UpstreamCall:
         """
         model = self.model
         assert model is not None
+        translator = self.translator
         if status >= 300:
-            if not self.translated:
+            if translator is None:
                 return status, body
-            upstream: Family = "anthropic" if self.family.name == "anthropic" else "openai"
-            client: Family = "openai" if upstream == "anthropic" else "anthropic"
-            return translate_error(status, body, upstream, client)
+            return translate_error(status, body, *translator.errors)
         try:
             payload = jsonbody.loads(body)
         except ValueError as exc:
             raise BadUpstreamBodyError(f"not JSON: {exc}") from None
         if not isinstance(payload, dict):
             raise BadUpstreamBodyError("not a JSON object")
-        out: dict[str, Any]
-        if not self.translated:
+        if translator is None:
             if not rename_model(payload, model):
                 return status, body
-            out = payload
-        elif self.family.name == "anthropic":
-            out = anthropic_to_openai_response(payload, model=model, created=created)
-        else:
-            out = openai_to_anthropic_response(payload, model=model)
-        return status, json_bytes(out)
+            return status, json_bytes(payload)
+        return status, json_bytes(translator.response(payload, model, created))
 
 
 def serves(target: RouteTarget, family: IProvider, endpoint: Endpoint) -> bool:
@@ -173,7 +248,7 @@ def serves(target: RouteTarget, family: IProvider, endpoint: Endpoint) -> bool:
     needs an endpoint whose body names the model.
     """
     if target.translated:
-        return (family.name, endpoint.name) in _TRANSLATED_ENDPOINTS
+        return (family.name, endpoint.name) in TRANSLATORS
     return target.model is None or endpoint.needs_model
 
 
@@ -201,24 +276,10 @@ def prepare_call(
         body = json_bytes(renamed)
         return UpstreamCall(family, endpoint, uri, renamed_headers, body, model=model)
     assert payload is not None and model is not None
-    upstream, upstream_endpoint = _TRANSLATED_ENDPOINTS[(family.name, endpoint.name)]
-    if upstream.name == "anthropic":
-        translated = openai_to_anthropic_request(
-            payload,
-            default_max_tokens=route.default_max_tokens,
-            anthropic_version=route.anthropic_version,
-            strict=route.strict,
-            target_model=target.model,
-        )
-    else:
-        translated = anthropic_to_openai_request(
-            payload,
-            strict=route.strict,
-            target_model=target.model,
-            default_max_tokens=route.default_max_tokens,
-        )
+    translator = TRANSLATORS[(family.name, endpoint.name)]
+    translated = translator.request(payload, route, target.model)
     out = Headers()
-    foreign = _FAMILY_HEADER_PREFIXES[family.name]
+    foreign = family.header_prefix
     for name, values in headers.getAllRawHeaders():
         lower = name.lower()
         if lower.startswith(foreign) or lower in _REPLACED_HEADERS:
@@ -227,16 +288,17 @@ def prepare_call(
     out.setRawHeaders(b"content-type", [b"application/json"])
     # The body is rewritten whole or event by event: no compression to undo.
     out.setRawHeaders(b"accept-encoding", [b"identity"])
-    if upstream.name == "anthropic":
-        out.setRawHeaders(b"anthropic-version", [route.anthropic_version.encode()])
+    for name, value in translated.headers:
+        out.setRawHeaders(name, [value])
+    upstream_endpoint = translator.upstream_endpoint
     return UpstreamCall(
-        upstream,
+        translator.upstream,
         upstream_endpoint,
         upstream_endpoint.path,
         out,
         json_bytes(translated.body),
         model=model,
-        translated=True,
-        dropped=tuple(translated.dropped),
+        translator=translator,
+        dropped=translated.dropped,
         include_usage=translated.include_usage,
     )

@@ -11,6 +11,7 @@ from relayd.providers.base import (
     IProvider,
     IStreamWatcher,
     LimitState,
+    ModelIn,
     Usage,
 )
 from relayd.providers.openai import OpenAIProvider
@@ -40,6 +41,7 @@ __all__ = [
     "IProvider",
     "IStreamWatcher",
     "LimitState",
+    "ModelIn",
     "Usage",
     "family_of",
 ]

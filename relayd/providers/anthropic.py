@@ -16,6 +16,7 @@ from relayd.providers.base import (
     IProvider,
     IStreamWatcher,
     LimitState,
+    ModelIn,
     StreamWatcherBase,
     Usage,
     endpoint,
@@ -39,26 +40,29 @@ BATCH = "anthropic.batch"
 _BATCH_ID = "(?P<id>[A-Za-z0-9_-]{1,128})"
 
 ENDPOINTS = (
-    endpoint("messages", "/v1/messages", ["POST"], needs_model=True),
-    endpoint("messages.count_tokens", "/v1/messages/count_tokens", ["POST"], needs_model=True),
+    endpoint("messages", "/v1/messages", ["POST"], model_in=ModelIn.BODY),
+    endpoint(
+        "messages.count_tokens", "/v1/messages/count_tokens", ["POST"], model_in=ModelIn.BODY
+    ),
     endpoint(
         "messages.batches", "/v1/messages/batches", ["GET", "POST"], sticky=True,
-        objects=BATCH, roles={"GET": "list", "POST": "create"},
+        objects=BATCH, roles={"GET": "list", "POST": "create"}, model_in=ModelIn.BATCH,
+        results_url=True,
     ),
     endpoint(
         "messages.batches.item", f"/v1/messages/batches/{_BATCH_ID}", ["GET", "DELETE"],
-        sticky=True, objects=BATCH, roles={"GET": "item", "DELETE": "item"},
+        sticky=True, objects=BATCH, roles={"GET": "item", "DELETE": "item"}, results_url=True,
     ),
     endpoint(
         "messages.batches.cancel", f"/v1/messages/batches/{_BATCH_ID}/cancel", ["POST"],
-        sticky=True, objects=BATCH, roles={"POST": "item"},
+        sticky=True, objects=BATCH, roles={"POST": "item"}, results_url=True,
     ),
     endpoint(
         "messages.batches.results", f"/v1/messages/batches/{_BATCH_ID}/results", ["GET"],
         sticky=True, objects=BATCH, roles={"GET": "item"},
     ),
     endpoint("models", "/v1/models", ["GET"], local=True),
-    endpoint("models.item", "/v1/models/[^/]+", ["GET"]),
+    endpoint("models.item", "/v1/models/[^/]+", ["GET"], model_in=ModelIn.PATH),
 )
 
 
@@ -137,6 +141,12 @@ class AnthropicProvider:
     endpoints = ENDPOINTS
     health_path = b"/v1/models?limit=1"
     probe_headers = [(b"anthropic-version", b"2023-06-01")]
+    forwarded_headers = frozenset(
+        {b"anthropic-version", b"anthropic-beta", b"x-app", b"x-claude-code-session-id"}
+    )
+    header_prefix = b"anthropic-"
+    model_list_path = b"/v1/models?limit=1000"
+    model_list_headers = (b"anthropic-version",)
 
     def auth_headers(self, api_key: str) -> list[tuple[bytes, bytes]]:
         return [(b"x-api-key", api_key.encode())]

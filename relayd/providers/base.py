@@ -51,28 +51,46 @@ class LimitState:
     reset_after: float  # seconds until the limit is fully replenished
 
 
+class ModelIn:
+    """Where a request of an endpoint names its model (:attr:`Endpoint.model_in`)."""
+
+    BODY = "body"  # the JSON body's ``model`` (required)
+    PATH = "path"  # the last path segment, a model id (``GET /v1/models/{id}``)
+    BATCH = "batch"  # ``params.model`` of every request of a batch create (POST)
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """A client-facing path of an API family.
 
-    ``needs_model``: the JSON body must name a ``model`` (used for routing and the
-    allowlist). ``sticky``: the upstream keeps state between calls (batches), so these go
-    to the provider's first backend rather than being balanced. ``local``: answered by
-    the relay itself (the model list). ``objects``: the kind of upstream object the
-    endpoint creates, lists or addresses (``anthropic.batch``, ``openai.response``), with
+    ``model_in``: where a request names its model (:class:`ModelIn`), which routes it and
+    is checked against the client's allowlist; None for calls that name none.
+    ``sticky``: the upstream keeps state between calls (batches), so these go to the
+    provider's first backend rather than being balanced. ``local``: answered by the relay
+    itself (the model list). ``objects``: the kind of upstream object the endpoint
+    creates, lists or addresses (``anthropic.batch``, ``openai.response``), with
     ``object_roles`` saying which per method: ``create``, ``list`` or ``item`` (the
     object's id is the pattern's ``id`` group); relayd keeps every client to its own
-    objects (:mod:`relayd.http.objects`).
+    objects (:mod:`relayd.http.objects`). ``reference_field``: a body field of a create
+    call that names an earlier object (``previous_response_id``). ``results_url``: the
+    objects' answers carry a ``results_url`` naming the upstream (batches).
     """
 
     name: str
     pattern: re.Pattern[bytes]
     methods: frozenset[bytes]
-    needs_model: bool = False
+    model_in: str | None = None
     sticky: bool = False
     local: bool = False
     objects: str | None = None
     object_roles: tuple[tuple[bytes, str], ...] = ()
+    reference_field: str | None = None
+    results_url: bool = False
+
+    @property
+    def needs_model(self) -> bool:
+        """Whether the JSON body must name the model (the body can be renamed for it)."""
+        return self.model_in == ModelIn.BODY
 
     def object_role(self, method: bytes) -> str | None:
         """``create``, ``list`` or ``item`` for a call of ``method``, or None."""
@@ -92,22 +110,26 @@ def endpoint(
     path_regex: str,
     methods: Sequence[str],
     *,
-    needs_model: bool = False,
+    model_in: str | None = None,
     sticky: bool = False,
     local: bool = False,
     objects: str | None = None,
     roles: dict[str, str] | None = None,
+    reference_field: str | None = None,
+    results_url: bool = False,
 ) -> Endpoint:
     """Build an :class:`Endpoint` whose path regex must match the whole path."""
     return Endpoint(
         name=name,
         pattern=re.compile(("^" + path_regex + "$").encode()),
         methods=frozenset(m.encode() for m in methods),
-        needs_model=needs_model,
+        model_in=model_in,
         sticky=sticky,
         local=local,
         objects=objects,
         object_roles=tuple((m.encode(), r) for m, r in (roles or {}).items()),
+        reference_field=reference_field,
+        results_url=results_url,
     )
 
 
@@ -156,6 +178,18 @@ class IProvider(Interface):
     endpoints = Attribute("The client-facing :class:`Endpoint` objects, most specific first.")
     health_path = Attribute("The default active-probe path (a cheap GET), e.g. b'/v1/models'.")
     probe_headers = Attribute("Headers a probe needs besides the key, as (name, value) pairs.")
+    forwarded_headers = Attribute(
+        "Lower-case names of the client request headers this family defines for callers "
+        "(API version, betas...), forwarded upstream besides the common ones."
+    )
+    header_prefix = Attribute(
+        "The prefix of this family's own headers (b'anthropic-'): they mean nothing to "
+        "the other family, so a translated request leaves them out."
+    )
+    model_list_path = Attribute("The upstream path (and query) that lists its models.")
+    model_list_headers = Attribute(
+        "Client request headers a model-list request carries upstream (lower-case names)."
+    )
 
     def auth_headers(api_key: str) -> list[tuple[bytes, bytes]]:
         """The headers that carry ``api_key`` to the upstream."""

@@ -16,6 +16,7 @@ from relayd.providers.base import (
     IProvider,
     IStreamWatcher,
     LimitState,
+    ModelIn,
     StreamWatcherBase,
     Usage,
     endpoint,
@@ -39,12 +40,12 @@ RESPONSE = "openai.response"
 _RESPONSE_ID = "(?P<id>[A-Za-z0-9_-]{1,128})"
 
 ENDPOINTS = (
-    endpoint("chat.completions", "/v1/chat/completions", ["POST"], needs_model=True),
-    endpoint("completions", "/v1/completions", ["POST"], needs_model=True),
-    endpoint("embeddings", "/v1/embeddings", ["POST"], needs_model=True),
+    endpoint("chat.completions", "/v1/chat/completions", ["POST"], model_in=ModelIn.BODY),
+    endpoint("completions", "/v1/completions", ["POST"], model_in=ModelIn.BODY),
+    endpoint("embeddings", "/v1/embeddings", ["POST"], model_in=ModelIn.BODY),
     endpoint(
-        "responses", "/v1/responses", ["POST"], needs_model=True,
-        objects=RESPONSE, roles={"POST": "create"},
+        "responses", "/v1/responses", ["POST"], model_in=ModelIn.BODY,
+        objects=RESPONSE, roles={"POST": "create"}, reference_field="previous_response_id",
     ),
     # Stored responses live in the account that created them.
     endpoint(
@@ -60,7 +61,7 @@ ENDPOINTS = (
         objects=RESPONSE, roles={"POST": "item"},
     ),
     endpoint("models", "/v1/models", ["GET"], local=True),
-    endpoint("models.item", "/v1/models/[^/]+", ["GET"]),
+    endpoint("models.item", "/v1/models/[^/]+", ["GET"], model_in=ModelIn.PATH),
 )
 
 
@@ -197,6 +198,10 @@ class OpenAIProvider:
     name = "openai"
     endpoints = ENDPOINTS
     health_path = b"/v1/models"
+    forwarded_headers = frozenset({b"openai-beta", b"x-client-request-id"})
+    header_prefix = b"openai-"
+    model_list_path = b"/v1/models"
+    model_list_headers: tuple[bytes, ...] = ()
     probe_headers: list[tuple[bytes, bytes]] = []
 
     def auth_headers(self, api_key: str) -> list[tuple[bytes, bytes]]:

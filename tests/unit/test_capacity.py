@@ -187,7 +187,7 @@ def test_a_client_that_leaves_while_waiting_gives_up_its_place(held: Held) -> No
         h.upstreams["main"].handler = held
         send(h, [])
         send(h, [])
-        (waiting,) = [e for e in h.resource.active if e.queued is not None]
+        (waiting,) = [e for e in h.resource.active if e.wait is not None]
         waiting.request.connectionLost(Exception("gone"))
         assert sample(h, "relayd_queued_requests") == 0
         assert not h.runtime.backends[-1].waiters

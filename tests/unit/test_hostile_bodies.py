@@ -11,6 +11,8 @@ import pytest
 from relay_harness import CLIENT_KEY, Harness, base_config
 from twisted.web.server import NOT_DONE_YET, Request
 
+from relayd.http.bodies import StreamSink
+
 
 def nested(depth: int) -> bytes:
     head = b'{"model": "claude-x", "max_tokens": 5, "messages": '
@@ -206,7 +208,9 @@ def test_held_events_are_released_past_their_cap(harness: Harness) -> None:
                          data=json.dumps(STREAM).encode()).addCallback(answers.append)
         h.flush()
         (exchange,) = h.resource.active
-        assert not exchange.holding and not exchange.held  # live, nothing kept back
+        sink = exchange.sink
+        assert isinstance(sink, StreamSink)
+        assert not sink.holding and not sink.held  # live, nothing kept back
         assert answers and answers[0].code == 200
     finally:
         h.close()

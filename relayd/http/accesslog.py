@@ -1,0 +1,88 @@
+"""The access record of a finished exchange: its metrics and its access-log line.
+
+Labels and usage keys never take arbitrary client-supplied names: only routed requests
+name a model, and only configured or upstream-confirmed ones
+(:mod:`relayd.labels`); the log line carries the client's model as sent, quoted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from relayd.http.intake import printable
+from relayd.logs import log_access
+
+if TYPE_CHECKING:
+    from relayd.http.exchange import Exchange
+
+
+def model_label(exchange: Exchange) -> str:
+    """The ``model`` label of the exchange's metrics and usage record."""
+    if exchange.route is None:
+        return "-"
+    call = exchange.call
+    response = exchange.response
+    return exchange.runtime.model_labels.label(
+        call.model if call is not None else None,
+        response is not None and response.code < 400,
+    )
+
+
+def report(exchange: Exchange, status: int | None, model: str, now: float) -> None:
+    """Count the finished exchange and write its access line."""
+    started = exchange.started
+    total = now - started
+    first_byte_at = exchange.first_byte_at
+    ttfb = first_byte_at - started if first_byte_at is not None else None
+    upstream_wait = 0.0
+    if exchange.first_sent_at is not None:
+        upstream_wait = (exchange.upstream_done_at or now) - exchange.first_sent_at
+    call = exchange.call
+    client = call.client.name if call is not None else None
+    backend = exchange.backend
+    provider = exchange.provider_name
+    usage = exchange.usage
+    attempt = exchange.attempt
+    sink = exchange.sink
+    exchange.metrics.request_finished(
+        client=client or "-",
+        api=exchange.family.name,
+        provider=provider or "-",
+        backend=backend.name if backend else "-",
+        model=model,
+        status=status or 0,
+        outcome=exchange.outcome,
+        total=total,
+        ttfb=ttfb,
+        upstream_wait=upstream_wait,
+        usage=usage,
+    )
+    request = exchange.request
+    endpoint = exchange.endpoint
+    client_model = call.model if call is not None else None
+    log_access(
+        {
+            "request_id": exchange.request_id,
+            "client": client,
+            "api": exchange.family.name,
+            "method": printable(request.method),
+            "path": printable(request.path),
+            "endpoint": endpoint.name if endpoint else None,
+            "provider": provider,
+            "backend": backend.name if backend else None,
+            "model": client_model,
+            "upstream_api": attempt.call.family.name if attempt else None,
+            "upstream_model": (attempt.target.model or client_model) if attempt else None,
+            "dropped": ",".join(attempt.call.dropped) or None if attempt else None,
+            "stream": sink is not None and sink.streaming,
+            "status": status,
+            "outcome": exchange.outcome,
+            "attempts": exchange.attempts,
+            "total_ms": round(total * 1000, 1),
+            "ttfb_ms": round(ttfb * 1000, 1) if ttfb is not None else None,
+            "input_tokens": usage.input_tokens if usage else None,
+            "output_tokens": usage.output_tokens if usage else None,
+            "cache_read_tokens": usage.cache_read_tokens if usage else None,
+            "cache_write_tokens": usage.cache_write_tokens if usage else None,
+        }
+    )

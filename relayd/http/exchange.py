@@ -1,0 +1,621 @@
+"""One client request and its upstream counterpart, from arrival to access-log line.
+
+The :class:`Exchange` coordinates the stages of the request path, in order:
+
+``start -> intake -> [objects] -> plan -> [wait] -> [gate] -> attempt -> sink -> complete``
+
+* intake (:mod:`relayd.http.intake`): the endpoint, the caller's key, body and model;
+* objects (:mod:`relayd.http.objects`): a call on an upstream object goes to its owner;
+* plan (:mod:`relayd.http.planner`): the route, its targets, each attempt's backend;
+* wait (:mod:`relayd.http.waiting`): for a slot when every backend is at its cap;
+* gate (:mod:`relayd.limits.gate`): the client's limits and the upstream quotas;
+* attempt (:mod:`relayd.http.attempt`): one try, its timers and its verdict;
+* sink (:mod:`relayd.http.bodies`): the answer's body, relayed as its kind needs;
+* complete (:mod:`relayd.http.accesslog`): settlement, metrics, the access line.
+
+A stage that cannot go on raises :class:`~relayd.errors.Refusal`; :meth:`Exchange.refuse`
+renders it, once, in the caller's API error shape.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import TYPE_CHECKING
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import Request
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+
+from relayd.errors import Outcome, Refusal, Result
+from relayd.http.accesslog import model_label, report
+from relayd.http.attempt import UpstreamAttempt, discard
+from relayd.http.bodies import BodySink, choose_sink
+from relayd.http.headers import copy_response_headers
+from relayd.http.intake import ClientCall, parse_client_call, printable
+from relayd.http.models import ModelCatalog
+from relayd.http.objects import ObjectKeeper
+from relayd.http.planner import AttemptPlanner, Pick, choose_route
+from relayd.http.waiting import SlotWait, queue_refusal
+from relayd.limits import UsageRecord
+from relayd.limits.checks import Decision
+from relayd.limits.gate import LimitGate
+from relayd.limits.policy import usage_tokens
+from relayd.providers import DEFAULT_FAMILY, PROVIDERS, Endpoint, ModelIn, Usage, family_of
+from relayd.routing import ProviderRoute, Route
+from relayd.runtime import RelayRuntime
+from relayd.upstream import Backend
+
+if TYPE_CHECKING:
+    from relayd.http.relay import RelayResource
+
+log = Logger(namespace="relayd.relay")
+
+REQUEST_ID_HEADER = b"x-relayd-request-id"
+
+# Statuses the Anthropic and OpenAI SDKs retry by themselves (besides 5xx): a relay-made
+# 4xx outside this set is final and says so with x-should-retry: false.
+_SDK_RETRIED = frozenset({408, 409, 429})
+
+
+class Exchange:
+    """One client request, through the stages of the request path."""
+
+    __slots__ = (
+        "attempt", "attempts", "backend", "call", "client_gone", "clock", "deadline", "done",
+        "endpoint", "family", "first_byte_at", "first_sent_at", "gate", "metrics", "objects",
+        "outcome", "pinned", "planner", "provider_name", "request", "request_id", "resource",
+        "response", "route", "runtime", "sink", "started", "status", "stream_open",
+        "upstream_done_at", "usage", "wait",
+    )
+
+    def __init__(self, resource: RelayResource, request: Request, runtime: RelayRuntime) -> None:
+        self.resource = resource
+        self.request = request
+        self.runtime = runtime
+        self.clock = resource.clock
+        self.metrics = resource.metrics
+        self.started = self.clock.seconds()
+        self.request_id = "req_" + os.urandom(12).hex()
+        self.family = PROVIDERS[DEFAULT_FAMILY]
+        self.endpoint: Endpoint | None = None
+        self.call: ClientCall | None = None
+        self.objects: ObjectKeeper | None = None  # an upstream object call
+        self.pinned: tuple[ProviderRoute, Backend] | None = None  # where its object lives
+        self.route: Route | None = None
+        self.planner: AttemptPlanner | None = None
+        self.gate: LimitGate | None = None
+        self.wait: SlotWait | None = None
+        self.attempt: UpstreamAttempt | None = None  # the current (or last) try
+        self.attempts = 0
+        self.backend: Backend | None = None  # of the current (or last) try
+        self.provider_name: str | None = None
+        self.response: IResponse | None = None  # the answer being relayed
+        self.sink: BodySink | None = None  # where its body goes
+        self.status: int | None = None
+        self.outcome = Outcome.OK
+        self.usage: Usage | None = None
+        self.first_sent_at: float | None = None
+        self.first_byte_at: float | None = None
+        self.upstream_done_at: float | None = None
+        self.deadline = 0.0  # the total deadline, from the first attempt's backend
+        self.stream_open = False
+        self.client_gone = False
+        self.done = False
+
+    # -- the stages ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        request = self.request
+        request.setHeader(REQUEST_ID_HEADER, self.request_id.encode())
+        request.responseHeaders.removeHeader(b"server")
+        request.notifyFinish().addErrback(self._client_went_away)
+        try:
+            self._intake()
+        except Refusal as refusal:
+            self.refuse(refusal)
+
+    def _intake(self) -> None:
+        request = self.request
+        endpoint = self.endpoint = self._find_endpoint()
+        runtime = self.runtime
+        call = self.call = parse_client_call(
+            request, endpoint, runtime.clients, runtime.max_body_bytes
+        )
+        if endpoint.local:
+            catalog = ModelCatalog(runtime, self.family, call.client, self.clock, self.request_id)
+            self._answer(catalog.model_list(request.requestHeaders))
+            return
+        role = endpoint.object_role(request.method)
+        if role is not None:
+            keeper = self.objects = ObjectKeeper(runtime.store, endpoint, role, call.client.name)
+            reference = keeper.reference(request.path, call.payload)
+            if reference is not None:
+                d = keeper.locate(reference, runtime)
+                d.addCallback(self._located)
+                d.addErrback(self.on_unexpected)
+                return
+        self._plan()
+
+    def _find_endpoint(self) -> Endpoint:
+        request = self.request
+        if not request.uri.startswith(b"/"):
+            raise Refusal(400, "request target must be an absolute path")
+        path = request.path
+        found = self.resource.endpoints.lookup(request, path)
+        if found is None:
+            self.family = family_of(request.requestHeaders)
+            raise Refusal(404, f"no such endpoint: {printable(path)}")
+        self.family, endpoint = found
+        if request.method not in endpoint.methods:
+            allowed = b", ".join(sorted(endpoint.methods))
+            raise Refusal(
+                405,
+                f"method {printable(request.method)} not allowed on {printable(path)}; "
+                f"use {allowed.decode()}",
+                headers=((b"allow", allowed),),
+            )
+        return endpoint
+
+    def _located(self, where: tuple[ProviderRoute, Backend]) -> None:
+        if not self.done:
+            self.pinned = where
+            self._plan()
+
+    def _plan(self) -> None:
+        runtime = self.runtime
+        endpoint = self.endpoint
+        call = self.call
+        assert endpoint is not None and call is not None
+        family = self.family
+        route = choose_route(runtime, family, endpoint, call, self.pinned is not None)
+        if call.model is not None and endpoint.model_in == ModelIn.PATH:
+            catalog = ModelCatalog(runtime, family, call.client, self.clock, self.request_id)
+            alias = catalog.alias(route, call.model)
+            if alias is not None:
+                self.route = route
+                self._reply(200, alias)
+                return
+        request = self.request
+        headers = runtime.header_policy.upstream_headers(family.name, request.requestHeaders)
+        if call.stream:
+            headers.setRawHeaders(b"accept-encoding", [b"identity"])
+        planner = self.planner = AttemptPlanner(
+            runtime, self.clock, self.metrics, family, endpoint, route, call,
+            uri=request.uri, upstream_headers=headers, pinned=self.pinned,
+            request_id=self.request_id,
+        )
+        self.route = route
+        self.provider_name = planner.provider_name
+        client = call.client
+        if client.policy is not None or runtime.upstream_policies:
+            self.gate = LimitGate(
+                runtime.store, client.name, client.policy, runtime.upstream_policies,
+                call.payload, family=family, clock=self.clock, metrics=self.metrics,
+                request_id=self.request_id,
+            )
+        runtime.retry_budget.record_request()
+        pick = planner.next()
+        if pick is not None:
+            self._admit(pick)
+            return
+        untranslatable = planner.untranslatable()
+        if untranslatable is not None:
+            raise untranslatable
+        blocked = planner.capacity_blocked()
+        if not blocked:
+            raise planner.no_backend()
+        self.wait = SlotWait(
+            self.resource.waiting_room, runtime.config, self.clock, self.metrics, blocked,
+            self._slot_freed, self._queue_timed_out, planner.provider_names(),
+        )
+
+    def _slot_freed(self, backend: Backend) -> None:
+        """A backend this request waits for released a slot (called from its release)."""
+        planner = self.planner
+        wait = self.wait
+        assert planner is not None and wait is not None
+        try:
+            pick = planner.next()
+            if pick is None:
+                blocked = planner.capacity_blocked()
+                if blocked:
+                    wait.wait_on(blocked)
+                    return
+            self.wait = None
+            wait.leave()
+            if pick is None:
+                raise planner.no_backend()
+            self._admit(pick)
+        except Exception:
+            self.on_unexpected(Failure())
+
+    def _queue_timed_out(self) -> None:
+        self.wait = None
+        assert self.planner is not None
+        self.refuse(queue_refusal(
+            self.metrics, "timeout",
+            f"no backend of {self.planner.provider_names()} had a free slot within "
+            f"{self.runtime.config.queue_timeout:g}s (all at their concurrency limit)",
+        ))
+
+    def _admit(self, pick: Pick) -> None:
+        """Send an attempt on ``pick`` once the limits gate (if any) admits it."""
+        gate = self.gate
+        d = gate.admit(pick.backend, pick.key, self.first_sent_at is None) if gate else None
+        if d is None:
+            self._send(pick, None)
+            return
+        d.addCallback(self._admitted, pick)
+        d.addErrback(self.on_unexpected)
+
+    def _admitted(self, decision: Decision, pick: Pick) -> None:
+        gate = self.gate
+        planner = self.planner
+        assert gate is not None and planner is not None
+        if self.done:
+            # The client left while the store was deciding: give everything back.
+            planner.unpick(pick)
+            gate.give_back(decision)
+            return
+        if decision.allowed:
+            self._send(pick, decision)
+            return
+        planner.unpick(pick)
+        if not gate.quota_used_up(decision):
+            raise gate.refusal(decision)
+        # The key's provider quota is used up: keep it out, try another key or backend.
+        wait = max(decision.retry_after or 1.0, 1.0)
+        planner.skip_for_quota(pick, wait)
+        retry = planner.next()
+        if retry is not None:
+            self._admit(retry)
+            return
+        raise Refusal(
+            429,
+            f"the upstream quota of every backend of {planner.provider_names()} is used "
+            "up for now",
+            outcome=Outcome.UPSTREAM_QUOTA,
+            retry_after=max(planner.unavailable_for(), wait),
+            headers=self._gave_up_headers() if self.attempts else (),
+        )
+
+    def _send(self, pick: Pick, decision: Decision | None) -> None:
+        assert self.planner is not None
+        self.planner.sent(pick)
+        self.attempts += 1
+        backend = self.backend = pick.backend
+        self.provider_name = backend.provider_name
+        if self.first_sent_at is None:
+            self.first_sent_at = self.clock.seconds()
+            self.deadline = self.started + backend.timeouts.total
+        attempt = self.attempt = UpstreamAttempt(
+            self, pick, self.attempts, clock=self.clock, metrics=self.metrics,
+            request_id=self.request_id, deadline=self.deadline,
+        )
+        if decision is not None:
+            assert self.gate is not None
+            self.gate.admitted(decision, attempt)
+        attempt.send(self.request.method)
+
+    def retry(self, result: str) -> Pick | None:
+        """Where the failed current attempt may be retried, if anywhere."""
+        if self.client_gone or self.done:
+            return None
+        assert self.planner is not None
+        return self.planner.retry(result, self.attempts, self.backend)
+
+    # -- what attempts report (relayd.http.attempt.AttemptHost) --------------------------------
+
+    def attempt_responded(self, attempt: UpstreamAttempt, response: IResponse) -> None:
+        status = response.code
+        if attempt.backend.provider.is_retryable(status):
+            pick = self.retry(f"status_{status}")
+            if pick is not None:
+                attempt.end()
+                attempt.detach()
+                discard(response)
+                self._admit(pick)
+                return
+        self.response = response
+        self.status = status
+        now = self.first_byte_at = self.clock.seconds()
+        sink = self.sink = choose_sink(
+            self, attempt, response, objects=self.objects is not None,
+            keepalive=self.runtime.config.stream_keepalive, now=now,
+        )
+        attempt.receive(response, sink)
+
+    def attempt_failed(
+        self, attempt: UpstreamAttempt, result: str, message: str, answered: bool
+    ) -> None:
+        pick = self.retry(result)
+        if answered:
+            attempt.end()
+        if pick is not None:
+            self._admit(pick)
+            return
+        if answered:
+            raise Refusal(502, f"the upstream's answer could not be relayed: its {message}",
+                          outcome=Outcome.UPSTREAM_ERROR)
+        assert self.planner is not None
+        timeout = result == Result.TIMEOUT
+        raise Refusal(
+            504 if timeout else 502,
+            f"upstream failed after {self.attempts} attempt(s); last: {message}",
+            outcome=Outcome.UPSTREAM_TIMEOUT if timeout else Outcome.UPSTREAM_ERROR,
+            retry_after=self.planner.unavailable_for(),
+            headers=self._gave_up_headers() if self.attempts > 1 else (),
+        )
+
+    def attempt_body_started(self, attempt: UpstreamAttempt) -> None:
+        self.request.registerProducer(attempt.body, True)
+
+    def attempt_body_ended(self, attempt: UpstreamAttempt, clean: bool) -> None:
+        assert self.sink is not None
+        self.sink.end(clean)
+
+    # -- what body sinks ask for (relayd.http.bodies.SinkHost) ---------------------------------
+
+    def begin_response(self, sink: BodySink, rewritten: tuple[int, bytes] | None = None) -> None:
+        """Send status and headers of the answer being relayed to the client.
+
+        ``rewritten`` is the status and body the client gets instead of the upstream's
+        (a translated or renamed answer): its length replaces the upstream's, and the
+        upstream's encoding no longer applies.
+        """
+        response = self.response
+        attempt = self.attempt
+        assert response is not None and attempt is not None
+        call = attempt.call
+        request = self.request
+        if rewritten is not None:
+            request.setResponseCode(rewritten[0])
+        else:
+            request.setResponseCode(response.code, response.phrase)
+        out = request.responseHeaders
+        out.removeHeader(b"content-type")
+        own_limits = self.gate.limit_states if self.gate is not None else ()
+        now = self.clock.seconds()
+        copy_response_headers(
+            response.headers, out, now=now,
+            max_retry_after=self.runtime.config.failover.max_retry_after,
+            drop_limits=bool(own_limits) or call.translated, translated=call.translated,
+            rewritten=rewritten is not None,
+        )
+        if own_limits:
+            for name, value in self.family.rate_limit_headers(own_limits, now):
+                out.setRawHeaders(name, [value])
+        if call.dropped:
+            out.setRawHeaders(b"x-relayd-dropped", [", ".join(call.dropped).encode()])
+        if self.attempts > 1:
+            out.setRawHeaders(b"x-relayd-attempts", [b"%d" % self.attempts])
+            if attempt.backend.provider.is_retryable(response.code):
+                # relayd already retried elsewhere: the SDK retrying through us won't help.
+                out.setRawHeaders(b"x-should-retry", [b"false"])
+        if sink.streaming:
+            if call.translated:
+                out.setRawHeaders(b"content-type", [b"text/event-stream; charset=utf-8"])
+            out.setRawHeaders(b"cache-control", [b"no-cache"])
+            out.setRawHeaders(b"x-accel-buffering", [b"no"])
+            self.metrics.stream_opened()
+            self.stream_open = True
+        elif rewritten is not None:
+            if call.translated:
+                out.setRawHeaders(b"content-type", [b"application/json"])
+            out.setRawHeaders(b"content-length", [b"%d" % len(rewritten[1])])
+        elif response.length is not UNKNOWN_LENGTH:
+            # Agent keeps Content-Length out of response.headers; relay it so the client
+            # gets a length-delimited body rather than chunked encoding.
+            out.setRawHeaders(b"content-length", [b"%d" % response.length])
+
+    def upstream_finished(self) -> None:
+        self.upstream_done_at = self.clock.seconds()
+        self.request.unregisterProducer()
+
+    def fail_over(self, attempt: UpstreamAttempt, pick: Pick, message: str) -> None:
+        """Drop a held stream's attempt (nothing of it reached the client) for ``pick``."""
+        self.request.unregisterProducer()
+        self.sink = None
+        self.response = None
+        self.status = None
+        self.attempt = None
+        attempt.detach()
+        attempt.end()
+        log.warn("{request_id}: {backend} failed before any content ({message}); retrying",
+                 request_id=self.request_id, backend=attempt.backend, message=message)
+        attempt.stop()
+        self._admit(pick)
+
+    def object_answer(self, body: bytes) -> Deferred[bytes] | None:
+        if self.objects is None:
+            return None
+        assert self.backend is not None
+        return self.objects.answer(body, self.backend, self.request)
+
+    def claim_streamed(self, object_id: str) -> None:
+        if self.objects is not None and self.backend is not None:
+            self.objects.claim_streamed(object_id, self.backend)
+
+    def cut_off(self) -> None:
+        """The answer's headers went but its body broke: drop the connection."""
+        self.request.loseConnection()
+        self._complete()
+
+    # -- replies and the end ------------------------------------------------------------------
+
+    def refuse(self, refusal: Refusal) -> None:
+        """Answer with a relay-made error in the caller's API shape."""
+        if self.done:
+            return
+        status = refusal.status
+        if refusal.outcome is not None:
+            self.outcome = refusal.outcome
+        elif self.outcome == Outcome.OK:
+            self.outcome = Outcome.REJECTED if status < 500 else Outcome.RELAY_ERROR
+        request = self.request
+        if request.startedWriting:  # a stage refused too late for an error body
+            log.error("{request_id}: refusal after the answer began: {message}",
+                      request_id=self.request_id, message=refusal.message)
+            self.fail_unexpectedly()
+            return
+        for name, value in refusal.headers:
+            request.setHeader(name, value)
+        if refusal.retry_after is not None:
+            clamped = min(refusal.retry_after, self.runtime.config.failover.max_retry_after)
+            request.setHeader(b"retry-after", b"%d" % math.ceil(clamped))
+        if status < 500 and status not in _SDK_RETRIED:
+            # A bad key, a forbidden model, an unknown route: asking again will not help,
+            # and clients (Claude Code) otherwise retry a 401 for minutes.
+            request.setHeader(b"x-should-retry", b"false")
+        self._reply(status, self.family.render_error(
+            status, refusal.message, self.request_id, refusal.code
+        ))
+
+    def _gave_up_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """relayd retried already: the SDK retrying through it will not help."""
+        return ((b"x-should-retry", b"false"), (b"x-relayd-attempts", b"%d" % self.attempts))
+
+    def _answer(self, body: Deferred[bytes]) -> None:
+        """Reply 200 with ``body`` once it is there (a refusal if it fails)."""
+        body.addCallback(self._answered)
+        body.addErrback(self.on_unexpected)
+
+    def _answered(self, body: bytes) -> None:
+        if not self.done:
+            self._reply(200, body)
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.status = status
+        self._send_json(status, body)
+        self._complete()
+
+    def _send_json(self, status: int, body: bytes) -> None:
+        request = self.request
+        request.setResponseCode(status)
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"content-length", b"%d" % len(body))
+        request.write(body)
+        request.finish()
+
+    def finish(self) -> None:
+        if not self.done:
+            self.request.finish()
+            self._complete()
+
+    def on_unexpected(self, failure: Failure) -> None:
+        """The errback of every stage: a refusal is answered, anything else is a bug."""
+        refusal = failure.value
+        if isinstance(refusal, Refusal):
+            self.refuse(refusal)
+            return
+        log.failure("unexpected error relaying {request_id}", failure, request_id=self.request_id)
+        self.fail_unexpectedly()
+
+    def fail_unexpectedly(self) -> None:
+        """A bug: answer 500 if nothing was sent yet (else drop the connection), stop the
+        upstream call, and record the attempt as the relay's failure, not the backend's."""
+        if self.done:
+            return
+        self.outcome = Outcome.RELAY_ERROR
+        request = self.request
+        attempt = self.attempt
+        if attempt is not None and attempt.body is not None:
+            request.unregisterProducer()
+        if request.startedWriting:
+            self._end_early(Result.RELAY_ERROR)
+            request.loseConnection()
+            return
+        self.status = 500
+        self._end_early(Result.RELAY_ERROR)
+        self._send_json(500, self.family.render_error(
+            500, "internal relay error; see the relay log for this request id", self.request_id
+        ))
+
+    def abort(self) -> None:
+        """Drop the client connection now (shutdown drain ran out of time)."""
+        if self.done:
+            return
+        self.outcome = Outcome.ABORTED
+        self._end_early(Result.SHUTDOWN)
+        self.request.loseConnection()
+
+    def _client_went_away(self, failure: Failure | None) -> None:
+        if self.done:
+            return
+        self.client_gone = True
+        if self.outcome == Outcome.OK:
+            self.outcome = Outcome.CLIENT_GONE
+        stage = "during_response" if self.request.startedWriting else "before_response"
+        self.metrics.client_disconnected(self.family.name, stage)
+        self._end_early(Result.CLIENT_GONE)
+
+    def _end_early(self, result: str) -> None:
+        """End the exchange before its upstream did, for a reason that is not the
+        backend's (``client_gone``, ``shutdown``): complete it first, so that whatever
+        cancelling the upstream call causes finds it done and is neither recorded
+        against the backend nor written to the client; then cancel."""
+        if self.sink is not None:
+            usage = self.sink.usage_so_far()
+            if usage is not None:
+                self.usage = usage
+        attempt = self.attempt
+        self._complete(result)
+        if attempt is not None:
+            attempt.stop()
+
+    def _complete(self, unjudged: str = Result.RELAY_ERROR) -> None:
+        """Release the backend, stop timers, settle, count and log the request (once).
+
+        An attempt still waiting for its answer is recorded as ``unjudged``: neither a
+        success nor a failure of the backend (a half-open trial frees its slot).
+        """
+        if self.done:
+            return
+        self.done = True
+        if self.wait is not None:
+            self.wait.leave()
+            self.wait = None
+        if self.sink is not None:
+            self.sink.stop()
+        self.resource.exchange_done(self)
+        attempt = self.attempt
+        if attempt is not None:
+            if not attempt.judged:
+                attempt.record(unjudged)
+            attempt.end()
+            attempt.detach()
+        now = self.clock.seconds()
+        # A client that left before any byte was written got no status at all.
+        status = 499 if self.client_gone and not self.request.startedWriting else self.status
+        if self.stream_open:
+            self.metrics.stream_closed()
+        model = model_label(self)
+        self._settle(model)
+        report(self, status, model, now)
+
+    def _settle(self, model: str) -> None:
+        """Hand the request's usage and its limit reservations to the state store."""
+        record = None
+        call = self.call
+        backend = self.backend
+        if self.first_sent_at is not None and call is not None and backend is not None:
+            record = UsageRecord(
+                call.client.name, model, backend.provider_name, backend.name, self.usage
+            )
+        gate = self.gate
+        if gate is None:
+            if record is not None:
+                self.runtime.store.settle((), (), record)
+            return
+        outcome = None
+        if self.response is not None and self.status is not None and self.status < 400:
+            sink = self.sink
+            final = (
+                sink.complete if sink is not None and sink.streaming
+                else self.upstream_done_at is not None
+            )
+            outcome = (usage_tokens(self.usage), final)
+        gate.settle(record, outcome, self.attempt)

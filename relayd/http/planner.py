@@ -1,0 +1,368 @@
+"""Where the next try of a request goes: the route, its targets, and each attempt's
+backend and key; whether a failed attempt may be retried.
+
+:func:`choose_route` finds the route (batches follow the models inside them; a call on
+an object goes wherever its object lives); :class:`AttemptPlanner` then hands out
+:class:`Pick` s in the route's order, each holding a backend slot (and a half-open
+trial, when it is one) until the attempt ends or :meth:`AttemptPlanner.unpick` gives it
+back. It never sends anything: the exchange does, with what it picks.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.http_headers import Headers
+
+from relayd.errors import Outcome, Refusal
+from relayd.health import UpstreamKey
+from relayd.http.intake import ClientCall
+from relayd.http.translation import UpstreamCall, prepare_call, serves
+from relayd.metrics import RelayMetrics
+from relayd.providers import Endpoint, IProvider
+from relayd.routing import ProviderRoute, Route, RouteTarget, providers_of
+from relayd.runtime import RelayRuntime
+from relayd.translate import TranslationError
+from relayd.upstream import Backend
+
+log = Logger(namespace="relayd.relay")
+
+
+class Pick:
+    """One attempt's target, backend and key, with the upstream call for the target."""
+
+    __slots__ = ("backend", "call", "key", "target")
+
+    def __init__(
+        self, target: RouteTarget, backend: Backend, key: UpstreamKey, call: UpstreamCall
+    ) -> None:
+        self.target = target
+        self.backend = backend
+        self.key = key
+        self.call = call
+
+
+def choose_route(
+    runtime: RelayRuntime,
+    family: IProvider,
+    endpoint: Endpoint,
+    call: ClientCall,
+    pinned: bool,
+) -> Route:
+    """The route of a request; raises :class:`Refusal` when there is none.
+
+    Message Batches live in the upstream account that created them and are relayed as
+    they are (no model renamed, no translation): a batch create goes to the route of the
+    models inside it, which must serve batches; calls that name no model (a batch's
+    status, results, cancel, the list) go to the first route that serves batches, which
+    is where those models' batches went. A call on an object that lives on a known
+    backend (``pinned``) can take any route of the API.
+    """
+    router = runtime.router
+    api = family.name
+    model = call.model
+    if pinned and model is None:
+        route = router.first_for(api)
+        if route is None:
+            raise Refusal(404, f"no route on the {api} API")
+        return route
+    if model is not None or not endpoint.sticky:
+        route = router.route(api, model)
+        if route is None:
+            what = f"model {model!r}" if model else "this request"
+            raise Refusal(404, f"no route for {what} on the {api} API")
+        return route
+
+    def serves_batches(route: Route) -> bool:
+        return any(serves(t, family, endpoint) for t in route.targets)
+
+    if not call.batch_models:
+        route = router.first_for(api, serves_batches)
+        if route is None:
+            raise Refusal(
+                404,
+                f"no route of the {api} API can serve Message Batches: batches are relayed "
+                f"as they are, so they need a route with a target of type {api} that keeps "
+                "the model name",
+            )
+        return route
+    routes: dict[Route, str] = {}
+    for batch_model in call.batch_models:
+        route = router.route(api, batch_model)
+        if route is None:
+            raise Refusal(
+                404, f"no route for model {batch_model!r} (in the batch) on the {api} API"
+            )
+        routes.setdefault(route, batch_model)
+    if len(routes) > 1:
+        where = "; ".join(f"{m!r} to {r.name}" for r, m in routes.items())
+        raise Refusal(
+            400,
+            "the requests of a batch must all go to one route (one upstream account), "
+            f"but they go to several: {where}",
+        )
+    ((route, batch_model),) = routes.items()
+    if not serves_batches(route):
+        raise Refusal(
+            404,
+            f"Message Batches for {batch_model!r} cannot be served by {route.name}: its "
+            "targets rename the model or speak the other API, and batches are relayed "
+            f"as they are; route these models through a route with a target of type "
+            f"{api} that keeps the model name",
+        )
+    return route
+
+
+class AttemptPlanner:
+    """Hands out the attempts of one request: targets in the route's order, backends
+    not tried yet, and the retry decision after a failure."""
+
+    __slots__ = (
+        "_calls", "_clock", "_headers", "_pinned", "_request_id", "_runtime",
+        "_tried", "_uri", "call", "endpoint", "family", "metrics", "provider_name", "route",
+        "targets", "translation_error",
+    )
+
+    def __init__(
+        self,
+        runtime: RelayRuntime,
+        clock: IReactorTime,
+        metrics: RelayMetrics,
+        family: IProvider,
+        endpoint: Endpoint,
+        route: Route,
+        call: ClientCall,
+        *,
+        uri: bytes,
+        upstream_headers: Headers,
+        pinned: tuple[ProviderRoute, Backend] | None,
+        request_id: str,
+    ) -> None:
+        self._runtime = runtime
+        self._clock = clock
+        self.metrics = metrics
+        self.family = family
+        self.endpoint = endpoint
+        self.route = route
+        self.call = call
+        self._uri = call.upstream_uri or uri
+        self._headers = upstream_headers
+        self._pinned = pinned
+        self._request_id = request_id
+        self._calls: dict[RouteTarget, UpstreamCall | None] = {}  # None: cannot translate
+        self._tried: list[tuple[RouteTarget, Backend]] = []
+        self.translation_error: TranslationError | None = None
+        if pinned is not None:
+            provider = pinned[0]
+            same = [t for t in route.targets if t.provider is provider and not t.translated]
+            self.targets: tuple[RouteTarget, ...] = (
+                same[0] if same else RouteTarget(provider, None, 1, False),
+            )
+        elif endpoint.sticky:
+            # Batches live in the account that created them: always the first provider.
+            self.targets = tuple(t for t in route.targets if serves(t, family, endpoint))[:1]
+        else:
+            self.targets = tuple(t for t in route.order() if serves(t, family, endpoint))
+        if not self.targets:
+            names = ", ".join(sorted({t.provider.type for t in route.targets}))
+            raise Refusal(
+                404,
+                f"{endpoint.name} requests for {call.model or 'this route'!r} cannot be "
+                f"served: the route reaches only providers of type {names} under other "
+                "model names or APIs, and only chat completions and messages are translated",
+            )
+        self.provider_name = self.targets[0].provider.name
+
+    # -- picks --------------------------------------------------------------------------------
+
+    def next(self) -> Pick | None:
+        """The next target, backend and key to try, skipping backends already tried.
+
+        Targets are tried in the route's order; with several, each is asked for an
+        actively healthy backend before any is asked for an unhealthy one, so a route
+        falls back to a healthy provider rather than to a failing backend of the first.
+        The pick holds the backend's slot (see :meth:`unpick`).
+        """
+        if self._pinned is not None:
+            return self._next_pinned()
+        sticky = self.endpoint.sticky
+        targets = self.targets
+        passes: tuple[bool | None, ...] = (None,) if len(targets) == 1 else (True, False)
+        excludes: dict[RouteTarget, list[Backend]] = {}
+        for healthy in passes:
+            for target in targets:
+                call = self._call_for(target)
+                if call is None:
+                    continue
+                exclude = excludes.get(target)
+                if exclude is None:
+                    exclude = excludes[target] = [b for t, b in self._tried if t is target]
+                balancer = target.provider.balancer
+                while True:
+                    backend = (
+                        balancer.primary(exclude, healthy=healthy)
+                        if sticky
+                        else balancer.choose(exclude, healthy=healthy)
+                    )
+                    if backend is None:
+                        break
+                    if not backend.breaker.allow_request():  # half-open, trial slots taken
+                        exclude.append(backend)
+                        continue
+                    key = backend.keys.choose()
+                    if key is None:
+                        backend.breaker.release_trial()
+                        exclude.append(backend)
+                        continue
+                    backend.acquire()  # its slot is ours until the attempt ends or unpick
+                    return Pick(target, backend, key, call)
+        return None
+
+    def _next_pinned(self) -> Pick | None:
+        """The one backend that holds the addressed object (never another: no failover)."""
+        assert self._pinned is not None
+        backend = self._pinned[1]
+        target = self.targets[0]
+        call = self._call_for(target)
+        if call is None or any(b is backend for _, b in self._tried):
+            return None
+        if not backend.is_available() or not backend.breaker.allow_request():
+            return None
+        key = backend.keys.choose()
+        if key is None:
+            backend.breaker.release_trial()
+            return None
+        backend.acquire()
+        return Pick(target, backend, key, call)
+
+    @staticmethod
+    def unpick(pick: Pick) -> None:
+        """Give back what :meth:`next` took for a pick that gets no attempt: its backend
+        slot, and its half-open trial if it was one."""
+        pick.backend.breaker.release_trial()
+        pick.backend.release()
+
+    def sent(self, pick: Pick) -> None:
+        """An attempt went out on ``pick``: its backend is not picked again for its target."""
+        self._tried.append((pick.target, pick.backend))
+        self.provider_name = pick.backend.provider_name
+
+    def _call_for(self, target: RouteTarget) -> UpstreamCall | None:
+        """The upstream request for ``target`` (built once); None if it cannot be made."""
+        try:
+            return self._calls[target]
+        except KeyError:
+            pass
+        client = self.call
+        call: UpstreamCall | None
+        try:
+            call = prepare_call(
+                self.route, target, self.family, self.endpoint,
+                uri=self._uri, headers=self._headers, body=client.body,
+                payload=client.payload, model=client.model,
+            )
+        except TranslationError as exc:
+            self._untranslatable(exc)
+            call = None
+        except RecursionError:
+            self._untranslatable(TranslationError(400, "request body is nested too deeply"))
+            call = None
+        except Exception:
+            # A translator bug must not take the exchange down: this target is skipped.
+            log.failure("{request_id}: translating for {provider} failed",
+                        request_id=self._request_id, provider=target.provider.name)
+            self._untranslatable(TranslationError(
+                400, "the request could not be translated for the upstream's API"
+            ))
+            call = None
+        self._calls[target] = call
+        return call
+
+    def _untranslatable(self, error: TranslationError) -> None:
+        if self.translation_error is None:
+            self.translation_error = error
+
+    # -- when nothing can be picked -----------------------------------------------------------
+
+    def untranslatable(self) -> Refusal | None:
+        """The refusal when no target could take the request in its API at all."""
+        error = self.translation_error
+        if error is None or any(self._calls.get(t) for t in self.targets):
+            return None
+        return Refusal(error.status, str(error), outcome=Outcome.UNTRANSLATABLE)
+
+    def capacity_blocked(self) -> list[Backend]:
+        """The backends this request could use but for their ``max_concurrent``."""
+        return [
+            backend
+            for provider in providers_of(self.targets)
+            for backend in provider.balancer.backends
+            if not backend.has_capacity() and backend.can_serve()
+        ]
+
+    def no_backend(self) -> Refusal:
+        return Refusal(
+            503,
+            f"no backend of {self.provider_names()} is available now "
+            "(circuit-broken, or every key rate-limited or rejected)",
+            outcome=Outcome.NO_BACKEND,
+            retry_after=self.unavailable_for(),
+        )
+
+    def unavailable_for(self) -> float:
+        """Seconds until some backend of the route's providers may take requests (>= 1)."""
+        now = self._clock.seconds()
+        soonest: float | None = None
+        for provider in providers_of(self.targets):
+            for backend in provider.balancer.backends:
+                candidates = []
+                breaker = backend.breaker
+                if breaker.state == "open" and breaker.opened_until is not None:
+                    candidates.append(breaker.opened_until - now)
+                key_time = backend.keys.next_available_at()
+                if key_time is not None:
+                    candidates.append(key_time - now)
+                wait = max(candidates) if candidates else 0.0
+                soonest = wait if soonest is None else min(soonest, wait)
+        return max(soonest or 0.0, 1.0)
+
+    def provider_names(self) -> str:
+        names = [repr(p.name) for p in providers_of(self.targets)]
+        return ("provider " if len(names) == 1 else "providers ") + ", ".join(names)
+
+    # -- retries ------------------------------------------------------------------------------
+
+    def retry(self, reason: str, attempts: int, last: Backend | None) -> Pick | None:
+        """Where a failed attempt may be retried, if anywhere; counts refusals."""
+        failover = self._runtime.config.failover
+        provider = self.provider_name or "-"
+        if self.endpoint.sticky:
+            # Batches live in the upstream account that created them: another backend
+            # would answer for a different account.
+            return None
+        metrics = self.metrics
+        if attempts >= failover.max_attempts:
+            if failover.max_attempts > 1:
+                metrics.retry_refused(provider, "attempts")
+            return None
+        if len(self.call.body) > failover.max_replay_bytes:
+            metrics.retry_refused(provider, "body_too_large")
+            return None
+        pick = self.next()
+        if pick is None:
+            metrics.retry_refused(provider, "no_backend")
+            return None
+        if not self._runtime.retry_budget.try_acquire_retry():
+            self.unpick(pick)
+            metrics.retry_refused(provider, "budget")
+            return None
+        metrics.retry(provider, reason)
+        if pick.backend is not last:
+            metrics.failover(provider, reason)
+        return pick
+
+    def skip_for_quota(self, pick: Pick, wait: float) -> None:
+        """The key's provider quota is used up: keep it out for ``wait`` seconds."""
+        backend = pick.backend
+        backend.keys.cool_down(pick.key, wait, "quota")
+        self.metrics.quota_skip(backend.provider_name, backend.name)
