@@ -1,4 +1,5 @@
-"""The access record of a finished exchange: its metrics and its access-log line.
+"""The record of a finished exchange: its usage and limit settlement, its metrics and
+its access-log line.
 
 Labels and usage keys never take arbitrary client-supplied names: only routed requests
 name a model, and only configured or upstream-confirmed ones
@@ -10,10 +11,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from relayd.http.intake import printable
+from relayd.limits import UsageRecord
+from relayd.limits.policy import usage_tokens
 from relayd.logs import log_access
 
 if TYPE_CHECKING:
     from relayd.http.exchange import Exchange
+
+
+def record_exchange(exchange: Exchange, now: float) -> None:
+    """Settle, count and log a finished exchange."""
+    # A client that left before any byte was written got no status at all.
+    request = exchange.request
+    status = 499 if exchange.client_gone and not request.startedWriting else exchange.status
+    model = model_label(exchange)
+    settle(exchange, model)
+    report(exchange, status, model, now)
 
 
 def model_label(exchange: Exchange) -> str:
@@ -26,6 +39,32 @@ def model_label(exchange: Exchange) -> str:
         call.model if call is not None else None,
         response is not None and response.code < 400,
     )
+
+
+def settle(exchange: Exchange, model: str) -> None:
+    """Hand the request's usage and its limit reservations to the state store."""
+    record = None
+    call = exchange.call
+    backend = exchange.backend
+    if exchange.first_sent_at is not None and call is not None and backend is not None:
+        record = UsageRecord(
+            call.client.name, model, backend.provider_name, backend.name, exchange.usage
+        )
+    gate = exchange.gate
+    if gate is None:
+        if record is not None:
+            exchange.runtime.store.settle((), (), record)
+        return
+    outcome = None
+    status = exchange.status
+    if exchange.response is not None and status is not None and status < 400:
+        sink = exchange.sink
+        final = (
+            sink.complete if sink is not None and sink.streaming
+            else exchange.upstream_done_at is not None
+        )
+        outcome = (usage_tokens(exchange.usage), final)
+    gate.settle(record, outcome, exchange.attempt)
 
 
 def report(exchange: Exchange, status: int | None, model: str, now: float) -> None:

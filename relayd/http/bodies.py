@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -29,6 +28,7 @@ from twisted.web.iweb import IResponse
 from relayd.errors import Outcome, Refusal, Result
 from relayd.http.attempt import UpstreamAttempt, first
 from relayd.http.collected import BadEncodingError, BodyTooLargeError, CollectedBody
+from relayd.http.objects import ObjectKeeper
 from relayd.http.planner import Pick
 from relayd.http.translation import BadUpstreamBodyError, StreamRewriter
 from relayd.providers import IProvider, IStreamWatcher, Usage
@@ -73,10 +73,6 @@ class SinkHost(Protocol):
 
     def fail_over(self, attempt: UpstreamAttempt, pick: Pick, message: str) -> None: ...
 
-    def object_answer(self, body: bytes) -> Deferred[bytes] | None: ...
-
-    def claim_streamed(self, object_id: str) -> None: ...
-
     def on_unexpected(self, failure: Failure) -> None: ...
 
 
@@ -85,11 +81,11 @@ def choose_sink(
     attempt: UpstreamAttempt,
     response: IResponse,
     *,
-    objects: bool,
+    objects: ObjectKeeper | None,
     keepalive: float,
     now: float,
 ) -> BodySink:
-    """The sink for an answer to relay (``objects``: an object call's answer, filtered)."""
+    """The sink for an answer to relay (``objects``: the keeper of an object call)."""
     status = response.code
     call = attempt.call
     headers = response.headers
@@ -98,16 +94,17 @@ def choose_sink(
     stream = event_stream and status == 200
     if not stream and (
         (call.rewrites and (call.translated or status < 300))
-        or (objects and status < 300 and b"json" in content_type)
+        or (objects is not None and status < 300 and b"json" in content_type)
     ):
         # Translated answers (and renamed successes) are rewritten whole: status and
         # headers wait for the end of the body.
-        return BufferedRewrite(host, attempt, _gzipped(response))
+        return BufferedRewrite(host, attempt, _gzipped(response), objects)
     if event_stream:
         rewriter = call.stream_rewriter(int(now)) if stream and call.rewrites else None
         return StreamSink(
             host, attempt, call.family.stream_watcher(call.endpoint), rewriter,
             hold=stream, keepalive=keepalive, now=now,
+            objects=objects if objects is not None and objects.role == "create" else None,
         )
     if status < 300 and b"json" in content_type:
         return CollectUsage(host, attempt, _gzipped(response))
@@ -219,11 +216,15 @@ class CollectUsage(PassThrough):
 class BufferedRewrite(BodySink):
     """Holds the whole answer, then sends it rewritten; status and headers wait for it."""
 
-    __slots__ = ("body",)
+    __slots__ = ("body", "objects")
 
-    def __init__(self, host: SinkHost, attempt: UpstreamAttempt, gzipped: bool) -> None:
+    def __init__(
+        self, host: SinkHost, attempt: UpstreamAttempt, gzipped: bool,
+        objects: ObjectKeeper | None,
+    ) -> None:
         super().__init__(host, attempt)
         self.body: CollectedBody | None = CollectedBody(MAX_REWRITTEN_BODY, gzipped)
+        self.objects = objects
 
     def feed(self, data: bytes) -> None:
         body = self.body
@@ -291,10 +292,10 @@ class BufferedRewrite(BodySink):
             log.failure("{request_id}: rewriting the answer failed", request_id=host.request_id)
             self._refuse("could not be translated")
             return
-        answer = host.object_answer(rewritten[1]) if rewritten[0] < 300 else None
-        if answer is None:
+        if self.objects is None or rewritten[0] >= 300:
             self._send(rewritten)
             return
+        answer = self.objects.answer(rewritten[1], attempt.backend, host.request)
         answer.addCallback(lambda body: self._send((rewritten[0], body)))
         answer.addErrback(host.on_unexpected)
 
@@ -318,8 +319,8 @@ class StreamSink(BodySink):
     closing the connection (``stream_keepalive``).
     """
 
-    __slots__ = ("held", "held_size", "holding", "interval", "keepalive", "rewriter",
-                 "watcher", "wrote_at")
+    __slots__ = ("held", "held_size", "holding", "interval", "keepalive", "objects",
+                 "rewriter", "watcher", "wrote_at")
 
     streaming = True
 
@@ -333,8 +334,10 @@ class StreamSink(BodySink):
         hold: bool,
         keepalive: float,
         now: float,
+        objects: ObjectKeeper | None = None,
     ) -> None:
         super().__init__(host, attempt)
+        self.objects = objects  # a create call's keeper: records the object streamed
         self.watcher = watcher
         self.rewriter = rewriter
         self.holding = hold
@@ -360,8 +363,8 @@ class StreamSink(BodySink):
         watcher = self.watcher
         try:
             watcher.feed(data)
-            if watcher.created_id is not None:
-                self.host.claim_streamed(watcher.created_id)
+            if self.objects is not None and watcher.created_id is not None:
+                self.objects.claim_streamed(watcher.created_id, self.attempt.backend)
             if self.holding:
                 self.held.append(data)
                 self.held_size += len(data)

@@ -19,30 +19,27 @@ renders it, once, in the caller's API error shape.
 
 from __future__ import annotations
 
-import math
 import os
 from typing import TYPE_CHECKING
 
-from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import Request
-from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
+from twisted.web.iweb import IResponse
 
 from relayd.errors import Outcome, Refusal, Result
-from relayd.http.accesslog import model_label, report
+from relayd.http.accesslog import record_exchange
 from relayd.http.attempt import UpstreamAttempt, discard
 from relayd.http.bodies import BodySink, choose_sink
-from relayd.http.headers import copy_response_headers
+from relayd.http.headers import write_answer_head
 from relayd.http.intake import ClientCall, parse_client_call, printable
 from relayd.http.models import ModelCatalog
 from relayd.http.objects import ObjectKeeper
 from relayd.http.planner import AttemptPlanner, Pick, choose_route
-from relayd.http.waiting import SlotWait, queue_refusal
-from relayd.limits import UsageRecord
+from relayd.http.replies import refusal_body, send_json
+from relayd.http.waiting import SlotWait
 from relayd.limits.checks import Decision
 from relayd.limits.gate import LimitGate
-from relayd.limits.policy import usage_tokens
 from relayd.providers import DEFAULT_FAMILY, PROVIDERS, Endpoint, ModelIn, Usage, family_of
 from relayd.routing import ProviderRoute, Route
 from relayd.runtime import RelayRuntime
@@ -55,9 +52,6 @@ log = Logger(namespace="relayd.relay")
 
 REQUEST_ID_HEADER = b"x-relayd-request-id"
 
-# Statuses the Anthropic and OpenAI SDKs retry by themselves (besides 5xx): a relay-made
-# 4xx outside this set is final and says so with x-should-retry: false.
-_SDK_RETRIED = frozenset({408, 409, 429})
 
 
 class Exchange:
@@ -126,16 +120,16 @@ class Exchange:
         )
         if endpoint.local:
             catalog = ModelCatalog(runtime, self.family, call.client, self.clock, self.request_id)
-            self._answer(catalog.model_list(request.requestHeaders))
+            d = catalog.model_list(request.requestHeaders)
+            d.addCallback(self._answered).addErrback(self.on_unexpected)
             return
         role = endpoint.object_role(request.method)
         if role is not None:
             keeper = self.objects = ObjectKeeper(runtime.store, endpoint, role, call.client.name)
             reference = keeper.reference(request.path, call.payload)
             if reference is not None:
-                d = keeper.locate(reference, runtime)
-                d.addCallback(self._located)
-                d.addErrback(self.on_unexpected)
+                located = keeper.locate(reference, runtime)
+                located.addCallback(self._located).addErrback(self.on_unexpected)
                 return
         self._plan()
 
@@ -149,14 +143,6 @@ class Exchange:
             self.family = family_of(request.requestHeaders)
             raise Refusal(404, f"no such endpoint: {printable(path)}")
         self.family, endpoint = found
-        if request.method not in endpoint.methods:
-            allowed = b", ".join(sorted(endpoint.methods))
-            raise Refusal(
-                405,
-                f"method {printable(request.method)} not allowed on {printable(path)}; "
-                f"use {allowed.decode()}",
-                headers=((b"allow", allowed),),
-            )
         return endpoint
 
     def _located(self, where: tuple[ProviderRoute, Backend]) -> None:
@@ -189,13 +175,9 @@ class Exchange:
         )
         self.route = route
         self.provider_name = planner.provider_name
-        client = call.client
-        if client.policy is not None or runtime.upstream_policies:
-            self.gate = LimitGate(
-                runtime.store, client.name, client.policy, runtime.upstream_policies,
-                call.payload, family=family, clock=self.clock, metrics=self.metrics,
-                request_id=self.request_id,
-            )
+        self.gate = LimitGate.for_request(
+            runtime, call.client, call.payload, family, self.clock, self.metrics, self.request_id
+        )
         runtime.retry_budget.record_request()
         pick = planner.next()
         if pick is not None:
@@ -208,38 +190,9 @@ class Exchange:
         if not blocked:
             raise planner.no_backend()
         self.wait = SlotWait(
-            self.resource.waiting_room, runtime.config, self.clock, self.metrics, blocked,
-            self._slot_freed, self._queue_timed_out, planner.provider_names(),
+            self.resource.waiting_room, runtime.config, self.clock, self.metrics, planner,
+            blocked, self._admit, self.on_unexpected,
         )
-
-    def _slot_freed(self, backend: Backend) -> None:
-        """A backend this request waits for released a slot (called from its release)."""
-        planner = self.planner
-        wait = self.wait
-        assert planner is not None and wait is not None
-        try:
-            pick = planner.next()
-            if pick is None:
-                blocked = planner.capacity_blocked()
-                if blocked:
-                    wait.wait_on(blocked)
-                    return
-            self.wait = None
-            wait.leave()
-            if pick is None:
-                raise planner.no_backend()
-            self._admit(pick)
-        except Exception:
-            self.on_unexpected(Failure())
-
-    def _queue_timed_out(self) -> None:
-        self.wait = None
-        assert self.planner is not None
-        self.refuse(queue_refusal(
-            self.metrics, "timeout",
-            f"no backend of {self.planner.provider_names()} had a free slot within "
-            f"{self.runtime.config.queue_timeout:g}s (all at their concurrency limit)",
-        ))
 
     def _admit(self, pick: Pick) -> None:
         """Send an attempt on ``pick`` once the limits gate (if any) admits it."""
@@ -267,20 +220,7 @@ class Exchange:
         if not gate.quota_used_up(decision):
             raise gate.refusal(decision)
         # The key's provider quota is used up: keep it out, try another key or backend.
-        wait = max(decision.retry_after or 1.0, 1.0)
-        planner.skip_for_quota(pick, wait)
-        retry = planner.next()
-        if retry is not None:
-            self._admit(retry)
-            return
-        raise Refusal(
-            429,
-            f"the upstream quota of every backend of {planner.provider_names()} is used "
-            "up for now",
-            outcome=Outcome.UPSTREAM_QUOTA,
-            retry_after=max(planner.unavailable_for(), wait),
-            headers=self._gave_up_headers() if self.attempts else (),
-        )
+        self._admit(planner.around_quota(pick, decision.retry_after, self.attempts))
 
     def _send(self, pick: Pick, decision: Decision | None) -> None:
         assert self.planner is not None
@@ -323,7 +263,7 @@ class Exchange:
         self.status = status
         now = self.first_byte_at = self.clock.seconds()
         sink = self.sink = choose_sink(
-            self, attempt, response, objects=self.objects is not None,
+            self, attempt, response, objects=self.objects,
             keepalive=self.runtime.config.stream_keepalive, now=now,
         )
         attempt.receive(response, sink)
@@ -334,21 +274,10 @@ class Exchange:
         pick = self.retry(result)
         if answered:
             attempt.end()
-        if pick is not None:
-            self._admit(pick)
-            return
-        if answered:
-            raise Refusal(502, f"the upstream's answer could not be relayed: its {message}",
-                          outcome=Outcome.UPSTREAM_ERROR)
-        assert self.planner is not None
-        timeout = result == Result.TIMEOUT
-        raise Refusal(
-            504 if timeout else 502,
-            f"upstream failed after {self.attempts} attempt(s); last: {message}",
-            outcome=Outcome.UPSTREAM_TIMEOUT if timeout else Outcome.UPSTREAM_ERROR,
-            retry_after=self.planner.unavailable_for(),
-            headers=self._gave_up_headers() if self.attempts > 1 else (),
-        )
+        if pick is None:
+            assert self.planner is not None
+            raise self.planner.gave_up(result, message, self.attempts, answered)
+        self._admit(pick)
 
     def attempt_body_started(self, attempt: UpstreamAttempt) -> None:
         self.request.registerProducer(attempt.body, True)
@@ -360,56 +289,22 @@ class Exchange:
     # -- what body sinks ask for (relayd.http.bodies.SinkHost) ---------------------------------
 
     def begin_response(self, sink: BodySink, rewritten: tuple[int, bytes] | None = None) -> None:
-        """Send status and headers of the answer being relayed to the client.
-
-        ``rewritten`` is the status and body the client gets instead of the upstream's
-        (a translated or renamed answer): its length replaces the upstream's, and the
-        upstream's encoding no longer applies.
-        """
+        """Send status and headers of the answer being relayed (or of ``rewritten``, the
+        status and body the client gets instead: a translated or renamed answer)."""
         response = self.response
         attempt = self.attempt
         assert response is not None and attempt is not None
-        call = attempt.call
-        request = self.request
-        if rewritten is not None:
-            request.setResponseCode(rewritten[0])
-        else:
-            request.setResponseCode(response.code, response.phrase)
-        out = request.responseHeaders
-        out.removeHeader(b"content-type")
-        own_limits = self.gate.limit_states if self.gate is not None else ()
-        now = self.clock.seconds()
-        copy_response_headers(
-            response.headers, out, now=now,
+        write_answer_head(
+            self.request, response, attempt.call, streaming=sink.streaming,
+            rewritten=rewritten, family=self.family,
+            limit_states=self.gate.limit_states if self.gate is not None else (),
+            retried=self.attempts if self.attempts > 1 else 0,
+            now=self.clock.seconds(),
             max_retry_after=self.runtime.config.failover.max_retry_after,
-            drop_limits=bool(own_limits) or call.translated, translated=call.translated,
-            rewritten=rewritten is not None,
         )
-        if own_limits:
-            for name, value in self.family.rate_limit_headers(own_limits, now):
-                out.setRawHeaders(name, [value])
-        if call.dropped:
-            out.setRawHeaders(b"x-relayd-dropped", [", ".join(call.dropped).encode()])
-        if self.attempts > 1:
-            out.setRawHeaders(b"x-relayd-attempts", [b"%d" % self.attempts])
-            if attempt.backend.provider.is_retryable(response.code):
-                # relayd already retried elsewhere: the SDK retrying through us won't help.
-                out.setRawHeaders(b"x-should-retry", [b"false"])
         if sink.streaming:
-            if call.translated:
-                out.setRawHeaders(b"content-type", [b"text/event-stream; charset=utf-8"])
-            out.setRawHeaders(b"cache-control", [b"no-cache"])
-            out.setRawHeaders(b"x-accel-buffering", [b"no"])
             self.metrics.stream_opened()
             self.stream_open = True
-        elif rewritten is not None:
-            if call.translated:
-                out.setRawHeaders(b"content-type", [b"application/json"])
-            out.setRawHeaders(b"content-length", [b"%d" % len(rewritten[1])])
-        elif response.length is not UNKNOWN_LENGTH:
-            # Agent keeps Content-Length out of response.headers; relay it so the client
-            # gets a length-delimited body rather than chunked encoding.
-            out.setRawHeaders(b"content-length", [b"%d" % response.length])
 
     def upstream_finished(self) -> None:
         self.upstream_done_at = self.clock.seconds()
@@ -428,16 +323,6 @@ class Exchange:
                  request_id=self.request_id, backend=attempt.backend, message=message)
         attempt.stop()
         self._admit(pick)
-
-    def object_answer(self, body: bytes) -> Deferred[bytes] | None:
-        if self.objects is None:
-            return None
-        assert self.backend is not None
-        return self.objects.answer(body, self.backend, self.request)
-
-    def claim_streamed(self, object_id: str) -> None:
-        if self.objects is not None and self.backend is not None:
-            self.objects.claim_streamed(object_id, self.backend)
 
     def cut_off(self) -> None:
         """The answer's headers went but its body broke: drop the connection."""
@@ -461,27 +346,10 @@ class Exchange:
                       request_id=self.request_id, message=refusal.message)
             self.fail_unexpectedly()
             return
-        for name, value in refusal.headers:
-            request.setHeader(name, value)
-        if refusal.retry_after is not None:
-            clamped = min(refusal.retry_after, self.runtime.config.failover.max_retry_after)
-            request.setHeader(b"retry-after", b"%d" % math.ceil(clamped))
-        if status < 500 and status not in _SDK_RETRIED:
-            # A bad key, a forbidden model, an unknown route: asking again will not help,
-            # and clients (Claude Code) otherwise retry a 401 for minutes.
-            request.setHeader(b"x-should-retry", b"false")
-        self._reply(status, self.family.render_error(
-            status, refusal.message, self.request_id, refusal.code
+        self._reply(status, refusal_body(
+            request, refusal, self.family, self.request_id,
+            self.runtime.config.failover.max_retry_after,
         ))
-
-    def _gave_up_headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        """relayd retried already: the SDK retrying through it will not help."""
-        return ((b"x-should-retry", b"false"), (b"x-relayd-attempts", b"%d" % self.attempts))
-
-    def _answer(self, body: Deferred[bytes]) -> None:
-        """Reply 200 with ``body`` once it is there (a refusal if it fails)."""
-        body.addCallback(self._answered)
-        body.addErrback(self.on_unexpected)
 
     def _answered(self, body: bytes) -> None:
         if not self.done:
@@ -489,16 +357,8 @@ class Exchange:
 
     def _reply(self, status: int, body: bytes) -> None:
         self.status = status
-        self._send_json(status, body)
+        send_json(self.request, status, body)
         self._complete()
-
-    def _send_json(self, status: int, body: bytes) -> None:
-        request = self.request
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        request.setHeader(b"content-length", b"%d" % len(body))
-        request.write(body)
-        request.finish()
 
     def finish(self) -> None:
         if not self.done:
@@ -530,7 +390,7 @@ class Exchange:
             return
         self.status = 500
         self._end_early(Result.RELAY_ERROR)
-        self._send_json(500, self.family.render_error(
+        send_json(request, 500, self.family.render_error(
             500, "internal relay error; see the relay log for this request id", self.request_id
         ))
 
@@ -587,35 +447,6 @@ class Exchange:
                 attempt.record(unjudged)
             attempt.end()
             attempt.detach()
-        now = self.clock.seconds()
-        # A client that left before any byte was written got no status at all.
-        status = 499 if self.client_gone and not self.request.startedWriting else self.status
         if self.stream_open:
             self.metrics.stream_closed()
-        model = model_label(self)
-        self._settle(model)
-        report(self, status, model, now)
-
-    def _settle(self, model: str) -> None:
-        """Hand the request's usage and its limit reservations to the state store."""
-        record = None
-        call = self.call
-        backend = self.backend
-        if self.first_sent_at is not None and call is not None and backend is not None:
-            record = UsageRecord(
-                call.client.name, model, backend.provider_name, backend.name, self.usage
-            )
-        gate = self.gate
-        if gate is None:
-            if record is not None:
-                self.runtime.store.settle((), (), record)
-            return
-        outcome = None
-        if self.response is not None and self.status is not None and self.status < 400:
-            sink = self.sink
-            final = (
-                sink.complete if sink is not None and sink.streaming
-                else self.upstream_done_at is not None
-            )
-            outcome = (usage_tokens(self.usage), final)
-        gate.settle(record, outcome, self.attempt)
+        record_exchange(self, self.clock.seconds())

@@ -21,10 +21,13 @@ import fnmatch
 import re
 from collections.abc import Iterable, Sequence
 
+from twisted.web.http import Request
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
 from relayd.health import parse_retry_after
-from relayd.providers import IProvider
+from relayd.http.translation import UpstreamCall
+from relayd.providers import IProvider, LimitState
 
 # Hop-by-hop headers (RFC 9110 7.6.1), never relayed in either direction; the headers
 # named by a request's Connection header are dropped too.
@@ -121,6 +124,63 @@ class RequestHeaderPolicy:
             ):
                 out.setRawHeaders(name, values)
         return out
+
+
+def write_answer_head(
+    request: Request,
+    response: IResponse,
+    call: UpstreamCall,
+    *,
+    streaming: bool,
+    rewritten: tuple[int, bytes] | None,
+    family: IProvider,
+    limit_states: Sequence[LimitState],
+    retried: int,
+    now: float,
+    max_retry_after: float,
+) -> None:
+    """Set the client's status and headers for an upstream answer relayed to it.
+
+    ``rewritten``: the status and body the client gets instead of the upstream's: its
+    length replaces the upstream's. ``limit_states``: the client's own rate-limit
+    standing, in its family's header names. ``retried``: the number of attempts when
+    relayd retried (0 if it did not): a retryable answer then says the SDK should not.
+    """
+    if rewritten is not None:
+        request.setResponseCode(rewritten[0])
+    else:
+        request.setResponseCode(response.code, response.phrase)
+    out = request.responseHeaders
+    out.removeHeader(b"content-type")
+    translated = call.translated
+    copy_response_headers(
+        response.headers, out, now=now, max_retry_after=max_retry_after,
+        drop_limits=bool(limit_states) or translated, translated=translated,
+        rewritten=rewritten is not None,
+    )
+    if limit_states:
+        for name, value in family.rate_limit_headers(limit_states, now):
+            out.setRawHeaders(name, [value])
+    if call.dropped:
+        out.setRawHeaders(b"x-relayd-dropped", [", ".join(call.dropped).encode()])
+    if retried:
+        out.setRawHeaders(b"x-relayd-attempts", [b"%d" % retried])
+        if call.family.is_retryable(response.code):
+            # relayd already retried elsewhere: the SDK retrying through us won't help.
+            out.setRawHeaders(b"x-should-retry", [b"false"])
+    if streaming:
+        if translated:
+            out.setRawHeaders(b"content-type", [b"text/event-stream; charset=utf-8"])
+        out.setRawHeaders(b"cache-control", [b"no-cache"])
+        out.setRawHeaders(b"x-accel-buffering", [b"no"])
+    elif rewritten is not None:
+        if translated:
+            out.setRawHeaders(b"content-type", [b"application/json"])
+        out.setRawHeaders(b"content-length", [b"%d" % len(rewritten[1])])
+    elif response.length is not UNKNOWN_LENGTH:
+        # Agent keeps Content-Length out of response.headers; relay it so the client
+        # gets a length-delimited body rather than chunked encoding.
+        out.setRawHeaders(b"content-length", [b"%d" % response.length])
 
 
 def copy_response_headers(

@@ -50,6 +50,14 @@ def parse_client_call(
     max_body_bytes: int,
 ) -> ClientCall:
     """Authenticate the caller, read its body and find its model; raises :class:`Refusal`."""
+    if request.method not in endpoint.methods:
+        allowed = b", ".join(sorted(endpoint.methods))
+        raise Refusal(
+            405,
+            f"method {printable(request.method)} not allowed on {printable(request.path)}; "
+            f"use {allowed.decode()}",
+            headers=((b"allow", allowed),),
+        )
     call = ClientCall(authenticate(request.requestHeaders, clients),
                       read_body(request, max_body_bytes))
     source = endpoint.model_in

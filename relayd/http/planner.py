@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
-from relayd.errors import Outcome, Refusal
+from relayd.errors import Outcome, Refusal, Result
 from relayd.health import UpstreamKey
 from relayd.http.intake import ClientCall
 from relayd.http.translation import UpstreamCall, prepare_call, serves
@@ -361,8 +361,41 @@ class AttemptPlanner:
             metrics.failover(provider, reason)
         return pick
 
-    def skip_for_quota(self, pick: Pick, wait: float) -> None:
-        """The key's provider quota is used up: keep it out for ``wait`` seconds."""
+    def around_quota(self, pick: Pick, retry_after: float | None, attempts: int) -> Pick:
+        """The next pick after ``pick``'s key was refused for its provider quota (the key
+        is kept out meanwhile); raises the 429 when every key's quota is used up."""
+        wait = max(retry_after or 1.0, 1.0)
         backend = pick.backend
         backend.keys.cool_down(pick.key, wait, "quota")
         self.metrics.quota_skip(backend.provider_name, backend.name)
+        retry = self.next()
+        if retry is not None:
+            return retry
+        raise Refusal(
+            429,
+            f"the upstream quota of every backend of {self.provider_names()} is used up "
+            "for now",
+            outcome=Outcome.UPSTREAM_QUOTA,
+            retry_after=max(self.unavailable_for(), wait),
+            headers=gave_up_headers(attempts) if attempts else (),
+        )
+
+    def gave_up(self, result: str, message: str, attempts: int, answered: bool) -> Refusal:
+        """The answer when the last attempt failed and no retry is left: ``answered``,
+        the upstream answered something that cannot be relayed (its head)."""
+        if answered:
+            return Refusal(502, f"the upstream's answer could not be relayed: its {message}",
+                           outcome=Outcome.UPSTREAM_ERROR)
+        timeout = result == Result.TIMEOUT
+        return Refusal(
+            504 if timeout else 502,
+            f"upstream failed after {attempts} attempt(s); last: {message}",
+            outcome=Outcome.UPSTREAM_TIMEOUT if timeout else Outcome.UPSTREAM_ERROR,
+            retry_after=self.unavailable_for(),
+            headers=gave_up_headers(attempts) if attempts > 1 else (),
+        )
+
+
+def gave_up_headers(attempts: int) -> tuple[tuple[bytes, bytes], ...]:
+    """relayd retried already: the SDK retrying through it will not help."""
+    return ((b"x-should-retry", b"false"), (b"x-relayd-attempts", b"%d" % attempts))

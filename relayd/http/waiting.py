@@ -9,8 +9,10 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
 
 from relayd.errors import Outcome, Refusal
+from relayd.http.planner import AttemptPlanner, Pick
 from relayd.metrics import RelayMetrics
 from relayd.upstream import Backend, QueuedRequest
 
@@ -28,14 +30,16 @@ class WaitingRoom:
 
 
 class SlotWait:
-    """One request's wait for a slot on any of ``blocked``.
+    """One request's wait for a slot on any backend its planner could pick.
 
-    ``on_slot(backend)`` is called when one of them frees a slot; it must then pick (and
-    :meth:`leave`), or :meth:`wait_on` again. ``on_timeout()`` is called once the
-    ``queue_timeout`` is over, after the wait was left.
+    When one of them frees a slot, the planner picks again: a pick goes to ``on_pick``;
+    with none, the wait goes on if backends are still only full, else it ends with a
+    no-backend :class:`Refusal` to ``on_failure``, as does the ``queue_timeout`` (and
+    anything that goes wrong meanwhile: this runs inside another request's release).
     """
 
-    __slots__ = ("_clock", "_metrics", "_queued", "_room")
+    __slots__ = ("_clock", "_metrics", "_on_failure", "_on_pick", "_planner", "_queued",
+                 "_room", "_timeout")
 
     def __init__(
         self,
@@ -43,12 +47,13 @@ class SlotWait:
         config: Config,
         clock: IReactorTime,
         metrics: RelayMetrics,
+        planner: AttemptPlanner,
         blocked: list[Backend],
-        on_slot: Callable[[Backend], None],
-        on_timeout: Callable[[], None],
-        what: str,
+        on_pick: Callable[[Pick], None],
+        on_failure: Callable[[Failure], None],
     ) -> None:
         """Start waiting; raises :class:`Refusal` when the queue is full (or off)."""
+        what = planner.provider_names()
         if room.waiting >= config.max_queued or config.queue_timeout <= 0:
             raise queue_refusal(
                 metrics, "full",
@@ -58,21 +63,41 @@ class SlotWait:
         self._room = room
         self._clock = clock
         self._metrics = metrics
-        queued = self._queued = QueuedRequest(on_slot, clock.seconds())
+        self._planner = planner
+        self._on_pick = on_pick
+        self._on_failure = on_failure
+        self._timeout = config.queue_timeout
+        queued = self._queued = QueuedRequest(self._slot_freed, clock.seconds())
         queued.wait_on(blocked)
-
-        def timed_out() -> None:
-            queued.timer = None
-            self.leave()
-            on_timeout()
-
-        queued.timer = clock.callLater(config.queue_timeout, timed_out)
+        queued.timer = clock.callLater(config.queue_timeout, self._timed_out)
         room.waiting += 1
         metrics.queue_entered()
 
-    def wait_on(self, blocked: list[Backend]) -> None:
-        """Keep waiting, on these backends too."""
-        self._queued.wait_on(blocked)
+    def _slot_freed(self, backend: Backend) -> None:
+        """A backend this request waits for released a slot (called from its release)."""
+        planner = self._planner
+        try:
+            pick = planner.next()
+            if pick is None:
+                blocked = planner.capacity_blocked()
+                if blocked:
+                    self._queued.wait_on(blocked)
+                    return
+            self.leave()
+            if pick is None:
+                raise planner.no_backend()
+            self._on_pick(pick)
+        except Exception:
+            self._on_failure(Failure())
+
+    def _timed_out(self) -> None:
+        self._queued.timer = None
+        self.leave()
+        self._on_failure(Failure(queue_refusal(
+            self._metrics, "timeout",
+            f"no backend of {self._planner.provider_names()} had a free slot within "
+            f"{self._timeout:g}s (all at their concurrency limit)",
+        )))
 
     def leave(self) -> None:
         """Stop waiting (once): picked, refused, timed out or the exchange ended."""

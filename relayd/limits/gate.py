@@ -11,7 +11,7 @@ concurrency leases are released.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -32,6 +32,9 @@ from relayd.limits.store import LimitStore, UsageRecord
 from relayd.metrics import RelayMetrics
 from relayd.providers import IProvider, LimitState
 from relayd.upstream import Backend
+
+if TYPE_CHECKING:
+    from relayd.runtime import Client, RelayRuntime
 
 _NOTHING_USED = (0, True)
 
@@ -69,6 +72,23 @@ class LimitGate:
         self._estimate = 0  # tokens reserved against token limits
         self._tickets: list[tuple[Ticket, object]] = []
         self.limit_states: list[LimitState] = []  # the client's, for its response headers
+
+    @classmethod
+    def for_request(
+        cls,
+        runtime: RelayRuntime,
+        client: Client,
+        payload: dict[str, Any] | None,
+        family: IProvider,
+        clock: IReactorTime,
+        metrics: RelayMetrics,
+        request_id: str,
+    ) -> LimitGate | None:
+        """The gate of a request, or None when no limit applies to it."""
+        if client.policy is None and not runtime.upstream_policies:
+            return None
+        return cls(runtime.store, client.name, client.policy, runtime.upstream_policies,
+                   payload, family=family, clock=clock, metrics=metrics, request_id=request_id)
 
     def admit(self, backend: Backend, key: UpstreamKey, first: bool) -> Deferred[Decision] | None:
         """The store's decision on an attempt on ``backend`` with ``key``; None when no
