@@ -2,11 +2,21 @@
 
 Every object here is frozen. Runtime objects (pools, routers, listeners) are built from a
 snapshot by :mod:`relayd.runtime`; nothing on the request path reads YAML.
+
+This is also the configuration's schema: each field a YAML key sets names, in its
+metadata, the check of its value (see :mod:`relayd.config.schema`), and fields are
+declared in the order their keys are read and their problems reported. Classes whose
+field order follows that rather than what a caller would guess are keyword-only.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from relayd.config import checks
+from relayd.config.addresses import backend_url
+from relayd.config.schema import checked, hooked, nested
+from relayd.config.secrets import BACKEND_KEY_SOURCES, key_digest
 
 # An API family is the name of a provider module registered in relayd.providers.
 ApiFamily = str
@@ -15,6 +25,7 @@ DEFAULT_LISTEN_ADDRESS = "127.0.0.1:8080"
 # The accept backlog of a listener: room for a burst of new connections (the kernel caps
 # it at net.core.somaxconn). Twisted's own default is 50.
 DEFAULT_BACKLOG = 1024
+MAX_BACKLOG = 65535  # the kernel's own limit for a listen() backlog
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 # Output tokens reserved for a request that sets no max_tokens (token limits).
 DEFAULT_RESERVE_OUTPUT_TOKENS = 1024
@@ -22,25 +33,29 @@ DEFAULT_RESERVE_OUTPUT_TOKENS = 1024
 # anthropic-version header sent upstream.
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
+MAX_ATTEMPTS_LIMIT = 10  # failover.max_attempts, the first attempt included
 
 
 @dataclass(frozen=True, slots=True)
 class TlsConfig:
     """PEM files for a TLS-terminating listener (certificate may hold the full chain)."""
 
-    certificate: str
-    private_key: str
+    certificate: str = field(metadata=checked(checks.local_path))
+    private_key: str = field(metadata=checked(checks.local_path))
 
 
 @dataclass(frozen=True, slots=True)
 class ListenerConfig:
     """One TCP listener. ``address`` is the text from the file; ``host``/``port`` parsed."""
 
-    address: str
+    # Read with host and port by a hook: no two listeners may share an address.
+    address: str = field(metadata=hooked())
     host: str
     port: int
-    tls: TlsConfig | None = None
-    backlog: int = DEFAULT_BACKLOG
+    tls: TlsConfig | None = field(default=None, metadata=nested(TlsConfig))
+    backlog: int = field(
+        default=DEFAULT_BACKLOG, metadata=checked(checks.int_between(1, MAX_BACKLOG))
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +68,11 @@ class ConnectionsConfig:
     the end of the body; ``idle_timeout``: a keep-alive connection with no request.
     """
 
-    max: int | None = None
-    per_address: int | None = None
-    head_timeout: float = 20.0
-    body_timeout: float = 120.0
-    idle_timeout: float = 60.0
+    max: int | None = field(default=None, metadata=checked(checks.connection_limit))
+    per_address: int | None = field(default=None, metadata=checked(checks.positive_int))
+    head_timeout: float = field(default=20.0, metadata=checked(checks.positive_number))
+    body_timeout: float = field(default=120.0, metadata=checked(checks.positive_number))
+    idle_timeout: float = field(default=60.0, metadata=checked(checks.positive_number))
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,14 +87,17 @@ class ClientLimitsConfig:
     to the actual usage when the response ends.
     """
 
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    max_concurrent: int | None = None
-    tokens_per_day: int | None = None
-    tokens_per_month: int | None = None
-    reserve_output_tokens: int = DEFAULT_RESERVE_OUTPUT_TOKENS
+    requests_per_minute: int | None = field(default=None, metadata=checked(checks.positive_int))
+    tokens_per_minute: int | None = field(default=None, metadata=checked(checks.positive_int))
+    max_concurrent: int | None = field(default=None, metadata=checked(checks.positive_int))
+    tokens_per_day: int | None = field(default=None, metadata=checked(checks.positive_int))
+    tokens_per_month: int | None = field(default=None, metadata=checked(checks.positive_int))
+    reserve_output_tokens: int = field(
+        default=DEFAULT_RESERVE_OUTPUT_TOKENS, metadata=checked(checks.non_negative_int)
+    )
 
     def any(self) -> bool:
+        """True if any limit is set (a ``limits`` mapping without one means no limits)."""
         return any(
             v is not None
             for v in (
@@ -96,10 +114,14 @@ class ClientLimitsConfig:
 class ClientConfig:
     """A relay client: who may call, identified by the SHA-256 digest of its relay key."""
 
-    name: str
-    key_sha256: bytes  # 32 raw bytes, decoded from the hex in the file
-    models: tuple[str, ...] | None = None  # glob allowlist; None means every model
-    limits: ClientLimitsConfig | None = None
+    name: str = field(metadata=checked(checks.name))  # unique among clients
+    # 32 raw bytes, decoded from the hex in the file; unique among clients.
+    key_sha256: bytes = field(metadata=checked(key_digest))
+    # A glob allowlist; None means every model.
+    models: tuple[str, ...] | None = field(default=None, metadata=checked(checks.globs))
+    limits: ClientLimitsConfig | None = field(
+        default=None, metadata=nested(ClientLimitsConfig, keep=ClientLimitsConfig.any)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,10 +133,10 @@ class TimeoutsConfig:
     ``total``: the whole exchange, body included.
     """
 
-    connect: float = 10.0
-    first_byte: float = 600.0
-    idle: float = 300.0
-    total: float = 3600.0
+    connect: float = field(default=10.0, metadata=checked(checks.positive_number))
+    first_byte: float = field(default=600.0, metadata=checked(checks.positive_number))
+    idle: float = field(default=300.0, metadata=checked(checks.positive_number))
+    total: float = field(default=3600.0, metadata=checked(checks.positive_number))
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +148,8 @@ class PoolConfig:
     after this many idle seconds (keep it below the upstream's own keep-alive timeout).
     """
 
-    max_idle_connections: int = 32
-    idle_timeout: float = 50.0
+    max_idle_connections: int = field(default=32, metadata=checked(checks.positive_int))
+    idle_timeout: float = field(default=50.0, metadata=checked(checks.positive_number))
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,12 +162,14 @@ class HealthCheckConfig:
     healthy again.
     """
 
-    enabled: bool = True
-    path: str | None = None
-    interval: float = 10.0
-    timeout: float = 5.0
-    unhealthy_after: int = 3
-    healthy_after: int = 2
+    enabled: bool = field(default=True, metadata=checked(checks.boolean))
+    path: str | None = field(default=None, metadata=checked(checks.probe_path))
+    interval: float = field(default=10.0, metadata=checked(checks.positive_number))
+    timeout: float = field(
+        default=5.0, metadata=checked(checks.positive_number, at_most="interval")
+    )
+    unhealthy_after: int = field(default=3, metadata=checked(checks.positive_int))
+    healthy_after: int = field(default=2, metadata=checked(checks.positive_int))
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,11 +182,13 @@ class BreakerConfig:
     it, a failed one re-opens it.
     """
 
-    window: int = 20
-    failures: int = 5
-    cooldown: float = 5.0
-    max_cooldown: float = 300.0
-    half_open_requests: int = 1
+    window: int = field(default=20, metadata=checked(checks.positive_int))
+    failures: int = field(default=5, metadata=checked(checks.positive_int, at_most="window"))
+    cooldown: float = field(
+        default=5.0, metadata=checked(checks.positive_number, at_most="max_cooldown")
+    )
+    max_cooldown: float = field(default=300.0, metadata=checked(checks.positive_number))
+    half_open_requests: int = field(default=1, metadata=checked(checks.positive_int))
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,25 +201,32 @@ class FailoverConfig:
     retried. A ``retry-after`` relayd sends to a client is clamped to ``max_retry_after``.
     """
 
-    max_attempts: int = 3
-    retry_budget_ratio: float = 0.2
-    retry_budget_min_per_second: float = 1.0
-    max_replay_bytes: int = 4 * 1024 * 1024
-    max_retry_after: float = 60.0
+    max_attempts: int = field(
+        default=3, metadata=checked(checks.int_between(1, MAX_ATTEMPTS_LIMIT))
+    )
+    retry_budget_ratio: float = field(default=0.2, metadata=checked(checks.fraction))
+    retry_budget_min_per_second: float = field(
+        default=1.0, metadata=checked(checks.non_negative_number)
+    )
+    max_replay_bytes: int = field(
+        default=4 * 1024 * 1024, metadata=checked(checks.non_negative_int)
+    )
+    max_retry_after: float = field(default=60.0, metadata=checked(checks.positive_number))
 
 
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     """The admin listener: /metrics, /healthz, /readyz and /admin/*."""
 
-    address: str
+    # Read with host and port by a hook: no listener may have the same address.
+    address: str = field(metadata=hooked())
     host: str
     port: int
-    token_file: str | None = None
+    token_file: str | None = field(default=None, metadata=hooked())  # read into token
     token: str | None = field(default=None, repr=False)  # read from token_file at load
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UpstreamLimitsConfig:
     """The provider's quota relayd keeps a backend under (rolling 60 seconds).
 
@@ -201,12 +234,16 @@ class UpstreamLimitsConfig:
     per key or organisation; ``per: backend`` shares one quota among the backend's keys.
     """
 
-    requests_per_minute: int | None = None
-    tokens_per_minute: int | None = None
-    per: str = "key"  # "key" | "backend"
+    per: str = field(default="key", metadata=checked(checks.choice("key", "backend")))
+    requests_per_minute: int | None = field(default=None, metadata=checked(checks.positive_int))
+    tokens_per_minute: int | None = field(default=None, metadata=checked(checks.positive_int))
+
+    def any(self) -> bool:
+        """True if a quota is set (a ``limits`` mapping without one means no limits)."""
+        return self.requests_per_minute is not None or self.tokens_per_minute is not None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class StateConfig:
     """Where limits, budgets and usage counters live.
 
@@ -219,23 +256,27 @@ class StateConfig:
     ``closed`` refuses requests that have limits to check.
     """
 
-    store: str = "memory"  # "memory" | "redis"
-    url: str | None = None
+    store: str = field(default="memory", metadata=checked(checks.choice("memory", "redis")))
+    timeout: float = field(default=0.5, metadata=checked(checks.positive_number))
+    key_prefix: str = field(default="relayd", metadata=checked(checks.key_prefix))
+    on_store_failure: str = field(
+        default="open", metadata=checked(checks.choice("open", "closed"))
+    )
+    fallback_instances: int = field(default=1, metadata=checked(checks.positive_int))
+    # The Redis connection, for store: redis only, so read by hooks that know the store;
+    # the url gives host, port, db, username and tls.
+    url: str | None = field(default=None, metadata=hooked())
     host: str = "127.0.0.1"
     port: int = 6379
     db: int = 0
     username: str | None = None
     tls: bool = False
-    ca_file: str | None = None
-    password_file: str | None = None
+    password_file: str | None = field(default=None, metadata=hooked())
     password: str | None = field(default=None, repr=False)  # read from password_file
-    timeout: float = 0.5
-    key_prefix: str = "relayd"
-    on_store_failure: str = "open"  # "open" | "closed"
-    fallback_instances: int = 1
+    ca_file: str | None = field(default=None, metadata=hooked())
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class BackendConfig:
     """One upstream endpoint of a provider (an account, a region, a gateway).
 
@@ -245,29 +286,42 @@ class BackendConfig:
     is available. ``max_concurrent`` caps requests in flight to it (``None``: no cap).
     """
 
-    name: str
-    url: str  # scheme://host[:port][/prefix], no trailing slash
-    api_keys: tuple[str, ...] = field(repr=False, default=())
-    weight: int = 1
-    priority: int = 0
-    max_concurrent: int | None = None
-    pool: PoolConfig = PoolConfig()
-    timeouts: TimeoutsConfig = TimeoutsConfig()  # effective: global < provider < backend
-    health: HealthCheckConfig = HealthCheckConfig()  # effective, merged the same way
-    breaker: BreakerConfig = BreakerConfig()  # effective, merged the same way
-    limits: UpstreamLimitsConfig | None = None
-    # OpenAI account selectors relayd sends with this backend's key (never the client's).
-    organization: str | None = None
-    project: str | None = None
+    name: str = field(metadata=checked(checks.name))  # unique within the provider
+    # scheme://host[:port][/prefix], no trailing slash
+    url: str = field(metadata=checked(backend_url))
+    api_keys: tuple[str, ...] = field(
+        repr=False, default=(), metadata=hooked(*BACKEND_KEY_SOURCES)
+    )
+    weight: int = field(default=1, metadata=checked(checks.positive_int))
+    priority: int = field(default=0, metadata=checked(checks.non_negative_int))
+    max_concurrent: int | None = field(default=None, metadata=checked(checks.positive_int))
+    # The effective settings, merged field by field: top level < provider < backend.
+    timeouts: TimeoutsConfig = field(default=TimeoutsConfig(), metadata=nested(TimeoutsConfig))
+    pool: PoolConfig = field(default=PoolConfig(), metadata=nested(PoolConfig))
+    health: HealthCheckConfig = field(
+        default=HealthCheckConfig(), metadata=nested(HealthCheckConfig)
+    )
+    breaker: BreakerConfig = field(default=BreakerConfig(), metadata=nested(BreakerConfig))
+    # OpenAI account selectors relayd sends with this backend's key (never the client's);
+    # only backends of providers of type openai have them.
+    organization: str | None = field(default=None, metadata=checked(checks.header_value))
+    project: str | None = field(default=None, metadata=checked(checks.header_value))
+    limits: UpstreamLimitsConfig | None = field(
+        default=None, metadata=nested(UpstreamLimitsConfig, keep=UpstreamLimitsConfig.any)
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
     """A named group of backends speaking one upstream API (``type``)."""
 
-    name: str
-    type: ApiFamily
-    backends: tuple[BackendConfig, ...]
+    name: str = field(metadata=checked(checks.name))  # unique among providers
+    type: ApiFamily = field(metadata=checked(checks.api_family))
+    # Read by a hook from ``backends``, each over this provider's timeouts, pool, health
+    # and breaker (merged over the top level's).
+    backends: tuple[BackendConfig, ...] = field(
+        metadata=hooked("timeouts", "pool", "health", "breaker", "backends")
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,12 +332,12 @@ class RouteTargetConfig:
     still sees the name it asked for. ``weight`` matters only with ``strategy: weighted``.
     """
 
-    provider: str
-    model: str | None = None
-    weight: int = 1
+    provider: str = field(metadata=checked(checks.string))  # a provider of the file
+    model: str | None = field(default=None, metadata=checked(checks.string))
+    weight: int = field(default=1, metadata=checked(checks.positive_int))
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
     """Requests arriving on ``api`` whose model matches ``models`` (globs) go to ``targets``.
 
@@ -294,43 +348,58 @@ class RouteConfig:
     ``default_max_tokens`` and ``anthropic_version`` governing it.
     """
 
-    api: ApiFamily
-    targets: tuple[RouteTargetConfig, ...]
-    models: tuple[str, ...] | None = None  # None matches every model (and model-less calls)
-    strategy: str = "ordered"  # "ordered" | "weighted"
-    strict: bool = False
-    default_max_tokens: int = DEFAULT_MAX_TOKENS
-    anthropic_version: str = DEFAULT_ANTHROPIC_VERSION
+    api: ApiFamily = field(metadata=checked(checks.api_family))
+    # None matches every model (and model-less calls).
+    models: tuple[str, ...] | None = field(default=None, metadata=checked(checks.globs))
+    strategy: str = field(
+        default="ordered", metadata=checked(checks.choice("ordered", "weighted"))
+    )
+    # From ``targets``, or ``provider: NAME``, short for ``targets: [{provider: NAME}]``.
+    targets: tuple[RouteTargetConfig, ...] = field(metadata=hooked("provider", "targets"))
+    strict: bool = field(default=False, metadata=checked(checks.boolean))
+    default_max_tokens: int = field(
+        default=DEFAULT_MAX_TOKENS, metadata=checked(checks.positive_int)
+    )
+    anthropic_version: str = field(
+        default=DEFAULT_ANTHROPIC_VERSION, metadata=checked(checks.anthropic_version)
+    )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """A whole validated configuration file."""
 
-    listen: tuple[ListenerConfig, ...]
-    clients: tuple[ClientConfig, ...] = ()
-    providers: tuple[ProviderConfig, ...] = ()
-    routes: tuple[RouteConfig, ...] = ()
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    timeouts: TimeoutsConfig = TimeoutsConfig()
-    pool: PoolConfig = PoolConfig()
-    health: HealthCheckConfig = HealthCheckConfig()
-    breaker: BreakerConfig = BreakerConfig()
-    failover: FailoverConfig = FailoverConfig()
-    admin: AdminConfig | None = None
-    state: StateConfig = StateConfig()
-    shutdown_timeout: float = 30.0
+    listen: tuple[ListenerConfig, ...] = field(metadata=hooked())  # default: one listener
+    admin: AdminConfig | None = field(default=None, metadata=hooked())  # after listen
+    max_body_bytes: int = field(
+        default=DEFAULT_MAX_BODY_BYTES, metadata=checked(checks.positive_int)
+    )
+    shutdown_timeout: float = field(default=30.0, metadata=checked(checks.positive_number))
     # A request that finds every backend it may use at its max_concurrent waits up to
     # queue_timeout seconds for a free slot; at most max_queued requests wait at once.
-    queue_timeout: float = 30.0
-    max_queued: int = 1000
-    # During upstream silence on an SSE answer, an SSE comment every this many seconds
-    # keeps proxies in front from closing the connection as idle; 0 turns it off.
-    stream_keepalive: float = 15.0
+    queue_timeout: float = field(default=30.0, metadata=checked(checks.non_negative_number))
+    max_queued: int = field(default=1000, metadata=checked(checks.non_negative_int))
+    connections: ConnectionsConfig = field(
+        default=ConnectionsConfig(), metadata=nested(ConnectionsConfig)
+    )
     # A client's end-of-file while its request is served: "cancel" (it is gone) or
     # "answer" (a half-close: answer, then close). See relayd.http.channel.
-    half_close: str = "cancel"
-    connections: ConnectionsConfig = ConnectionsConfig()
+    half_close: str = field(default="cancel", metadata=checked(checks.choice("cancel", "answer")))
     # Client headers forwarded upstream besides each API's allow list (names or globs).
-    forward_headers: tuple[str, ...] = ()
+    forward_headers: tuple[str, ...] = field(default=(), metadata=checked(checks.header_globs))
+    # During upstream silence on an SSE answer, an SSE comment every this many seconds
+    # keeps proxies in front from closing the connection as idle; 0 turns it off.
+    stream_keepalive: float = field(default=15.0, metadata=checked(checks.non_negative_number))
+    # The top level of the settings providers and backends inherit.
+    timeouts: TimeoutsConfig = field(default=TimeoutsConfig(), metadata=nested(TimeoutsConfig))
+    pool: PoolConfig = field(default=PoolConfig(), metadata=nested(PoolConfig))
+    health: HealthCheckConfig = field(
+        default=HealthCheckConfig(), metadata=nested(HealthCheckConfig)
+    )
+    breaker: BreakerConfig = field(default=BreakerConfig(), metadata=nested(BreakerConfig))
+    failover: FailoverConfig = field(default=FailoverConfig(), metadata=nested(FailoverConfig))
+    state: StateConfig = field(default=StateConfig(), metadata=hooked())
+    clients: tuple[ClientConfig, ...] = field(default=(), metadata=hooked())
+    providers: tuple[ProviderConfig, ...] = field(default=(), metadata=hooked())
+    routes: tuple[RouteConfig, ...] = field(default=(), metadata=hooked())  # after providers
     source: str = "<defaults>"
