@@ -16,12 +16,12 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.web.iweb import IAgent
 
 from relayd.config.model import BackendConfig, Config
-from relayd.health import RetryBudget
 from relayd.http.headers import RequestHeaderPolicy
 from relayd.labels import ModelLabels
 from relayd.limits import LimitStore, StoreEvent, build_store
 from relayd.limits.policy import ClientPolicy, UpstreamPolicy
 from relayd.providers import PROVIDERS
+from relayd.retry_budget import RetryBudget
 from relayd.routing import (
     ModelMatcher,
     ProviderRoute,

@@ -35,7 +35,6 @@ from twisted.web.server import NOT_DONE_YET
 
 from relayd import jsonbody
 from relayd.config.model import DEFAULT_RESERVE_OUTPUT_TOKENS
-from relayd.health import REJECTIONS_TO_BENCH, UpstreamKey, parse_retry_after
 from relayd.http.body import BoundedBody
 from relayd.http.collected import BadEncodingError, BodyTooLargeError, CollectedBody
 from relayd.http.headers import DROP_RESPONSE_HEADERS
@@ -53,6 +52,7 @@ from relayd.http.translation import (
     prepare_call,
     serves,
 )
+from relayd.keyring import REJECTIONS_TO_BENCH, UpstreamKey
 from relayd.limits import ObjectRecord, UsageRecord
 from relayd.limits.checks import (
     Decision,
@@ -80,6 +80,7 @@ from relayd.providers import (
 )
 from relayd.providers.anthropic import BATCH
 from relayd.providers.base import model_entries
+from relayd.retry_after import parse_retry_after
 from relayd.routing import ProviderRoute, Route, RouteTarget, providers_of
 from relayd.runtime import Client, RelayRuntime
 from relayd.sse import SseTooLargeError
