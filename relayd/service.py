@@ -13,7 +13,10 @@ Requests already in progress keep the runtime they started with. Reloads are
 serialised; SIGHUPs that arrive during one are coalesced into a single follow-up.
 
 Shutdown (SIGTERM): stop accepting, let in-flight requests and streams finish for up to
-``shutdown_timeout`` seconds, abort what is left, and exit 0.
+``shutdown_timeout`` seconds, abort what is left, and exit 0. Under twistd relayd handles
+SIGTERM itself (stopping the reactor, which runs the drain): the reactor's own handler
+would also record the signal, and twistd would then re-raise it once the drain is done,
+so the process would die of the signal it had answered.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -188,6 +192,9 @@ class RelayService(MultiService):
             backend.start_health_checks(self._health_changed)
         if self.install_signal_handlers:
             signal.signal(signal.SIGHUP, self._on_sighup)
+            # The reactor installs its own SIGTERM handler as it starts, before it calls
+            # what callWhenRunning was given: relayd's replaces it then.
+            self.reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._on_sigterm)
         config = self.runtime.config
         log.info(
             "relayd started: {clients} clients, {providers} providers, {routes} routes from {src}",
@@ -196,8 +203,8 @@ class RelayService(MultiService):
             routes=len(config.routes),
             src=config.source,
         )
-        # READY=1 once the reactor runs: by then twistd's SIGTERM handler is installed,
-        # so a stop that follows READY always drains.
+        # READY=1 once the reactor runs: by then the SIGTERM handler is installed, so a
+        # stop that follows READY always drains.
         self.reactor.callWhenRunning(self.notifier.ready)
 
     def _health_changed(self, backend: Backend, healthy: bool) -> None:
@@ -214,6 +221,19 @@ class RelayService(MultiService):
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.request_reload)
+
+    # -- SIGTERM --------------------------------------------------------------------------------
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        """Stop the reactor: its shutdown runs :meth:`stopService`, the drain."""
+        log.info("received SIGTERM, shutting down")
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass  # a SIGTERM during the drain: it is already under way
 
     def request_reload(self) -> None:
         """Reload the config file; coalesces requests that arrive during a reload."""
@@ -365,9 +385,6 @@ class RelayService(MultiService):
         def finished(_: object) -> Deferred[Any]:
             if timer.active():
                 timer.cancel()
-            # The drain handled SIGTERM: exit 0 rather than have twistd re-raise it.
-            if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
-                self.reactor._exitSignal = None
             closing: list[Deferred[Any] | None] = list(stopping)
             if self.admin_port is not None:
                 closing.append(self.admin_port.stopListening())
