@@ -10,7 +10,7 @@ budget) is decided beforehand by :mod:`relayd.runtime_diff`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -31,7 +31,7 @@ from relayd.routing import (
     RouteTarget,
     WeightedBalancer,
 )
-from relayd.runtime_diff import RuntimeChange
+from relayd.runtime_diff import BackendKey, RuntimeChange
 from relayd.upstream import Backend
 
 AgentFactory = Callable[[BackendConfig], IAgent]
@@ -78,11 +78,21 @@ class RelayRuntime:
             raise ValueError("the runtime change was planned for another configuration")
         self.config = config
         self.max_body_bytes = config.max_body_bytes
+        # What can fail comes first (a new store, new backends and their agents), so a
+        # failure leaves everything the change carries as it was.
+        carried_store = carry.store if carry is not None else None
         self.store: LimitStore = (
-            carry.store
-            if carry is not None and carry.store is not None
+            carried_store
+            if carried_store is not None
             else build_store(config.state, reactor, on_store_event)
         )
+        kept = carry.kept if carry is not None else {}
+        try:
+            built = self._new_backends(config, reactor, agent_factory, kept)
+        except Exception:
+            if carried_store is None:
+                self.store.close()
+            raise
         prefix = config.state.key_prefix
         lease_ttl = self._lease_ttl(config)
         self.clients: dict[bytes, Client] = {
@@ -104,25 +114,17 @@ class RelayRuntime:
             self.retry_budget = RetryBudget(
                 failover.retry_budget_ratio, failover.retry_budget_min_per_second, reactor
             )
-        kept = carry.kept if carry is not None else {}
         self.backends: list[Backend] = []
         self.providers: dict[str, ProviderRoute] = {}
         self.upstream_policies: dict[Backend, UpstreamPolicy] = {}
         for provider_config in config.providers:
-            family = PROVIDERS[provider_config.type]
             backends = []
             for backend_config in provider_config.backends:
-                backend = kept.get((provider_config.name, backend_config.name))
-                if backend is not None:
+                key = (provider_config.name, backend_config.name)
+                backend = built.get(key)
+                if backend is None:
+                    backend = kept[key]
                     backend.reconfigure(backend_config)
-                else:
-                    backend = Backend(
-                        backend_config,
-                        family,
-                        provider_config.name,
-                        reactor,
-                        agent=agent_factory(backend_config) if agent_factory else None,
-                    )
                 backends.append(backend)
                 if backend_config.limits is not None:
                     self.upstream_policies[backend] = UpstreamPolicy(
@@ -165,6 +167,29 @@ class RelayRuntime:
                 for index, r in enumerate(config.routes)
             ]
         )
+
+    @staticmethod
+    def _new_backends(
+        config: Config,
+        reactor: Any,
+        agent_factory: AgentFactory | None,
+        kept: Mapping[BackendKey, Backend],
+    ) -> dict[BackendKey, Backend]:
+        """The backends of ``config`` not in ``kept``, built anew."""
+        built: dict[BackendKey, Backend] = {}
+        for provider_config in config.providers:
+            family = PROVIDERS[provider_config.type]
+            for backend_config in provider_config.backends:
+                key = (provider_config.name, backend_config.name)
+                if key not in kept and key not in built:
+                    built[key] = Backend(
+                        backend_config,
+                        family,
+                        provider_config.name,
+                        reactor,
+                        agent=agent_factory(backend_config) if agent_factory else None,
+                    )
+        return built
 
     def backend(self, provider: str, name: str) -> tuple[ProviderRoute, Backend] | None:
         """The provider and backend of these names in this configuration, if any."""
