@@ -1,22 +1,18 @@
-"""Backend health: passive circuit breakers, active probes, upstream keys, retry budget.
+"""Backend health: passive circuit breakers and active probes.
 
 Everything here is bookkeeping driven by an injected clock (``IReactorTime``), never the
 global reactor, so tests can drive time with :class:`twisted.internet.task.Clock`.
 
-The request path calls :meth:`CircuitBreaker.allow_request`, the ``record_*`` methods,
-:meth:`KeyRing.choose` and the :class:`RetryBudget` methods once or a few times per
-request: they are O(1) (O(number of keys) at worst for the key ring), allocate nothing
-and never log. Only :class:`HealthChecker` does I/O, through the ``probe`` callable it is
-given.
+The request path calls :meth:`CircuitBreaker.allow_request` and the ``record_*`` methods
+once or a few times per request: they are O(1), allocate nothing and never log. Only
+:class:`HealthChecker` does I/O, through the ``probe`` callable it is given. A backend's
+upstream keys are in :mod:`relayd.keyring`, the retry budget in
+:mod:`relayd.retry_budget`.
 """
 
 from __future__ import annotations
 
-import math
-import re
-from collections.abc import Callable, Sequence
-from datetime import UTC
-from email.utils import parsedate_to_datetime
+from collections.abc import Callable
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -24,6 +20,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from relayd.backoff import doubled
 from relayd.config.model import BreakerConfig, HealthCheckConfig
 
 __all__ = [
@@ -33,10 +30,6 @@ __all__ = [
     "ActiveHealth",
     "CircuitBreaker",
     "HealthChecker",
-    "KeyRing",
-    "RetryBudget",
-    "UpstreamKey",
-    "parse_retry_after",
 ]
 
 _log = Logger(namespace="relayd.health")
@@ -44,15 +37,6 @@ _log = Logger(namespace="relayd.health")
 CLOSED = "closed"
 OPEN = "open"
 HALF_OPEN = "half_open"
-
-# 2.0 ** 60 times any sane cooldown is far beyond any cap; bounding the exponent keeps
-# the float arithmetic finite however many times a breaker or a key re-opens.
-_MAX_EXPONENT = 60
-
-
-def _doubled(base: float, n: int, cap: float) -> float:
-    """``base * 2**(n-1)`` capped at ``cap``, for ``n >= 1``."""
-    return min(base * 2.0 ** min(max(n - 1, 0), _MAX_EXPONENT), cap)
 
 
 class CircuitBreaker:
@@ -217,7 +201,7 @@ class CircuitBreaker:
 
     def _open(self) -> None:
         self.consecutive_opens += 1
-        cooldown = _doubled(
+        cooldown = doubled(
             self._config.cooldown, self.consecutive_opens, self._config.max_cooldown
         )
         self._opened_until = self._clock.seconds() + cooldown
@@ -476,284 +460,3 @@ def _describe(failure: Failure) -> str:
     message = failure.getErrorMessage()
     name = failure.type.__name__ if failure.type is not None else "error"
     return f"{name}: {message}" if message else name
-
-
-class UpstreamKey:
-    """One upstream API key of a backend, with its cooldown state.
-
-    ``index`` (its position in the backend's key list) names it in logs and metrics; the
-    secret itself never appears in ``repr``.
-    """
-
-    __slots__ = (
-        "_auth_failures",
-        "_reject_streak",
-        "auth_headers",
-        "cooldown_reason",
-        "cooldown_until",
-        "index",
-        "rejections",
-        "secret",
-    )
-
-    def __init__(self, index: int, secret: str, auth_headers: list[tuple[bytes, bytes]]) -> None:
-        self.index = index
-        self.secret = secret
-        self.auth_headers = auth_headers
-        self.cooldown_until = 0.0
-        self.cooldown_reason: str | None = None  # "rate_limited" | "rejected" | None
-        self.rejections = 0  # every 401 ever reported for this key
-        self._reject_streak = 0  # rejection cooldowns since the last success
-        self._auth_failures = 0  # 401s in a row since the last success or bench
-
-    def __repr__(self) -> str:
-        return (
-            f"<UpstreamKey #{self.index} cooldown_until={self.cooldown_until}"
-            f" reason={self.cooldown_reason} rejections={self.rejections}>"
-        )
-
-
-# A rejected key's cooldown doubles per consecutive rejection up to this many seconds.
-MAX_REJECT_COOLDOWN = 3600.0
-# 401s in a row (no success between) that bench a key: one can be a fluke of a single
-# request; a key the upstream no longer accepts fails every request.
-REJECTIONS_TO_BENCH = 2
-
-
-class KeyRing:
-    """Round-robin over a backend's upstream keys, skipping keys in cooldown.
-
-    A 429 cools a key down for the upstream's ``retry-after`` (:meth:`cool_down`); a
-    401/403 for longer, doubling while the key keeps being rejected (:meth:`reject`).
-    A key whose cooldown has ended is usable again without any call; its
-    ``cooldown_reason`` is cleared when it is next chosen.
-    """
-
-    __slots__ = ("_clock", "_next", "keys")
-
-    def __init__(
-        self, keys: Sequence[tuple[str, list[tuple[bytes, bytes]]]], clock: IReactorTime
-    ) -> None:
-        self._clock = clock
-        self._next = 0
-        self.keys: tuple[UpstreamKey, ...] = tuple(
-            UpstreamKey(i, secret, headers) for i, (secret, headers) in enumerate(keys)
-        )
-
-    def choose(self) -> UpstreamKey | None:
-        """The next usable key in round-robin order, or None when every key is cooling down."""
-        keys = self.keys
-        n = len(keys)
-        if n == 0:
-            return None
-        now = self._clock.seconds()
-        start = self._next
-        for step in range(n):
-            i = start + step
-            if i >= n:
-                i -= n
-            key = keys[i]
-            if key.cooldown_until <= now:
-                if key.cooldown_reason is not None:
-                    key.cooldown_reason = None
-                    key.cooldown_until = 0.0
-                self._next = 0 if i + 1 == n else i + 1
-                return key
-        return None
-
-    def available(self) -> bool:
-        """Whether some key is usable now (no side effects, no rotation)."""
-        now = self._clock.seconds()
-        return any(key.cooldown_until <= now for key in self.keys)
-
-    def cool_down(self, key: UpstreamKey, seconds: float, reason: str) -> None:
-        """Keep ``key`` out for ``seconds`` (never shortening a longer cooldown)."""
-        until = self._clock.seconds() + seconds
-        if until >= key.cooldown_until:
-            key.cooldown_until = until
-            key.cooldown_reason = reason
-
-    def reject(self, key: UpstreamKey, seconds: float = 300.0) -> None:
-        """The upstream refused ``key`` (401/403): cool it down, doubling per repeat.
-
-        Rejections of requests sent before the key's current rejection cooldown began
-        (concurrent requests with the same key) count in ``rejections`` but do not double
-        the cooldown again; :meth:`record_success` ends the streak.
-        """
-        key.rejections += 1
-        now = self._clock.seconds()
-        if key.cooldown_reason == "rejected" and key.cooldown_until > now:
-            return
-        key._reject_streak += 1
-        self.cool_down(key, _doubled(seconds, key._reject_streak, MAX_REJECT_COOLDOWN), "rejected")
-        key.cooldown_reason = "rejected"
-
-    def authentication_failed(self, key: UpstreamKey) -> bool:
-        """The upstream answered 401 (authentication) for ``key``: bench it once that
-        happened :data:`REJECTIONS_TO_BENCH` times in a row; True when benched now.
-
-        A 403 is not reported here: a permission error is about the request (a model, a
-        beta feature the account may not use), and benching the shared key for it would
-        refuse every other client too.
-        """
-        key._auth_failures += 1
-        if key._auth_failures < REJECTIONS_TO_BENCH:
-            key.rejections += 1
-            return False
-        key._auth_failures = 0
-        self.reject(key)
-        return True
-
-    def record_success(self, key: UpstreamKey) -> None:
-        """The upstream accepted ``key``: the next rejection starts from the base cooldown."""
-        key._auth_failures = 0
-        if key._reject_streak:
-            key._reject_streak = 0
-
-    def next_available_at(self) -> float | None:
-        """The earliest cooldown end when no key is usable now, else None."""
-        if not self.keys or self.available():
-            return None
-        return min(key.cooldown_until for key in self.keys)
-
-    def reconfigure(self, keys: Sequence[tuple[str, list[tuple[bytes, bytes]]]]) -> None:
-        """Replace the key list, keeping the cooldown state of keys whose secret is unchanged.
-
-        Matching is by secret: a key that moved in the list keeps its state (under its new
-        index and the new auth headers); new keys start fresh.
-        """
-        old = {key.secret: key for key in self.keys}
-        fresh: list[UpstreamKey] = []
-        for i, (secret, headers) in enumerate(keys):
-            key = UpstreamKey(i, secret, headers)
-            prev = old.get(secret)
-            if prev is not None:
-                key.cooldown_until = prev.cooldown_until
-                key.cooldown_reason = prev.cooldown_reason
-                key.rejections = prev.rejections
-                key._reject_streak = prev._reject_streak
-                key._auth_failures = prev._auth_failures
-            fresh.append(key)
-        self.keys = tuple(fresh)
-        if self._next >= len(self.keys):
-            self._next = 0
-
-    def __repr__(self) -> str:
-        return f"<KeyRing {len(self.keys)} keys: {list(self.keys)!r}>"
-
-
-_BUCKETS = 10  # one per second: the budget looks at the last 10 seconds
-
-
-class RetryBudget:
-    """Caps retries at ``ratio`` x requests (+ a floor) over a sliding 10-second window.
-
-    Counts live in 10 one-second buckets (a ring, with running sums), so recording and
-    checking are O(1); a bucket is emptied when the second it stands for leaves the
-    window. The floor of ``min_per_second`` x 10 retries lets a quiet relay retry at all.
-    """
-
-    __slots__ = (
-        "_clock",
-        "_requests",
-        "_requests_sum",
-        "_retries",
-        "_retries_sum",
-        "_second",
-        "min_per_second",
-        "ratio",
-        "refused",
-    )
-
-    def __init__(self, ratio: float, min_per_second: float, clock: IReactorTime) -> None:
-        self._clock = clock
-        self.ratio = ratio
-        self.min_per_second = min_per_second
-        self._requests = [0] * _BUCKETS
-        self._retries = [0] * _BUCKETS
-        self._second = math.floor(clock.seconds())  # the second the newest bucket holds
-        self._requests_sum = 0
-        self._retries_sum = 0
-        self.refused = 0  # retries refused since start
-
-    @property
-    def requests_in_window(self) -> int:
-        """Client requests recorded in the last 10 seconds."""
-        self._advance()
-        return self._requests_sum
-
-    @property
-    def retries_in_window(self) -> int:
-        """Retries granted in the last 10 seconds."""
-        self._advance()
-        return self._retries_sum
-
-    def record_request(self) -> None:
-        """Count one client request (not one per attempt)."""
-        self._requests[self._advance()] += 1
-        self._requests_sum += 1
-
-    def try_acquire_retry(self) -> bool:
-        """Grant (and count) one retry if the budget allows it, else count a refusal."""
-        slot = self._advance()
-        allowed = self.ratio * self._requests_sum + self.min_per_second * _BUCKETS
-        if self._retries_sum + 1 <= allowed:
-            self._retries[slot] += 1
-            self._retries_sum += 1
-            return True
-        self.refused += 1
-        return False
-
-    def reconfigure(self, ratio: float, min_per_second: float) -> None:
-        """New ratio and floor; the counts already in the window are kept."""
-        self.ratio = ratio
-        self.min_per_second = min_per_second
-
-    def _advance(self) -> int:
-        """Drop the buckets of seconds that left the window; the current bucket's index."""
-        second = math.floor(self._clock.seconds())
-        last = self._second
-        if second > last:
-            if second - last >= _BUCKETS:
-                for i in range(_BUCKETS):
-                    self._requests[i] = self._retries[i] = 0
-                self._requests_sum = self._retries_sum = 0
-            else:
-                for s in range(last + 1, second + 1):
-                    i = s % _BUCKETS
-                    self._requests_sum -= self._requests[i]
-                    self._retries_sum -= self._retries[i]
-                    self._requests[i] = self._retries[i] = 0
-            self._second = second
-        # A clock that steps back keeps counting in the newest bucket.
-        return self._second % _BUCKETS
-
-
-_DELTA_SECONDS = re.compile(r"\d+(?:\.\d+)?")
-
-
-def parse_retry_after(headers_value: bytes | None, now: float) -> float | None:
-    """Seconds to wait from a ``retry-after`` value, or None when absent or unusable.
-
-    Accepts delta-seconds (digits, with a decimal fraction tolerated: some upstreams send
-    ``1.5``) and an HTTP-date, taken relative to ``now`` (a Unix time). Negative values,
-    dates already past and anything unparsable give None, so the caller falls back to
-    its own default rather than retrying at once.
-    """
-    if headers_value is None:
-        return None
-    try:
-        text = headers_value.decode("ascii").strip()
-    except UnicodeDecodeError:
-        return None
-    if _DELTA_SECONDS.fullmatch(text):
-        seconds = float(text)
-        return seconds if math.isfinite(seconds) else None
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    delta = when.timestamp() - now
-    return delta if delta >= 0 else None

@@ -18,9 +18,9 @@ the differences a relay needs:
 * Counters (connections opened, reused, requests retried on a fresh connection) and the
   idle count, read by the metrics without touching private attributes.
 
-This module is the one place relayd depends on ``twisted.web._newclient`` (the client
-protocol, its ``state`` and the exceptions it raises). ``tests/unit/test_pool.py``
-exercises it against the installed Twisted.
+The client protocol and the failures it raises are twisted.web's private ones, reached
+only through :mod:`relayd.client_protocol`. ``tests/unit/test_pool.py`` exercises the
+pool against the installed Twisted.
 """
 
 from __future__ import annotations
@@ -32,18 +32,17 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults, succ
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
-from twisted.web._newclient import (
-    HEADER,
-    STATUS,
-    HTTP11ClientProtocol,
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
+
+from relayd.client_protocol import (
+    ClientProtocol,
     Request,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
     ResponseNeverReceived,
 )
-from twisted.web.iweb import IBodyProducer, IResponse
-from zope.interface import implementer
 
 #: An upstream answer's status line and headers must fit in this many bytes, else the
 #: connection is dropped as a failed response (the parser would keep header lines in
@@ -99,7 +98,7 @@ def head_too_large(failure: Failure) -> bool:
     return any(r.check(ResponseHeadTooLargeError) for r in reasons)
 
 
-class _PooledProtocol(HTTP11ClientProtocol):
+class _PooledProtocol(ClientProtocol):
     """The client protocol of one pooled connection: tells the pool when it goes idle
     (quiescent) and when its connection is lost, and bounds the answer's head."""
 
@@ -114,15 +113,14 @@ class _PooledProtocol(HTTP11ClientProtocol):
         return super().request(request)
 
     def dataReceived(self, data: bytes) -> None:
-        parser = self._parser
-        if parser is not None and parser.state in (STATUS, HEADER):
+        if self.receiving_head():
             self._head_bytes += len(data)
             if self._head_bytes > MAX_RESPONSE_HEAD:
-                self._giveUp(Failure(ResponseHeadTooLargeError(MAX_RESPONSE_HEAD)))
+                self.fail_response(Failure(ResponseHeadTooLargeError(MAX_RESPONSE_HEAD)))
                 return
         super().dataReceived(data)
 
-    def _quiescent(self, protocol: HTTP11ClientProtocol) -> None:
+    def _quiescent(self, protocol: ClientProtocol) -> None:
         self._pool._put(self._key, self)
 
     def connectionLost(self, reason: Failure) -> None:  # type: ignore[override]

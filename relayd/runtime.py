@@ -3,25 +3,26 @@
 A :class:`RelayRuntime` is what the request path reads: client lookup by key digest,
 the router, the providers' balancers and backends, the retry budget. It is built once
 per configuration; a request keeps the runtime it started with until it ends. A reload
-builds the next runtime beside the current one, reusing the backends (pools, breakers,
-health, key cooldowns) and the retry budget of the previous one where they still fit.
+builds the next runtime beside the current one; what it takes over from the running one
+(backends with their pools, breakers, health and key cooldowns, the store, the retry
+budget) is decided beforehand by :mod:`relayd.runtime_diff`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.web.iweb import IAgent
 
 from relayd.config.model import BackendConfig, Config
-from relayd.health import RetryBudget
 from relayd.http.headers import RequestHeaderPolicy
 from relayd.labels import ModelLabels
 from relayd.limits import LimitStore, StoreEvent, build_store
 from relayd.limits.policy import ClientPolicy, UpstreamPolicy
 from relayd.providers import PROVIDERS
+from relayd.retry_budget import RetryBudget
 from relayd.routing import (
     ModelMatcher,
     ProviderRoute,
@@ -30,6 +31,7 @@ from relayd.routing import (
     RouteTarget,
     WeightedBalancer,
 )
+from relayd.runtime_diff import BackendKey, RuntimeChange
 from relayd.upstream import Backend
 
 AgentFactory = Callable[[BackendConfig], IAgent]
@@ -55,10 +57,13 @@ class Client:
 class RelayRuntime:
     """Everything the request path needs, built from one configuration snapshot.
 
-    ``retired`` lists the backends of ``previous`` that this runtime does not use: the
-    caller retires them once it has switched to this runtime. The state store is kept
-    from ``previous`` while the ``state`` section is unchanged (counters and usage live
-    on); otherwise ``retired_store`` is the previous one, for the caller to close.
+    This is the one place that turns configuration into runtime objects. Built on its
+    own (at start) everything is new. Built for a reload, it is given the
+    :class:`~relayd.runtime_diff.RuntimeChange` that :func:`~relayd.runtime_diff.plan_reload`
+    worked out for ``config``: it then takes over the backends, store, retry budget and
+    learned model names the change carries, applies the new settings to them, and builds
+    the rest. Retiring what the change leaves behind is the caller's, once it has
+    switched to this runtime.
     """
 
     def __init__(
@@ -66,19 +71,28 @@ class RelayRuntime:
         config: Config,
         reactor: Any,
         agent_factory: AgentFactory | None = None,
-        previous: RelayRuntime | None = None,
         on_store_event: StoreEvent | None = None,
+        carry: RuntimeChange | None = None,
     ) -> None:
+        if carry is not None and carry.config is not config:
+            raise ValueError("the runtime change was planned for another configuration")
         self.config = config
         self.max_body_bytes = config.max_body_bytes
-        self.retired_store: LimitStore | None = None
-        self.store: LimitStore
-        if previous is not None and previous.config.state == config.state:
-            self.store = previous.store
-        else:
-            self.store = build_store(config.state, reactor, on_store_event)
-            if previous is not None:
-                self.retired_store = previous.store
+        # What can fail comes first (a new store, new backends and their agents), so a
+        # failure leaves everything the change carries as it was.
+        carried_store = carry.store if carry is not None else None
+        self.store: LimitStore = (
+            carried_store
+            if carried_store is not None
+            else build_store(config.state, reactor, on_store_event)
+        )
+        kept = carry.kept if carry is not None else {}
+        try:
+            built = self._new_backends(config, reactor, agent_factory, kept)
+        except Exception:
+            if carried_store is None:
+                self.store.close()
+            raise
         prefix = config.state.key_prefix
         lease_ttl = self._lease_ttl(config)
         self.clients: dict[bytes, Client] = {
@@ -91,8 +105,8 @@ class RelayRuntime:
         }
         failover = config.failover
         self.retry_budget: RetryBudget
-        if previous is not None:
-            self.retry_budget = previous.retry_budget
+        if carry is not None:
+            self.retry_budget = carry.retry_budget
             self.retry_budget.reconfigure(
                 failover.retry_budget_ratio, failover.retry_budget_min_per_second
             )
@@ -100,34 +114,17 @@ class RelayRuntime:
             self.retry_budget = RetryBudget(
                 failover.retry_budget_ratio, failover.retry_budget_min_per_second, reactor
             )
-        reusable = {(b.provider_name, b.name): b for b in previous.backends} if previous else {}
         self.backends: list[Backend] = []
-        self.new_backends: list[Backend] = []
         self.providers: dict[str, ProviderRoute] = {}
         self.upstream_policies: dict[Backend, UpstreamPolicy] = {}
         for provider_config in config.providers:
-            family = PROVIDERS[provider_config.type]
             backends = []
             for backend_config in provider_config.backends:
-                old = reusable.pop((provider_config.name, backend_config.name), None)
-                if (
-                    old is not None
-                    and old.provider is family
-                    and old.same_connection_settings(backend_config)
-                ):
-                    old.reconfigure(backend_config)
-                    backend = old
-                else:
-                    if old is not None:
-                        reusable[(provider_config.name, backend_config.name)] = old
-                    backend = Backend(
-                        backend_config,
-                        family,
-                        provider_config.name,
-                        reactor,
-                        agent=agent_factory(backend_config) if agent_factory else None,
-                    )
-                    self.new_backends.append(backend)
+                key = (provider_config.name, backend_config.name)
+                backend = built.get(key)
+                if backend is None:
+                    backend = kept[key]
+                    backend.reconfigure(backend_config)
                 backends.append(backend)
                 if backend_config.limits is not None:
                     self.upstream_policies[backend] = UpstreamPolicy(
@@ -141,11 +138,10 @@ class RelayRuntime:
             self.providers[provider_config.name] = ProviderRoute(
                 provider_config.name, provider_config.type, WeightedBalancer(backends)
             )
-        self.retired: list[Backend] = list(reusable.values())
         known_models = [name for r in config.routes for name in ModelMatcher(r.models).literals]
         known_models += [t.model for r in config.routes for t in r.targets if t.model]
         self.model_labels: ModelLabels = ModelLabels(
-            known_models, previous.model_labels.learned if previous is not None else None
+            known_models, carry.model_labels.learned if carry is not None else None
         )
         self.header_policy = RequestHeaderPolicy(PROVIDERS.values(), config.forward_headers)
         self.router = Router(
@@ -171,6 +167,29 @@ class RelayRuntime:
                 for index, r in enumerate(config.routes)
             ]
         )
+
+    @staticmethod
+    def _new_backends(
+        config: Config,
+        reactor: Any,
+        agent_factory: AgentFactory | None,
+        kept: Mapping[BackendKey, Backend],
+    ) -> dict[BackendKey, Backend]:
+        """The backends of ``config`` not in ``kept``, built anew."""
+        built: dict[BackendKey, Backend] = {}
+        for provider_config in config.providers:
+            family = PROVIDERS[provider_config.type]
+            for backend_config in provider_config.backends:
+                key = (provider_config.name, backend_config.name)
+                if key not in kept and key not in built:
+                    built[key] = Backend(
+                        backend_config,
+                        family,
+                        provider_config.name,
+                        reactor,
+                        agent=agent_factory(backend_config) if agent_factory else None,
+                    )
+        return built
 
     def backend(self, provider: str, name: str) -> tuple[ProviderRoute, Backend] | None:
         """The provider and backend of these names in this configuration, if any."""

@@ -2,15 +2,21 @@
 
 Reload (SIGHUP): the file is read and validated off the reactor thread; an invalid file
 is logged with every error and changes nothing. A valid one is applied in two steps:
-first everything that can fail (new TLS contexts, new listening sockets), so a failure
-leaves the old configuration untouched; then one reference swap to the new runtime,
-after which TLS listeners hand new handshakes the new certificate, removed listeners
-stop accepting, and removed backends finish their in-flight requests before closing.
+first everything that can fail and touches nothing in use (the plan of what the new
+runtime carries over, :func:`~relayd.runtime_diff.plan_reload`; new TLS contexts; new
+listening sockets), so a failure leaves the old configuration serving untouched; then
+the new runtime is built from the plan (which applies the new settings to the backends it
+keeps) and one reference swap makes it current, after which TLS listeners hand new
+handshakes the new certificate, removed listeners stop accepting, and removed backends
+finish their in-flight requests before closing.
 Requests already in progress keep the runtime they started with. Reloads are
 serialised; SIGHUPs that arrive during one are coalesced into a single follow-up.
 
 Shutdown (SIGTERM): stop accepting, let in-flight requests and streams finish for up to
-``shutdown_timeout`` seconds, abort what is left, and exit 0.
+``shutdown_timeout`` seconds, abort what is left, and exit 0. Under twistd relayd handles
+SIGTERM itself (stopping the reactor, which runs the drain): the reactor's own handler
+would also record the signal, and twistd would then re-raise it once the drain is done,
+so the process would die of the signal it had answered.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -33,7 +40,8 @@ from relayd.http.site import RelaySite
 from relayd.listeners import describe, listen
 from relayd.metrics import RelayMetrics
 from relayd.oslimits import raise_open_file_limit
-from relayd.runtime import RelayRuntime
+from relayd.runtime import AgentFactory, RelayRuntime
+from relayd.runtime_diff import plan_reload
 from relayd.sdnotify import Notifier
 from relayd.tls import ReloadableServerContext, TlsSetupError, certificate_options
 from relayd.upstream import Backend
@@ -78,14 +86,18 @@ class RelayService(MultiService):
         config_path: str | None = None,
         notifier: Notifier | None = None,
         install_signal_handlers: bool = False,
+        agent_factory: AgentFactory | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
+        self.agent_factory = agent_factory
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self.install_signal_handlers = install_signal_handlers
         self.metrics = RelayMetrics()
-        self.runtime = RelayRuntime(config, reactor, on_store_event=self.metrics.store_event)
+        self.runtime = RelayRuntime(
+            config, reactor, agent_factory=agent_factory, on_store_event=self.metrics.store_event
+        )
         self.metrics.set_runtime_source(self.current_runtime, reactor)
         self.site = RelaySite(self.current_runtime, reactor, self.metrics)
         self.listeners: list[_OpenListener] = []
@@ -117,6 +129,14 @@ class RelayService(MultiService):
         port = listen(self.reactor, listener, self.site, context)
         log.info("relayd listening on {url}", url=describe(listener, port))
         return _OpenListener(key, listener, port, context)
+
+    @staticmethod
+    def _close_unused(opened: list[_OpenListener], admin_port: IListeningPort | None) -> None:
+        """Close the listeners a refused reload had bound already."""
+        for listener in opened:
+            listener.port.stopListening()
+        if admin_port is not None:
+            admin_port.stopListening()
 
     def _open_admin(self, config: Config) -> None:
         port = self._bind_admin(config)
@@ -172,6 +192,9 @@ class RelayService(MultiService):
             backend.start_health_checks(self._health_changed)
         if self.install_signal_handlers:
             signal.signal(signal.SIGHUP, self._on_sighup)
+            # The reactor installs its own SIGTERM handler as it starts, before it calls
+            # what callWhenRunning was given: relayd's replaces it then.
+            self.reactor.callWhenRunning(signal.signal, signal.SIGTERM, self._on_sigterm)
         config = self.runtime.config
         log.info(
             "relayd started: {clients} clients, {providers} providers, {routes} routes from {src}",
@@ -180,8 +203,8 @@ class RelayService(MultiService):
             routes=len(config.routes),
             src=config.source,
         )
-        # READY=1 once the reactor runs: by then twistd's SIGTERM handler is installed,
-        # so a stop that follows READY always drains.
+        # READY=1 once the reactor runs: by then the SIGTERM handler is installed, so a
+        # stop that follows READY always drains.
         self.reactor.callWhenRunning(self.notifier.ready)
 
     def _health_changed(self, backend: Backend, healthy: bool) -> None:
@@ -198,6 +221,19 @@ class RelayService(MultiService):
 
     def _on_sighup(self, signum: int, frame: Any) -> None:
         self.reactor.callFromThread(self.request_reload)
+
+    # -- SIGTERM --------------------------------------------------------------------------------
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        """Stop the reactor: its shutdown runs :meth:`stopService`, the drain."""
+        log.info("received SIGTERM, shutting down")
+        try:
+            self.reactor.stop()
+        except ReactorNotRunning:
+            pass  # a SIGTERM during the drain: it is already under way
 
     def request_reload(self) -> None:
         """Reload the config file; coalesces requests that arrive during a reload."""
@@ -265,20 +301,30 @@ class RelayService(MultiService):
             for key, listener in wanted.items()
             if listener.tls is not None and key in current
         }
+        change = plan_reload(self.runtime, config)
         opened: list[_OpenListener] = []
+        admin_port: IListeningPort | None = None
         try:
             for key, listener in wanted.items():
                 if key not in current:
                     opened.append(self._open(key, listener))
             admin_port = self._bind_admin(config)
         except Exception as exc:
-            for listener_ in opened:
-                listener_.port.stopListening()
+            self._close_unused(opened, admin_port)
             raise ReloadRefusedError(f"cannot open a new listener: {exc}") from exc
-        runtime = RelayRuntime(
-            config, self.reactor, previous=self.runtime, on_store_event=self.metrics.store_event
-        )
-        # Step 2: the swap.
+        # Step 2: build the runtime (this applies the new settings to the backends it
+        # keeps), then the swap.
+        try:
+            runtime = RelayRuntime(
+                config,
+                self.reactor,
+                agent_factory=self.agent_factory,
+                on_store_event=self.metrics.store_event,
+                carry=change,
+            )
+        except Exception:
+            self._close_unused(opened, admin_port)
+            raise
         self.runtime = runtime
         kept: list[_OpenListener] = []
         for key, open_listener in current.items():
@@ -294,17 +340,17 @@ class RelayService(MultiService):
                 open_listener.port.stopListening()
         self.listeners = kept + opened
         self._switch_admin(admin_port, config)
-        if runtime.retired_store is not None:
+        if change.replaced_store is not None:
             log.info(
                 "state store changed to {store}; the previous one is closed",
                 store=config.state.store,
             )
-            runtime.retired_store.close()
-        for backend in runtime.retired:
+            change.replaced_store.close()
+        for backend in change.retired:
             log.info("backend {backend} removed; it finishes in-flight requests", backend=backend)
             backend.retire()
-        for backend in runtime.new_backends:
-            if self.running:
+        if self.running:
+            for backend in change.built_anew(runtime):
                 backend.start_health_checks(self._health_changed)
         self.reload_count += 1
         self.metrics.config_reload("ok")
@@ -339,9 +385,6 @@ class RelayService(MultiService):
         def finished(_: object) -> Deferred[Any]:
             if timer.active():
                 timer.cancel()
-            # The drain handled SIGTERM: exit 0 rather than have twistd re-raise it.
-            if getattr(self.reactor, "_exitSignal", None) == signal.SIGTERM:
-                self.reactor._exitSignal = None
             closing: list[Deferred[Any] | None] = list(stopping)
             if self.admin_port is not None:
                 closing.append(self.admin_port.stopListening())

@@ -30,7 +30,8 @@ from zope.interface import implementer
 
 from relayd import __version__
 from relayd.config.model import BackendConfig
-from relayd.health import ActiveHealth, CircuitBreaker, HealthChecker, KeyRing
+from relayd.health import ActiveHealth, CircuitBreaker, HealthChecker
+from relayd.keyring import KeyRing
 from relayd.pool import ConnectionPool
 from relayd.providers.base import IProvider
 

@@ -103,8 +103,10 @@ class AdminResource(Resource):
             log.failure("relayd: admin request {path!r} failed", path=path)
             result = _error(500, "internal error")
         if isinstance(result, Deferred):
+            gone: list[Failure] = []  # the client's connection was lost meanwhile
+            request.notifyFinish().addErrback(gone.append)
             result.addErrback(self._failed, path)
-            result.addCallback(self._write_later, request)
+            result.addCallback(self._write_later, request, gone)
             return NOT_DONE_YET
         return self._respond(request, result)
 
@@ -113,9 +115,9 @@ class AdminResource(Resource):
         log.failure("relayd: admin request {path!r} failed", failure, path=path)
         return _error(500, "internal error")
 
-    def _write_later(self, response: Response, request: Request) -> None:
+    def _write_later(self, response: Response, request: Request, gone: list[Failure]) -> None:
         body = self._respond(request, response)
-        if not request.finished and not request._disconnected:
+        if not request.finished and not gone:
             request.write(body)
             request.finish()
 

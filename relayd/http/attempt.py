@@ -25,9 +25,10 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
 from relayd.errors import Result
-from relayd.health import REJECTIONS_TO_BENCH, parse_retry_after
+from relayd.keyring import REJECTIONS_TO_BENCH
 from relayd.metrics import RelayMetrics
 from relayd.pool import MAX_RESPONSE_HEAD, BytesProducer, head_too_large
+from relayd.retry_after import parse_retry_after
 
 if TYPE_CHECKING:
     from relayd.http.bodies import BodySink

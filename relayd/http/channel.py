@@ -22,9 +22,9 @@ as nginx (499) and Go's net/http do. With ``half_close: answer`` the channel pro
 closes; the price is that a client that closed its socket is only noticed when its
 answer is written. A half-close before the request is complete closes at once either way.
 
-This module is where relayd depends on twisted.web's channel internals (the private
-``_GenericHTTPChannelProtocol`` that switches between HTTP/1.1 and HTTP/2, and
-``HTTPChannel``'s hooks, ``requests`` and ``persistent``); ``tests/unit/test_channel.py``
+The HTTP/1.1-or-HTTP/2 switch it builds on is twisted.web's private one, reached only
+through :mod:`relayd.http.generic_channel`; this module uses ``HTTPChannel``'s
+overridable hooks, ``requests`` and ``persistent``. ``tests/unit/test_channel.py``
 exercises it against the installed Twisted.
 """
 
@@ -33,14 +33,14 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from h2.connection import ConnectionState
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
 from twisted.python.failure import Failure
-from twisted.web.http import HTTPChannel, Request, _GenericHTTPChannelProtocol
+from twisted.web.http import HTTPChannel, Request
 from zope.interface import implementer
 
 from relayd.config.model import ConnectionsConfig
+from relayd.http.generic_channel import GenericHTTPChannel
 from relayd.providers import family_of
 
 if TYPE_CHECKING:
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 
 _CONNECTION_DONE = Failure(ConnectionDone())
-_H2_CLOSED = ConnectionState.CLOSED
 _GOAWAY_GRACE = 2.0  # seconds a closed HTTP/2 connection has to flush its GOAWAY
 
 
@@ -127,7 +126,7 @@ class _NoHeaders:
 _NO_HEADERS: Any = _NoHeaders()
 
 
-class RelayChannel(_GenericHTTPChannelProtocol):
+class RelayChannel(GenericHTTPChannel):
     """One client connection of a relay listener: twisted.web's HTTP/1.1-or-HTTP/2
     switch, registered with the connection tracker while it is open."""
 
@@ -139,19 +138,19 @@ class RelayChannel(_GenericHTTPChannelProtocol):
         self._closing = False
 
     def dataReceived(self, data: bytes) -> None:
-        if self._h2 and self._channel.conn.state_machine.state is _H2_CLOSED:
+        if self._h2 and self.h2_connection_closed():
             # The HTTP/2 connection ended (a protocol error, a reset flood): Twisted
             # closes it gracefully and keeps reading, and hyper-h2 buffers what still
             # comes without bound (a CONTINUATION flood grew RSS by 800 MB). Read no
             # more: the GOAWAY already written still goes out; abort if it cannot.
-            transport: Any = self._channel.transport
+            transport: Any = self.backing_channel.transport
             if transport is not None and not self._closing:
                 self._closing = True
                 transport.pauseProducing()
                 self.callLater(_GOAWAY_GRACE, transport.abortConnection)
             return
         super().dataReceived(data)
-        if not self._h2 and self._negotiatedProtocol == b"h2":
+        if not self._h2 and self.negotiated_protocol == b"h2":
             # An HTTP/2 connection multiplexes requests: never evicted as idle.
             self._h2 = True
             self.tracker.busy(self)
@@ -168,7 +167,7 @@ class RelayChannel(_GenericHTTPChannelProtocol):
 
     def close(self) -> None:
         """Close this connection (evicted)."""
-        transport = self._channel.transport
+        transport = self.backing_channel.transport
         if transport is not None:
             transport.loseConnection()
 
@@ -178,7 +177,7 @@ class HalfClosingRelayChannel(RelayChannel):
     """A relay channel that answers a request whose client half-closed."""
 
     def readConnectionLost(self) -> None:
-        channel = self._channel
+        channel = self.backing_channel
         if isinstance(channel, HTTPChannel) and any(
             request.method != Request.method for request in channel.requests
         ):

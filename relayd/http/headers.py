@@ -25,9 +25,9 @@ from twisted.web.http import Request
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
-from relayd.health import parse_retry_after
 from relayd.http.translation import UpstreamCall
 from relayd.providers import IProvider, LimitState
+from relayd.retry_after import parse_retry_after
 
 # Hop-by-hop headers (RFC 9110 7.6.1), never relayed in either direction; the headers
 # named by a request's Connection header are dropped too.

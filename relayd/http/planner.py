@@ -15,9 +15,9 @@ from twisted.logger import Logger
 from twisted.web.http_headers import Headers
 
 from relayd.errors import Outcome, Refusal, Result
-from relayd.health import UpstreamKey
 from relayd.http.intake import ClientCall
 from relayd.http.translation import UpstreamCall, prepare_call, serves
+from relayd.keyring import UpstreamKey
 from relayd.metrics import RelayMetrics
 from relayd.providers import Endpoint, IProvider
 from relayd.routing import ProviderRoute, Route, RouteTarget, providers_of

@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 
 from relayd.config.model import DEFAULT_RESERVE_OUTPUT_TOKENS
 from relayd.errors import Outcome, Refusal
-from relayd.health import UpstreamKey
+from relayd.keyring import UpstreamKey
 from relayd.limits.checks import (
     Decision,
     PeriodCheck,

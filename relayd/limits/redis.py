@@ -13,7 +13,8 @@ Usage counted while Redis was away is kept and written once it is back.
 
 txredisapi queues commands while it reconnects and would run them late; relayd never
 hands it a command while it has no live connection, so an admission that timed out
-here cannot consume a limit in Redis afterwards.
+here cannot consume a limit in Redis afterwards. The connection itself (and its
+reconnect cap) is :mod:`relayd.limits.redis_connection`'s.
 """
 
 from __future__ import annotations
@@ -39,16 +40,13 @@ from relayd.limits.checks import (
     WindowCheck,
 )
 from relayd.limits.memory import MemoryStore
+from relayd.limits.redis_connection import RedisConnection, connect_redis
 from relayd.limits.scripts import ADMIT, SETTLE
 from relayd.limits.store import OBJECT_TTL, ObjectRecord, UsageRecord
 
 log = Logger(namespace="relayd.state")
 
 PROBE_INTERVAL = 1.0
-# txredisapi's reconnect delay grows by e per failed attempt up to 10 s: Redis coming back
-# was noticed 8-14 s late (a window of 503s with on_store_failure: closed). relayd retries
-# at most this far apart, so with the probe above recovery is seen within about 2 s.
-RECONNECT_MAX_DELAY = 1.0
 
 
 class StoreUnavailableError(Exception):
@@ -56,40 +54,6 @@ class StoreUnavailableError(Exception):
 
 
 StoreEvent = Callable[[str, str], None]  # (store, what): "error:<op>" | "up" | "down"
-
-
-def connect_redis(config: StateConfig) -> Any:
-    """A lazy txredisapi connection pool for ``config`` (imported only when used)."""
-    import txredisapi
-
-    tls: Any = False
-    if config.tls:
-        from twisted.internet.ssl import Certificate, optionsForClientTLS, platformTrust
-
-        if config.ca_file is not None:
-            with open(config.ca_file, "rb") as stream:
-                trust: Any = Certificate.loadPEM(stream.read())
-        else:
-            trust = platformTrust()
-        tls = optionsForClientTLS(config.host, trustRoot=trust)
-    connection = txredisapi.lazyConnectionPool(
-        host=config.host,
-        port=config.port,
-        dbid=config.db,
-        poolsize=1,  # one connection: commands reach Redis in the order they were sent
-        reconnect=True,
-        password=config.password,
-        username=config.username,
-        ssl_context_factory=tls,
-        connectTimeout=config.timeout * 4,
-        replyTimeout=max(config.timeout * 4, 2.0),
-        convertNumbers=True,
-    )
-    factory = getattr(connection, "_factory", None)  # read at every reconnect attempt
-    if factory is not None:
-        factory.initialDelay = min(factory.initialDelay, RECONNECT_MAX_DELAY / 2)
-        factory.maxDelay = RECONNECT_MAX_DELAY
-    return connection
 
 
 class RedisStore:
@@ -102,13 +66,14 @@ class RedisStore:
         config: StateConfig,
         clock: IReactorTime,
         *,
-        connection: Any = None,
+        connection: RedisConnection | None = None,
         on_event: StoreEvent | None = None,
     ) -> None:
         self.config = config
         self._clock = clock
         self._timeout = config.timeout
         self._connection = connection if connection is not None else connect_redis(config)
+        self._redis = self._connection.commands
         self._on_event = on_event
         self._usage_key = f"{{{config.key_prefix}}}:usage"
         self.fallback = MemoryStore(clock, scale=1.0 / config.fallback_instances, label="fallback")
@@ -131,7 +96,7 @@ class RedisStore:
                 self._went_down("admit", "no connection to Redis")
             return succeed(self._without_redis(checks))
         keys, args = _admit_arguments(checks)
-        d = self._call("admit", self._connection.eval, ADMIT, keys, args)
+        d = self._call("admit", self._redis.eval, ADMIT, keys, args)
         return d.addCallbacks(
             _decision, self._admit_failed, callbackArgs=(checks,), errbackArgs=(checks,)
         )
@@ -177,7 +142,7 @@ class RedisStore:
             args += ("r", release.lease, 0)
         if usage is not None:
             self._usage_arguments(usage, keys, args)
-        d = self._call("settle", self._connection.eval, SETTLE, keys, args)
+        d = self._call("settle", self._redis.eval, SETTLE, keys, args)
 
         def keep_usage(failure: Failure) -> None:
             if usage is not None:
@@ -209,7 +174,7 @@ class RedisStore:
         if self.state != "up" or not self._connected():
             return succeed(None)
         d = self._call(
-            "claim", self._connection.set, self._object_key(kind, object_id),
+            "claim", self._redis.set, self._object_key(kind, object_id),
             json.dumps(list(record)), int(OBJECT_TTL),  # value, then EX seconds
         )
         return d.addCallbacks(lambda _: None, lambda _: None)
@@ -230,7 +195,7 @@ class RedisStore:
         if self.state != "up" or not self._connected():
             return maybeDeferred(local)
         d = self._call(
-            "owners", self._connection.mget, [self._object_key(kind, i) for i in ids]
+            "owners", self._redis.mget, [self._object_key(kind, i) for i in ids]
         )
         d.addCallbacks(_object_records, local)
         return d
@@ -238,14 +203,13 @@ class RedisStore:
     def usage_snapshot(self) -> Deferred[dict[str, Any]]:
         if not self._connected():
             return fail(StoreUnavailableError("Redis is not connected"))
-        d = self._call("usage", self._connection.hgetall, self._usage_key)
+        d = self._call("usage", self._redis.hgetall, self._usage_key)
         return d.addCallback(_usage_from_hash)
 
     # -- reachability ------------------------------------------------------------------
 
     def _connected(self) -> bool:
-        factory = getattr(self._connection, "_factory", None)
-        return factory is None or factory.size > 0
+        return self._connection.connected()
 
     def _call(self, op: str, method: Callable[..., Deferred[Any]], *args: Any) -> Deferred[Any]:
         """Run one Redis command with the store's deadline; failures mark Redis down."""
@@ -308,7 +272,7 @@ class RedisStore:
             self._went_down("probe", "no connection to Redis")
             self._schedule_probe()
             return
-        d = self._call("probe", self._connection.ping)
+        d = self._call("probe", self._redis.ping)
         d.addCallbacks(self._came_up, lambda _: self._schedule_probe())
 
     def _came_up(self, _: object) -> None:
@@ -333,7 +297,7 @@ class RedisStore:
             self._row_arguments(key, row, keys, args)
         if not keys:
             return
-        d = self._call("settle", self._connection.eval, SETTLE, keys, args)
+        d = self._call("settle", self._redis.eval, SETTLE, keys, args)
         d.addErrback(lambda _: self._unsent.merge(unsent))
 
     def _event(self, what: str) -> None:

@@ -23,7 +23,8 @@ from relayd.limits.checks import (
     WindowCheck,
     period_number,
 )
-from relayd.limits.redis import RECONNECT_MAX_DELAY, StoreUnavailableError
+from relayd.limits.redis import StoreUnavailableError
+from relayd.limits.redis_connection import RECONNECT_MAX_DELAY
 from relayd.providers.base import Usage
 from relayd.testing.certs import TestCertificates, make_certificates
 from relayd.testing.processes import RedisServerProcess
@@ -265,7 +266,7 @@ def test_reconnect_attempts_stay_close_together(
     """The campaign: recovery was noticed 8-14 s late, behind txredisapi's reconnect delay
     that grows to 10 s; relayd caps it so a returning Redis is seen within ~2 s."""
     store = new_store(stores, config(redis_server))
-    factory = store._connection._factory
+    factory = store._connection.factory
     delays = [factory.retryDelay(attempt) for attempt in range(1, 40)]
     assert max(delays) <= RECONNECT_MAX_DELAY * 2  # a cap of 1 s, with txredisapi's jitter
     assert RECONNECT_MAX_DELAY <= 1.0

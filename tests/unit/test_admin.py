@@ -9,7 +9,11 @@ from typing import Any
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from treq.testing import StubTreq
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.web.server import Site
 
 from relayd.http.admin import AdminResource, AdminSite, admin_site
@@ -271,3 +275,39 @@ def test_usage_endpoint_shows_the_ledger() -> None:
     }
     assert [e["model"] for e in snapshot["entries"]] == ["claude-x", "gpt-4o"]
     assert snapshot["entries"][0]["requests"] == 2
+
+
+class SlowStore:
+    """A state store whose usage snapshot arrives when the test says so."""
+
+    def __init__(self) -> None:
+        self.pending: list[Any] = []
+
+    def usage_snapshot(self) -> Any:
+        d: Deferred[dict[str, Any]] = Deferred()
+        self.pending.append(d)
+        return d
+
+    def describe(self) -> dict[str, Any]:
+        return {"store": "slow"}
+
+
+def test_a_late_answer_to_a_client_that_left_is_dropped() -> None:
+    admin = Admin()
+    store = SlowStore()
+    admin.runtime.store = store  # type: ignore[attr-defined]
+    site = admin_site(admin.resource)
+    for leaves in (False, True):
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
+        transport = StringTransport()
+        channel.makeConnection(transport)
+        channel.dataReceived(
+            b"GET /admin/usage HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + TOKEN.encode() + b"\r\n\r\n"
+        )
+        if leaves:
+            channel.connectionLost(Failure(ConnectionDone()))
+        d = store.pending[-1]
+        d.callback({"clients": {}})
+        assert d.result is None  # answered or dropped, no error in the chain
+        assert (b'"clients":{}' in transport.value()) is not leaves

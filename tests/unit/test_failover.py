@@ -12,6 +12,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from relayd.config import parse_config
 from relayd.runtime import RelayRuntime
+from relayd.runtime_diff import plan_reload
 
 MESSAGE = {"model": "claude-x", "max_tokens": 5, "messages": []}
 
@@ -259,10 +260,12 @@ def test_reload_reuses_unchanged_backends_and_retires_removed(harness: Harness) 
     changed["providers"][0]["backends"][1]["url"] = "http://elsewhere.test"  # eu: new URL
     del changed["providers"][1]  # openai removed ...
     changed["routes"] = changed["routes"][:1]
-    new = RelayRuntime(parse_config(changed), harness.clock, previous=old)
+    config = parse_config(changed)
+    change = plan_reload(old, config)
+    new = RelayRuntime(config, harness.clock, carry=change)
     assert new.backends[0] is us and us.weight == 7
     assert new.backends[1] is not eu
-    assert {b.name for b in new.retired} == {"eu", "main"}
+    assert {b.name for b in change.retired} == {"eu", "main"}
     assert new.retry_budget is old.retry_budget
 
 

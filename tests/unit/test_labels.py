@@ -13,6 +13,7 @@ from twisted.web.server import Request
 from relayd.config import parse_config
 from relayd.labels import MAX_LEARNED_MODELS, OTHER, ModelLabels
 from relayd.runtime import RelayRuntime
+from relayd.runtime_diff import plan_reload
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
@@ -96,7 +97,8 @@ def test_learned_names_survive_a_reload() -> None:
     try:
         first = h.runtime
         assert first.model_labels.label("claude-new", confirmed=True) == "claude-new"
-        second = RelayRuntime(parse_config(base_config()), h.clock, previous=first)
+        config = parse_config(base_config())
+        second = RelayRuntime(config, h.clock, carry=plan_reload(first, config))
         assert second.model_labels.label("claude-new") == "claude-new"
     finally:
         h.close()

@@ -12,6 +12,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from relayd.config import parse_config
 from relayd.limits import MemoryStore
 from relayd.runtime import RelayRuntime
+from relayd.runtime_diff import plan_reload
 
 MESSAGE = {"model": "claude-sonnet-4-5", "max_tokens": 16,
            "messages": [{"role": "user", "content": "hi"}]}
@@ -277,17 +278,15 @@ def test_a_reload_keeps_counters_unless_the_state_section_changes() -> None:
     harness = next(make(limited({"requests_per_minute": 2})))
     assert harness.call("POST", "/v1/messages", MESSAGE)[0] == 200
     first = harness.runtime
-    harness.runtime = RelayRuntime(
-        parse_config(limited({"requests_per_minute": 2})), harness.clock, previous=first
-    )
-    assert harness.runtime.store is first.store and harness.runtime.retired_store is None
+    config = parse_config(limited({"requests_per_minute": 2}))
+    change = plan_reload(first, config)
+    harness.runtime = RelayRuntime(config, harness.clock, carry=change)
+    assert harness.runtime.store is first.store and change.replaced_store is None
     assert harness.call("POST", "/v1/messages", MESSAGE)[0] == 200
     assert harness.call("POST", "/v1/messages", MESSAGE)[0] == 429  # counted across reload
     kept = harness.runtime
-    harness.runtime = RelayRuntime(
-        parse_config(limited({"requests_per_minute": 2}, state={"key_prefix": "other"})),
-        harness.clock,
-        previous=kept,
-    )
-    assert harness.runtime.retired_store is kept.store
+    config = parse_config(limited({"requests_per_minute": 2}, state={"key_prefix": "other"}))
+    change = plan_reload(kept, config)
+    harness.runtime = RelayRuntime(config, harness.clock, carry=change)
+    assert change.replaced_store is kept.store and harness.runtime.store is not kept.store
     assert harness.call("POST", "/v1/messages", MESSAGE)[0] == 200  # a fresh store

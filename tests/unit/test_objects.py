@@ -138,8 +138,10 @@ def test_a_batch_on_a_backend_removed_by_a_reload_is_a_404_naming_it(h: Harness)
     config["providers"][0]["backends"] = config["providers"][0]["backends"][1:]  # eu only
     from relayd.config import parse_config
     from relayd.runtime import RelayRuntime
+    from relayd.runtime_diff import plan_reload
 
-    h.runtime = RelayRuntime(parse_config(config), h.clock, previous=h.runtime,
+    parsed = parse_config(config)
+    h.runtime = RelayRuntime(parsed, h.clock, carry=plan_reload(h.runtime, parsed),
                              agent_factory=lambda b: h.agents[0])
     status, _, body = h.call("GET", "/v1/messages/batches/msgbatch_old")
     assert status == 404 and b"backend 'us'" in body

@@ -1,0 +1,57 @@
+"""twisted.web's HTTP/1.1 client protocol behind public names: the one place relayd
+depends on ``twisted.web._newclient``.
+
+relayd's backend connection pool (:mod:`relayd.pool`) hands the Agent connections of its
+own, as ``HTTPConnectionPool`` does: that means building the client protocol the Agent
+sends its requests over, ``HTTP11ClientProtocol``, and recognising the failures it
+raises. Those live in the private ``twisted.web._newclient`` (``twisted.web.client``
+imports some of them, but as public API it offers only the failures in its
+``__all__``). The pool also bounds the size of an answer's head, for which it must know
+whether the head is still arriving and fail the request when it is too large: both are
+private state of the protocol (its parser and ``_giveUp``).
+
+:class:`ClientProtocol` is ``HTTP11ClientProtocol`` with those two as public methods.
+``tests/unit/test_client_protocol.py`` checks them against the installed Twisted, so an
+upgrade that changes these internals fails a test rather than production.
+"""
+
+from __future__ import annotations
+
+from twisted.python.failure import Failure
+from twisted.web._newclient import (
+    HEADER,
+    STATUS,
+    HTTP11ClientProtocol,
+    Request,
+    RequestNotSent,
+)
+from twisted.web.client import (
+    RequestTransmissionFailed,
+    ResponseFailed,
+    ResponseNeverReceived,
+)
+
+__all__ = [
+    "ClientProtocol",
+    "Request",
+    "RequestNotSent",
+    "RequestTransmissionFailed",
+    "ResponseFailed",
+    "ResponseNeverReceived",
+]
+
+
+class ClientProtocol(HTTP11ClientProtocol):
+    """twisted.web's HTTP/1.1 client protocol, with what relayd's pool needs of its
+    state as public methods."""
+
+    def receiving_head(self) -> bool:
+        """Whether a request was sent and its answer's status line and headers are not
+        all in yet."""
+        parser = self._parser
+        return parser is not None and parser.state in (STATUS, HEADER)
+
+    def fail_response(self, reason: Failure) -> None:
+        """Close the connection and fail the request in progress (its Deferred errbacks
+        with a ``ResponseFailed`` holding ``reason``)."""
+        self._giveUp(reason)
