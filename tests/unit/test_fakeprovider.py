@@ -333,6 +333,13 @@ def test_anthropic_stream_order_and_usage_matches_json(fake: Fake) -> Gen:
 
     stream_usage = dict(start["usage"], output_tokens=datas[8]["usage"]["output_tokens"])
     assert stream_usage == json_usage
+    # message_delta repeats the cumulative input and cache counts, as the real API does
+    assert datas[8]["usage"] == {
+        "input_tokens": json_usage["input_tokens"],
+        "cache_creation_input_tokens": 7,
+        "cache_read_input_tokens": 11,
+        "output_tokens": 5,
+    }
     record = fake.provider.requests[-1]
     assert record.events_sent == len(events) and record.finished
 

@@ -3,7 +3,8 @@
 The message is the deterministic reply text, plus a ``tool_use`` block when the
 request offers tools (:func:`anthropic_tool_call`).  Usage is identical in the
 JSON and the streamed form: ``message_start`` carries the input and cache
-counts, ``message_delta`` the final output count.
+counts, ``message_delta`` the final output count and, as the real API sends them,
+the same cumulative input and cache counts again.
 """
 
 from __future__ import annotations
@@ -28,6 +29,20 @@ def anthropic_usage(ex: Exchange, output_tokens: int) -> dict[str, object]:
         "cache_creation": {"ephemeral_5m_input_tokens": creation, "ephemeral_1h_input_tokens": 0},
         "output_tokens": output_tokens,
         "service_tier": "standard",
+    }
+
+
+def _delta_usage(ex: Exchange, output_tokens: int) -> dict[str, object]:
+    """``message_delta.usage``: the cumulative counts, input and cache ones too.
+
+    The real API repeats the input and cache counts of ``message_start`` here
+    (cumulative, not increments), so a client must take them, not add them.
+    """
+    return {
+        "input_tokens": ex.base_input,
+        "cache_creation_input_tokens": ex.knobs.cache_creation_input_tokens,
+        "cache_read_input_tokens": ex.knobs.cache_read_input_tokens,
+        "output_tokens": output_tokens,
     }
 
 
@@ -182,7 +197,7 @@ def handle_messages(ex: Exchange) -> None:
     delta = {
         "type": "message_delta",
         "delta": {"stop_reason": stop, "stop_sequence": None},
-        "usage": {"output_tokens": n + extra},
+        "usage": _delta_usage(ex, n + extra),
     }
     events.append(sse("message_delta", dumps(delta)))
     events.append(_A_MESSAGE_STOP)
