@@ -512,28 +512,37 @@ TOOL_SCHEMA: dict[str, Any] = {
     "type": "object",
     "properties": {
         "city": {"type": "string"},
-        "days": {"type": "integer"},
-        "ratio": {"type": "number"},
+        "days": {"type": "integer", "minimum": 1, "maximum": 14},
+        "ratio": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
         "metric": {"type": "boolean"},
         "tags": {"type": "array", "items": {"type": "string"}},
-        "options": {"type": "object"},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "where": {
+            "type": "object",
+            "properties": {"lat": {"type": "number"}, "lon": {"type": "number"}},
+            "required": ["lat", "lon"],
+        },
         "note": {"type": ["string", "null"]},
-        "anything": {},
+        "optional": {"type": "string"},
     },
-    "required": ["city"],
+    "required": ["city", "days", "ratio", "metric", "tags", "unit", "where", "note"],
 }
-#: What the fake derives from TOOL_SCHEMA, in property order.
+#: What the fake derives from TOOL_SCHEMA: the required properties, in property order.
 TOOL_INPUT: dict[str, Any] = {
     "city": "fake",
     "days": 1,
-    "ratio": 1.5,
-    "metric": True,
-    "tags": [],
-    "options": {},
-    "note": None,
-    "anything": None,
+    "ratio": 0.5,
+    "metric": False,
+    "tags": ["fake"],
+    "unit": "celsius",
+    "where": {"lat": 1, "lon": 1},
+    "note": "fake",
 }
-TIME_SCHEMA: dict[str, Any] = {"type": "object", "properties": {"zone": {"type": "string"}}}
+TIME_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {"zone": {"type": "string"}},
+    "required": ["zone"],
+}
 ANTHROPIC_TOOL_BODY: dict[str, Any] = dict(
     ANTHROPIC_BODY,
     tools=[

@@ -21,8 +21,10 @@ and is identical in the JSON and the streamed form of the same request.
 Tool calls: a ``/v1/messages`` or ``/v1/chat/completions`` request that declares
 ``tools`` (and neither sets ``tool_choice`` to none nor ends with a tool result)
 is answered with the reply text followed by one call of the tool named by
-``tool_choice``, else of the first tool (:mod:`.tool_calls`); streams send its
-input in fragments of at most 8 characters, and it counts as one output token.
+``tool_choice``, else of the first tool (:mod:`.tool_calls`).  Its input is
+valid against the tool's schema (:mod:`.schema_values`: the required properties,
+values of the right type within the constraints); streams send it in fragments
+of at most 8 characters, and it counts as one output token.
 A reply cut by the token limit has no tool call.
 
 Faults are driven by *knobs* (see :class:`Knobs`), set per instance with
@@ -35,7 +37,7 @@ The modules, one concern each:
 * :mod:`.knobs`: parsing and holding the misbehaviour settings;
 * :mod:`.content`, :mod:`.wire`: deterministic reply content; JSON and SSE framing;
 * :mod:`.families`: which API family a request is, its headers and error bodies;
-* :mod:`.tool_calls`: the tool call a request gets;
+* :mod:`.tool_calls`, :mod:`.schema_values`: the tool call a request gets, its input;
 * :mod:`.anthropic_messages`, :mod:`.anthropic_batches`, :mod:`.openai_chat`,
   :mod:`.openai_responses`, :mod:`.openai_embeddings`, :mod:`.models`: the endpoints;
 * :mod:`.exchange`: one request's timers, response writing and fault knobs;

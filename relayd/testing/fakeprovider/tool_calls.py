@@ -1,8 +1,10 @@
 """The tool call the fake makes when a request offers tools (both API families).
 
 Which tool: the one the request's ``tool_choice`` names, else the first offered.
-Its input has one placeholder per property of the tool's schema (``"fake"``,
-``1``, ``1.5``, ``true``, ``[]``, ``{}`` or ``null`` by JSON type).  Streams send
+Its input is built from the tool's schema by
+:func:`~relayd.testing.fakeprovider.schema_values.tool_input` (every required
+property, with a value of the right type and within the constraints), so
+clients that validate tool inputs, as Claude Code does, accept it.  Streams send
 the input JSON in fragments of at most :data:`TOOL_FRAGMENT` characters, as the
 real APIs split it.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final, NamedTuple
 
+from relayd.testing.fakeprovider.schema_values import tool_input
 from relayd.testing.fakeprovider.wire import compact
 
 #: Longest ``partial_json`` / ``arguments`` fragment of a streamed tool call.
@@ -28,35 +31,6 @@ class ToolCall(NamedTuple):
     def arguments(self) -> str:
         """The input as compact JSON (OpenAI ``arguments``, Anthropic ``partial_json``)."""
         return compact(self.input)
-
-
-def _placeholder(kind: object) -> object:
-    """The fake value of a JSON-schema ``type``."""
-    match kind:
-        case "string":
-            return "fake"
-        case "integer":
-            return 1
-        case "number":
-            return 1.5
-        case "boolean":
-            return True
-        case "array":
-            return []
-        case "object":
-            return {}
-    return None
-
-
-def tool_input(schema: object) -> dict[str, object]:
-    """One placeholder per entry of the schema's ``properties``, in order."""
-    properties = schema.get("properties") if isinstance(schema, dict) else None
-    if not isinstance(properties, dict):
-        return {}
-    return {
-        str(name): _placeholder(prop.get("type") if isinstance(prop, dict) else None)
-        for name, prop in properties.items()
-    }
 
 
 def choose_tool(declared: Sequence[tuple[str, object]], wanted: object) -> ToolCall | None:
