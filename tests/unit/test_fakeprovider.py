@@ -492,6 +492,7 @@ def test_openai_responses_json_and_stream(fake: Fake) -> None:
 def test_models_family_follows_anthropic_version_header(fake: Fake) -> None:
     _, openai_list = fake.call("GET", "/v1/models")
     assert openai_list["object"] == "list"
+    assert len(openai_list["data"]) == 3
     assert {m["object"] for m in openai_list["data"]} == {"model"}
     assert all({"id", "created", "owned_by"} <= m.keys() for m in openai_list["data"])
     _, anthropic_list = fake.call(
@@ -1200,7 +1201,8 @@ def test_config_endpoint_and_header_override(fake: Fake) -> None:
     response, error = fake.call("POST", "/_fake/config", {"bogus": 1})
     assert response.code == 400 and "bogus" in error["error"]
     _, log = fake.call("GET", "/_fake/requests")
-    assert all(not e["path"].startswith("/_fake") for e in log)
+    # Only the API calls were recorded, none of the control calls between them.
+    assert [e["path"] for e in log] == ["/v1/messages"] * 2 + ["/v1/chat/completions"] * 3
 
 
 def test_unknown_paths_and_methods(fake: Fake) -> None:
