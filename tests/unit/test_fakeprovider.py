@@ -495,9 +495,7 @@ def test_models_family_follows_anthropic_version_header(fake: Fake) -> None:
     assert len(openai_list["data"]) == 3
     assert {m["object"] for m in openai_list["data"]} == {"model"}
     assert all({"id", "created", "owned_by"} <= m.keys() for m in openai_list["data"])
-    _, anthropic_list = fake.call(
-        "GET", "/v1/models", headers={"anthropic-version": "2026-10-21"}
-    )
+    _, anthropic_list = fake.call("GET", "/v1/models", headers={"anthropic-version": "2026-10-21"})
     assert "object" not in anthropic_list and "has_more" in anthropic_list
 
 
@@ -1179,9 +1177,7 @@ def test_config_endpoint_and_header_override(fake: Fake) -> None:
     assert response.code == 200 and config["chunks"] == 3
     _, body = fake.call("POST", "/v1/messages", ANTHROPIC_BODY)
     assert body["content"][0]["text"] == reply_text(3)
-    _, body = fake.call(
-        "POST", "/v1/messages", ANTHROPIC_BODY, headers={"x-fake-chunks": "2"}
-    )
+    _, body = fake.call("POST", "/v1/messages", ANTHROPIC_BODY, headers={"x-fake-chunks": "2"})
     assert body["usage"]["output_tokens"] == 2
     _, current = fake.call("GET", "/_fake/config")
     assert current["chunks"] == 3
