@@ -3,6 +3,7 @@
 :class:`RelaydProcess` runs ``twistd -n relayd -c FILE`` and :class:`FakeUpstreamProcess`
 runs the fake upstream, each on 127.0.0.1 ephemeral ports, with output going to a log
 file (never to a pipe that could fill up). Both are stopped by PID.
+:class:`ProcessGroup` starts several of them and guarantees they are all stopped.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Protocol
 
 import yaml
 
@@ -53,15 +56,21 @@ class FakeUpstreamProcess:
     tls: tuple[str, str] | None = None
     listen: str = "127.0.0.1:0"
     python: str = sys.executable  # another venv's interpreter runs its installed copy
+    extra_args: tuple[str, ...] = ()  # more command-line flags, e.g. ("--config", "{...}")
     process: subprocess.Popen[bytes] | None = None
     port: int = 0
+
+    @property
+    def log_path(self) -> Path:
+        """Where its stdout and stderr go."""
+        return self.workdir / f"{self.name}.log"
 
     def start(self) -> FakeUpstreamProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         port_file = self.workdir / f"{self.name}.port"
-        log = self.workdir / f"{self.name}.log"
+        log = self.log_path
         args = [self.python, "-m", "relayd.testing.fakeprovider", "--listen", self.listen,
-                "--port-file", str(port_file)]
+                "--port-file", str(port_file), *self.extra_args]
         if self.tls:
             args += ["--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
         port_file.unlink(missing_ok=True)
@@ -108,8 +117,9 @@ class FakeUpstreamProcess:
     def configure(self, **knobs: Any) -> None:
         self._call("POST", "/_fake/config", knobs)
 
-    def stop(self) -> None:
-        stop_process(self.process)
+    def stop(self) -> int | None:
+        """SIGTERM (then SIGKILL if it lingers); its exit code, ``None`` if never started."""
+        return stop_process(self.process)
 
 
 def _is_probe(recorded: dict[str, Any]) -> bool:
@@ -285,3 +295,89 @@ def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10) -
     except subprocess.TimeoutExpired:
         process.kill()
         return process.wait(timeout)
+
+
+class _Stoppable(Protocol):
+    def stop(self) -> object: ...
+
+
+@dataclass
+class _Popened:
+    """A plain subprocess in a :class:`ProcessGroup`."""
+
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> int | None:
+        return stop_process(self.process)
+
+
+class ProcessGroup:
+    """The processes one test (or test module) starts, all stopped by :meth:`stop_all`.
+
+    Each process joins the group *before* it starts, so one whose start fails or
+    times out is stopped as well; :meth:`stop_all` stops them newest first (a relay
+    before its upstreams) and carries on past a process that fails to stop.  Use it
+    as a context manager, or through the integration tests' ``processes`` fixture,
+    instead of a ``try``/``finally`` per test.
+
+    Working directories: upstreams in ``workdir/upstreams`` (their port file and log
+    named after them), a relay or a Redis server in ``workdir/<name>``.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self._members: list[_Stoppable] = []
+
+    def upstream(self, name: str = "upstream", **options: Any) -> FakeUpstreamProcess:
+        """A started fake upstream; ``options`` as for :class:`FakeUpstreamProcess`."""
+        process = FakeUpstreamProcess(self.workdir / "upstreams", name, **options)
+        self._members.append(process)
+        return process.start()
+
+    def relay(
+        self,
+        config: dict[str, Any],
+        name: str = "relayd",
+        expect_listeners: int | None = None,
+        **options: Any,
+    ) -> RelaydProcess:
+        """A started relay on ``config``; ``options`` as for :class:`RelaydProcess`."""
+        process = RelaydProcess(self.workdir / name, config, **options)
+        self._members.append(process)
+        return process.start(expect_listeners)
+
+    def redis(self, name: str = "redis", **options: Any) -> RedisServerProcess:
+        """A started private ``redis-server``; ``options`` as for :class:`RedisServerProcess`."""
+        process = RedisServerProcess(self.workdir / name, **options)
+        self._members.append(process)
+        return process.start()
+
+    def popen(self, args: Sequence[str], log: Path, **options: Any) -> subprocess.Popen[bytes]:
+        """Any other command, its output (stdout and stderr) to ``log``."""
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("wb") as out:
+            process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, **options)
+        self._members.append(_Popened(process))
+        return process
+
+    def stop_all(self) -> None:
+        """Stop every member, newest first; the first error is raised once all are stopped."""
+        errors: list[BaseException] = []
+        while self._members:
+            try:
+                self._members.pop().stop()
+            except Exception as exc:  # keep stopping the others
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> ProcessGroup:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop_all()

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from relayd.testing.processes import FakeUpstreamProcess, RelaydProcess
+from relayd.testing.processes import ProcessGroup
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_KEY = "sk-relay-wheel-check"
@@ -94,9 +94,8 @@ def test_twistd_from_the_venv_relays_both_apis(venv: Path, tmp_path: Path) -> No
     python = str(venv / "bin" / "python")
     plugins = run([str(venv / "bin" / "twistd"), "--help"], cwd=tmp_path)
     assert "relayd" in plugins
-    upstream = FakeUpstreamProcess(tmp_path / "up", "up", python=python).start()
-    relay: RelaydProcess | None = None
-    try:
+    with ProcessGroup(tmp_path) as processes:
+        upstream = processes.upstream("up", python=python)
         config = {
             "listen": [{"address": "127.0.0.1:0"}],
             "clients": [{"name": "c", "key_sha256": hashlib.sha256(CLIENT_KEY.encode())
@@ -110,7 +109,7 @@ def test_twistd_from_the_venv_relays_both_apis(venv: Path, tmp_path: Path) -> No
             "routes": [{"api": "anthropic", "provider": "anthropic"},
                        {"api": "openai", "provider": "openai"}],
         }
-        relay = RelaydProcess(tmp_path / "relayd", config, python=python).start()
+        relay = processes.relay(config, python=python)
         base = relay.url()
         anthropic = post(base + "/v1/messages",
                          {"model": "claude-x", "max_tokens": 8,
@@ -122,14 +121,11 @@ def test_twistd_from_the_venv_relays_both_apis(venv: Path, tmp_path: Path) -> No
                       {"authorization": f"Bearer {CLIENT_KEY}"})
         assert openai["object"] == "chat.completion"
         assert openai["choices"][0]["message"]["content"]
-        # The relay that answered is the venv's.
-        assert relay.process is not None
-        cmdline = Path(f"/proc/{relay.process.pid}/cmdline").read_bytes()
-        assert str(venv).encode() in cmdline
-    finally:
-        if relay is not None:
-            relay.stop()
-        upstream.stop()
+        # The relay and the fake upstream that answered are the venv's.
+        for process in (relay.process, upstream.process):
+            assert process is not None
+            cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+            assert str(venv).encode() in cmdline
 
 
 def post(url: str, payload: object, headers: dict[str, str]) -> Any:

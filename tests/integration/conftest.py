@@ -1,16 +1,24 @@
-"""Fixtures that start real processes: the fake upstream and ``twistd -n relayd``."""
+"""Fixtures that start real processes: the fake upstream, ``twistd -n relayd``, redis-server.
+
+Every process a test starts goes through its :class:`ProcessGroup` (the ``processes``
+fixture, or the factories below that use it), which stops them all at teardown.
+"""
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from relayd.testing.certs import TestCertificates, make_certificates
-from relayd.testing.processes import FakeUpstreamProcess, RedisServerProcess, RelaydProcess
+from relayd.testing.processes import (
+    FakeUpstreamProcess,
+    ProcessGroup,
+    RedisServerProcess,
+    RelaydProcess,
+)
 
 
 @pytest.fixture(scope="session")
@@ -24,36 +32,24 @@ def ca_context(certs: TestCertificates) -> ssl.SSLContext:
 
 
 @pytest.fixture
-def upstream_factory(tmp_path: Path) -> Iterator[Callable[[str], FakeUpstreamProcess]]:
-    started: list[FakeUpstreamProcess] = []
-
-    def start(name: str) -> FakeUpstreamProcess:
-        process = FakeUpstreamProcess(tmp_path / "upstreams", name).start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
+def processes(tmp_path: Path) -> Iterator[ProcessGroup]:
+    """Starts a test's fake upstreams, relays, Redis servers and commands; stops them all,
+    whatever the test does (also one whose start failed)."""
+    with ProcessGroup(tmp_path) as group:
+        yield group
 
 
 @pytest.fixture
-def relayd_factory(tmp_path: Path) -> Iterator[Callable[..., RelaydProcess]]:
-    started: list[RelaydProcess] = []
-
-    def start(config: dict[str, Any], name: str = "relayd", **kwargs: Any) -> RelaydProcess:
-        process = RelaydProcess(tmp_path / name, config, **kwargs).start()
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        process.stop()
+def upstream_factory(processes: ProcessGroup) -> Callable[[str], FakeUpstreamProcess]:
+    return processes.upstream
 
 
 @pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServerProcess]:
+def relayd_factory(processes: ProcessGroup) -> Callable[..., RelaydProcess]:
+    return processes.relay
+
+
+@pytest.fixture
+def redis_server(processes: ProcessGroup) -> RedisServerProcess:
     """A private redis-server for one test (``make test`` installs redis-server)."""
-    server = RedisServerProcess(tmp_path / "redis").start()
-    yield server
-    server.stop()
+    return processes.redis()

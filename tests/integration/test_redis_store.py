@@ -27,7 +27,7 @@ from relayd.limits.redis import StoreUnavailableError
 from relayd.limits.redis_connection import RECONNECT_MAX_DELAY
 from relayd.providers.base import Usage
 from relayd.testing.certs import TestCertificates, make_certificates
-from relayd.testing.processes import RedisServerProcess
+from relayd.testing.processes import ProcessGroup, RedisServerProcess
 
 PREFIX = "{t}"
 
@@ -226,38 +226,33 @@ def test_outage_fails_closed_when_configured(
 
 
 @pytest_twisted.inlineCallbacks
-def test_password_is_used(tmp_path: Any, stores: list[RedisStore]) -> Generator[Any, Any, None]:
-    server = RedisServerProcess(tmp_path / "redis", password="s3cret-pw").start()
-    try:
-        good = new_store(stores, config(server, password="s3cret-pw"))
-        yield from ready(good)
-        assert (yield good.admit([rpm(1)])).allowed
-        bad = new_store(stores, config(server, password="wrong"))
-        yield from until(lambda: bad.state != "connecting")
-        assert bad.state == "down"
-        decision: Deferred[Decision] = bad.admit([rpm(1)])
-        assert (yield decision).degraded
-    finally:
-        server.stop()
+def test_password_is_used(
+    processes: ProcessGroup, stores: list[RedisStore]
+) -> Generator[Any, Any, None]:
+    server = processes.redis(password="s3cret-pw")
+    good = new_store(stores, config(server, password="s3cret-pw"))
+    yield from ready(good)
+    assert (yield good.admit([rpm(1)])).allowed
+    bad = new_store(stores, config(server, password="wrong"))
+    yield from until(lambda: bad.state != "connecting")
+    assert bad.state == "down"
+    decision: Deferred[Decision] = bad.admit([rpm(1)])
+    assert (yield decision).degraded
 
 
 @pytest_twisted.inlineCallbacks
 def test_tls_with_a_pinned_ca(
-    tmp_path: Any, certs: TestCertificates, stores: list[RedisStore]
+    tmp_path: Any, certs: TestCertificates, processes: ProcessGroup, stores: list[RedisStore]
 ) -> Generator[Any, Any, None]:
-    server = RedisServerProcess(tmp_path / "redis", tls=(certs.chain, certs.key, certs.ca))
-    server.start()
-    try:
-        store = new_store(stores, config(server, tls=True, ca_file=str(certs.ca)))
-        yield from ready(store)
-        assert (yield store.admit([rpm(1)])).allowed
-        # A CA that did not sign the server's certificate: never connects.
-        other = make_certificates(tmp_path / "other")
-        untrusting = new_store(stores, config(server, tls=True, ca_file=str(other.ca)))
-        yield from until(lambda: untrusting.state != "connecting")
-        assert untrusting.state == "down"
-    finally:
-        server.stop()
+    server = processes.redis(tls=(certs.chain, certs.key, certs.ca))
+    store = new_store(stores, config(server, tls=True, ca_file=str(certs.ca)))
+    yield from ready(store)
+    assert (yield store.admit([rpm(1)])).allowed
+    # A CA that did not sign the server's certificate: never connects.
+    other = make_certificates(tmp_path / "other")
+    untrusting = new_store(stores, config(server, tls=True, ca_file=str(other.ca)))
+    yield from until(lambda: untrusting.state != "connecting")
+    assert untrusting.state == "down"
 
 
 def test_reconnect_attempts_stay_close_together(

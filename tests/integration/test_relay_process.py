@@ -20,7 +20,7 @@ import pytest
 from support import CLIENT_KEY, LIMITED_KEY, UPSTREAM_KEYS, backend, relay_config
 
 from relayd.testing.certs import TestCertificates
-from relayd.testing.processes import FakeUpstreamProcess, RelaydProcess, wait_for
+from relayd.testing.processes import FakeUpstreamProcess, ProcessGroup, RelaydProcess, wait_for
 
 
 @dataclass
@@ -350,41 +350,32 @@ def _free_port() -> int:
         return port
 
 
-def test_https_backend_is_verified(
-    certs: TestCertificates,
-    upstream_factory: Callable[[str], FakeUpstreamProcess],
-    relayd_factory: Callable[..., RelaydProcess],
-    tmp_path: Any,
-) -> None:
+def test_https_backend_is_verified(certs: TestCertificates, processes: ProcessGroup) -> None:
     """An https:// backend: the relay verifies its certificate (here against the test CA,
     via OpenSSL's SSL_CERT_FILE), and refuses it when the CA is not trusted."""
-    secure = FakeUpstreamProcess(tmp_path / "tls-up", "secure", tls=(str(certs.chain),
-                                                                      str(certs.key))).start()
-    plain = upstream_factory("o1")
-    try:
-        backend_config = {"name": "a1", "url": f"https://localhost:{secure.port}",
-                          "api_key": UPSTREAM_KEYS["a1"]}
-        config = relay_config(certs, [backend_config], [backend("o1", plain)],
-                              health={"enabled": False})
-        relay = relayd_factory(config, env={"SSL_CERT_FILE": str(certs.ca)})
-        with httpx2.Client(base_url=relay.url("http"), timeout=30) as http:
-            for _ in range(3):
-                response = http.post(
-                    "/v1/messages",
-                    json={"model": "claude-x", "max_tokens": 4, "messages": []},
-                    headers={"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01"},
-                )
-                assert response.status_code == 200, response.text
-        assert len(secure.requests()) == 3
-        # Without the CA the same backend is refused: verification is on.
-        untrusting = relayd_factory(config, name="untrusting", env={"SSL_CERT_FILE": "/dev/null"})
-        with httpx2.Client(base_url=untrusting.url("http"), timeout=30) as http:
+    secure = processes.upstream("secure", tls=(str(certs.chain), str(certs.key)))
+    plain = processes.upstream("o1")
+    backend_config = {"name": "a1", "url": f"https://localhost:{secure.port}",
+                      "api_key": UPSTREAM_KEYS["a1"]}
+    config = relay_config(certs, [backend_config], [backend("o1", plain)],
+                          health={"enabled": False})
+    relay = processes.relay(config, env={"SSL_CERT_FILE": str(certs.ca)})
+    with httpx2.Client(base_url=relay.url("http"), timeout=30) as http:
+        for _ in range(3):
             response = http.post(
                 "/v1/messages",
                 json={"model": "claude-x", "max_tokens": 4, "messages": []},
                 headers={"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01"},
             )
-        assert response.status_code == 502
-        assert len(secure.requests()) == 3
-    finally:
-        secure.stop()
+            assert response.status_code == 200, response.text
+    assert len(secure.requests()) == 3
+    # Without the CA the same backend is refused: verification is on.
+    untrusting = processes.relay(config, name="untrusting", env={"SSL_CERT_FILE": "/dev/null"})
+    with httpx2.Client(base_url=untrusting.url("http"), timeout=30) as http:
+        response = http.post(
+            "/v1/messages",
+            json={"model": "claude-x", "max_tokens": 4, "messages": []},
+            headers={"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01"},
+        )
+    assert response.status_code == 502
+    assert len(secure.requests()) == 3

@@ -720,6 +720,7 @@ def test_admin_health_token_and_metrics(
     denied = admin_get(relay, "/admin/backends")
     assert denied.status_code == 401
     assert denied.headers["www-authenticate"] == "Bearer"
+    assert set(denied.json()) == {"error"}  # a body to look in
     assert token not in denied.text
     assert admin_get(relay, "/admin/backends", token="not-" + token).status_code == 401
     allowed = admin_get(relay, "/admin/backends", token=token)

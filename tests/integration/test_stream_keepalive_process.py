@@ -19,7 +19,7 @@ from support import CLIENT_KEY, backend, relay_config
 
 from relayd.sse import SseParser
 from relayd.testing.certs import TestCertificates
-from relayd.testing.processes import FakeUpstreamProcess, RelaydProcess
+from relayd.testing.processes import FakeUpstreamProcess, ProcessGroup, RelaydProcess
 
 KEEPALIVE = 0.1
 PAUSE = 0.35  # seconds between two upstream events: about three intervals
@@ -39,22 +39,13 @@ class Setup:
 
 @pytest.fixture(scope="module")
 def setup(certs: TestCertificates, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
-    work = tmp_path_factory.mktemp("keepalive")
-    a1 = FakeUpstreamProcess(work, "a1").start()
-    o1 = FakeUpstreamProcess(work, "o1").start()
-    relay: RelaydProcess | None = None
-    try:
+    with ProcessGroup(tmp_path_factory.mktemp("keepalive")) as processes:
+        a1, o1 = processes.upstream("a1"), processes.upstream("o1")
         for upstream in (a1, o1):
             upstream.configure(chunk_delay=PAUSE, chunks=CHUNKS)
         config = relay_config(certs, [backend("a1", a1)], [backend("o1", o1)],
                               stream_keepalive=KEEPALIVE)
-        relay = RelaydProcess(work / "relayd", config).start()
-        yield Setup(relay, a1, o1)
-    finally:
-        if relay is not None:
-            relay.stop()
-        a1.stop()
-        o1.stop()
+        yield Setup(processes.relay(config), a1, o1)
 
 
 def raw_stream(setup: Setup, path: str, body: dict[str, object],

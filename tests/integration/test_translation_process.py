@@ -50,7 +50,7 @@ WEATHER_ANTHROPIC: Any = {
     "description": "Current weather for a city.",
     "input_schema": WEATHER_OPENAI["function"]["parameters"],
 }
-FAKE_INPUT = {"city": "fake", "days": 1}  # what the fake upstream calls the tool with
+FAKE_INPUT = {"city": "fake"}  # what the fake upstream calls the tool with (the required part)
 # The fake's default cache counts: Anthropic reports both, OpenAI only the cached reads.
 CACHE_WRITE, CACHE_READ = 7, 11
 

@@ -156,7 +156,9 @@ def rss_mib(pid: int) -> dict[str, float]:
 
 
 def assert_backends_in_service(stack: Stack) -> None:
-    for backend in stack.backends():
+    backends = stack.backends()
+    assert backends, "the admin listener reported no backend"
+    for backend in backends:
         assert backend["breaker"]["state"] == "closed", backend
         assert backend["in_flight"] == 0, backend
         assert backend["last_error"] is None, backend

@@ -15,6 +15,7 @@ from relay_harness import (
     hang,
     json_reply,
 )
+from twisted.logger import eventAsText
 from twisted.web.server import NOT_DONE_YET, Request
 
 from relayd.routing import Router
@@ -358,9 +359,20 @@ def test_unexpected_exception_becomes_500_and_relay_keeps_serving(
 
 
 def test_access_log_never_contains_secrets(harness: Harness) -> None:
-    harness.call("POST", "/v1/messages", MESSAGE)
-    harness.call("POST", "/v1/messages", MESSAGE, key="sk-not-a-client")
-    text = repr(harness.logs.events)
+    _, accepted, _ = harness.call("POST", "/v1/messages", MESSAGE)
+    _, refused, _ = harness.call("POST", "/v1/messages", MESSAGE, key="sk-not-a-client")
+    request_ids = [accepted["x-relayd-request-id"][0], refused["x-relayd-request-id"][0]]
+    # First: the access lines were captured, one per request, as they are written out.
+    lines = [
+        eventAsText(event, includeTimestamp=False)
+        for event in harness.logs.events
+        if "access" in event
+    ]
+    assert len(lines) == 2
+    for line, request_id in zip(lines, request_ids, strict=True):
+        assert f"request_id={request_id}" in line
+    # Then: no key, neither in those lines nor anywhere in what was logged.
+    text = "\n".join(lines) + repr(harness.logs.events)
     for secret in (CLIENT_KEY, "sk-not-a-client", "sk-up-us", "sk-up-eu"):
         assert secret not in text
 

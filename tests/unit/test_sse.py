@@ -89,6 +89,27 @@ def test_anthropic_watcher_reads_usage_and_end(size: int) -> None:
     assert watcher.complete and not watcher.error_seen
 
 
+def test_anthropic_watcher_takes_cumulative_input_counts_of_message_delta() -> None:
+    """The real API repeats the input and cache counts in ``message_delta.usage``:
+    they are cumulative totals, so the watcher must end with them, not their sum."""
+    stream = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"usage":{"input_tokens":'
+        b'12,"cache_creation_input_tokens":3,"cache_read_input_tokens":4,"output_tokens":1}}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},'
+        b'"usage":{"input_tokens":12,"cache_creation_input_tokens":3,'
+        b'"cache_read_input_tokens":4,"output_tokens":20}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","usage":{"input_tokens":15,'
+        b'"output_tokens":21}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    watcher = PROVIDERS["anthropic"].stream_watcher(EP)
+    watcher.feed(stream)
+    usage = watcher.usage
+    assert (usage.input_tokens, usage.output_tokens) == (15, 21)  # the last totals
+    assert (usage.cache_write_tokens, usage.cache_read_tokens) == (3, 4)
+    assert watcher.complete
+
+
 def test_anthropic_watcher_without_stop_is_incomplete() -> None:
     watcher = PROVIDERS["anthropic"].stream_watcher(EP)
     watcher.feed(ANTHROPIC.split(b"event: message_stop")[0])

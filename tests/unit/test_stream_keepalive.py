@@ -182,7 +182,7 @@ def test_translated_streams_get_comments_between_translated_chunks() -> None:
         body = client.body
         assert body.endswith(b"data: [DONE]\n\n")
         chunks = [e.data for e in SseParser().feed(body)]
-        assert all(c == b"[DONE]" or json.loads(c)["object"] == "chat.completion.chunk"
-                   for c in chunks)
+        assert chunks[-1] == b"[DONE]" and len(chunks) > 2  # role, text, ..., [DONE]
+        assert all(json.loads(c)["object"] == "chat.completion.chunk" for c in chunks[:-1])
     finally:
         h.close()
