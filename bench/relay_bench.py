@@ -167,7 +167,9 @@ class Processes:
         config.write_text(relay_config(self.upstream.port))
         twistd = str(Path(sys.executable).with_name("twistd"))
         self.relay.start(
-            [twistd, "-n", "--pidfile=", "relayd", "-c", str(config)],
+            # As the systemd unit runs it: the journal observer on stdout.
+            [twistd, "-n", "--pidfile=", "--logger=relayd.logs.journal_observer", "relayd",
+             "-c", str(config)],
             self.relay.log_match(_RELAY_LISTENING),
             deadline,
         )

@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import re
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, LogEvent, Logger, eventAsText
 from zope.interface import implementer
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_.:/@*+\-]{1,200}$")
 
-access_log = Logger(namespace="relayd.access")
+_ACCESS_NAMESPACE = "relayd.access"
+access_log = Logger(namespace=_ACCESS_NAMESPACE)
 
 
 def logfmt_value(value: object) -> str:
@@ -44,19 +46,72 @@ def journal_observer() -> ILogObserver:
     journald stamps every line itself, so twistd's own timestamps would be duplicates.
     Lines look like ``[relayd.access#info] access request_id=...``; tracebacks follow on
     their own lines. Use: ``twistd -n --logger=relayd.logs.journal_observer relayd``.
+    Once :func:`batch_access_lines` gave it the reactor, access lines are written once
+    per reactor turn (one write for every request that ended in that turn).
     """
-    return _JournalObserver(sys.stdout)
+    observer = JournalObserver(sys.stdout)
+    _journal_observers.append(observer)
+    return observer
+
+
+_journal_observers: list[JournalObserver] = []
+
+
+def batch_access_lines(reactor: Any) -> None:
+    """Let the journal observers made so far batch their access lines on ``reactor``
+    (called once the relay service exists; everything is flushed at shutdown)."""
+    for observer in _journal_observers:
+        observer.batch_on(reactor)
+        reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
 
 
 @implementer(ILogObserver)
-class _JournalObserver:
-    """Writes each event as one line and flushes, so journald sees it at once."""
+class JournalObserver:
+    """Writes each event as one line to ``stream``.
+
+    Every event but an access line is written and flushed at once, after any access
+    lines still pending (the order is kept). Access lines are written at once too until
+    :meth:`batch_on` gives the observer a clock; then they wait for the end of the
+    reactor turn, and a turn's lines go out in one write: the per-line write and flush
+    cost a third of the relay's CPU per request.
+    """
+
+    __slots__ = ("_clock", "_pending", "_stream")
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self._pending: list[str] = []
+        self._clock: IReactorTime | None = None
+
+    def batch_on(self, clock: IReactorTime) -> None:
+        self._clock = clock
 
     def __call__(self, event: LogEvent) -> None:
+        if "access" in event and event.get("log_namespace") == _ACCESS_NAMESPACE and (
+            "log_system" not in event
+        ):
+            # The line is made already: skip formatting the event (same text).
+            pending = self._pending
+            pending.append(_ACCESS_PREFIX + event["line"] + "\n")
+            if self._clock is None:
+                self.flush()
+            elif len(pending) == 1:
+                self._clock.callLater(0, self.flush)
+            return
         text = eventAsText(event, includeTimestamp=False, includeSystem=True)
         if text:
-            self._stream.write(text + "\n")
-            self._stream.flush()
+            self._pending.append(text + "\n")
+            self.flush()
+
+    def flush(self) -> None:
+        """Write (and flush) every pending line."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        stream = self._stream
+        stream.write("".join(pending))
+        stream.flush()
+
+
+_ACCESS_PREFIX = "[relayd.access#info] access "

@@ -33,8 +33,11 @@ class Options(usage.Options):
 def makeService(options: Options) -> IService:
     from twisted.internet import reactor  # the process entry point owns the reactor
 
+    from relayd.logs import batch_access_lines
     from relayd.service import RelayService
 
-    return RelayService(
+    service = RelayService(
         options.config, reactor, config_path=options["config"], install_signal_handlers=True
     )
+    batch_access_lines(reactor)
+    return service

@@ -135,6 +135,7 @@ class RelaydProcess:
     config: dict[str, Any]
     env: dict[str, str] = field(default_factory=dict)
     python: str | None = None  # run the twistd installed beside this interpreter
+    logger: str | None = None  # twistd --logger, e.g. the unit's relayd.logs.journal_observer
     process: subprocess.Popen[bytes] | None = None
     urls: list[str] = field(default_factory=list)
 
@@ -150,8 +151,10 @@ class RelaydProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(yaml.safe_dump(self.config))
         wanted = expect_listeners or len(self.config.get("listen", [{}]))
-        args = [_bin("twistd", self.python), "-n", "--pidfile=", "relayd", "-c",
-                str(self.config_path)]
+        args = [_bin("twistd", self.python), "-n", "--pidfile="]
+        if self.logger is not None:
+            args.append(f"--logger={self.logger}")
+        args += ["relayd", "-c", str(self.config_path)]
         environ = dict(os.environ, **self.env)
         with self.log_path.open("wb") as out:
             self.process = subprocess.Popen(

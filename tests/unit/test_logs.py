@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
-from twisted.logger import Logger
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import Logger, globalLogPublisher
 
-from relayd.logs import _JournalObserver, format_access_line, logfmt_value
+import relayd.logs
+from relayd.logs import JournalObserver, format_access_line, log_access, logfmt_value
 
 
 def test_logfmt_quotes_what_could_break_a_line() -> None:
@@ -19,6 +22,70 @@ def test_logfmt_quotes_what_could_break_a_line() -> None:
 
 def test_journal_observer_writes_one_flushed_line_without_timestamp() -> None:
     stream = io.StringIO()
-    log = Logger(namespace="relayd.test", observer=_JournalObserver(stream))
+    log = Logger(namespace="relayd.test", observer=JournalObserver(stream))
     log.info("hello {who}", who="world")
     assert stream.getvalue() == "[relayd.test#info] hello world\n"
+
+
+def test_access_lines_are_the_formatted_event_text() -> None:
+    """The shortcut for access lines writes what formatting the event would."""
+    from twisted.logger import eventAsText
+
+    events: list[dict[str, object]] = []
+    record: Any = events.append
+    stream = io.StringIO()
+    observer = JournalObserver(stream)
+    globalLogPublisher.addObserver(record)
+    globalLogPublisher.addObserver(observer)
+    try:
+        log_access({"request_id": "req_1", "model": "a b", "status": 200})
+    finally:
+        globalLogPublisher.removeObserver(record)
+        globalLogPublisher.removeObserver(observer)
+    (event,) = [e for e in events if "access" in e]
+    expected = eventAsText(event, includeTimestamp=False, includeSystem=True) + "\n"
+    assert stream.getvalue() == expected
+    assert expected == '[relayd.access#info] access request_id=req_1 model="a b" status=200\n'
+
+
+def test_batched_access_lines_wait_for_the_reactor_turn_and_keep_their_order() -> None:
+    stream = io.StringIO()
+    observer = JournalObserver(stream)
+    clock = MemoryReactorClock()
+    observer.batch_on(clock)
+    access = Logger(namespace="relayd.access", observer=observer)
+    other = Logger(namespace="relayd.relay", observer=observer)
+    access.info("access {line}", line="request_id=1", access={})
+    access.info("access {line}", line="request_id=2", access={})
+    assert stream.getvalue() == ""  # not before the turn ends
+    assert len(clock.getDelayedCalls()) == 1  # one flush per turn, not per line
+    other.warn("backend {name} is down", name="a")  # written at once, after lines before it
+    assert stream.getvalue().splitlines() == [
+        "[relayd.access#info] access request_id=1",
+        "[relayd.access#info] access request_id=2",
+        "[relayd.relay#warn] backend a is down",
+    ]
+    access.info("access {line}", line="request_id=3", access={})
+    clock.advance(0)
+    assert stream.getvalue().splitlines()[-1] == "[relayd.access#info] access request_id=3"
+    clock.advance(0)  # the flush left behind by the warning finds nothing to write
+    assert len(stream.getvalue().splitlines()) == 4
+
+
+def test_batch_access_lines_flushes_at_shutdown() -> None:
+    stream = io.StringIO()
+    observer = JournalObserver(stream)
+    reactor = MemoryReactorClock()
+    relayd.logs._journal_observers.append(observer)
+    try:
+        relayd.logs.batch_access_lines(reactor)
+    finally:
+        relayd.logs._journal_observers.remove(observer)
+    Logger(namespace="relayd.access", observer=observer).info(
+        "access {line}", line="request_id=9", access={}
+    )
+    assert stream.getvalue() == ""
+    ((trigger, _, _),) = reactor.triggers["after"]["shutdown"]
+    assert trigger == observer.flush
+    trigger()
+    assert stream.getvalue() == "[relayd.access#info] access request_id=9\n"
