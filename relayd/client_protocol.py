@@ -17,6 +17,9 @@ upgrade that changes these internals fails a test rather than production.
 
 from __future__ import annotations
 
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from twisted.web._newclient import (
     HEADER,
@@ -33,6 +36,7 @@ from twisted.web.client import (
 
 __all__ = [
     "ClientProtocol",
+    "PreparedRequest",
     "Request",
     "RequestNotSent",
     "RequestTransmissionFailed",
@@ -55,3 +59,30 @@ class ClientProtocol(HTTP11ClientProtocol):
         """Close the connection and fail the request in progress (its Deferred errbacks
         with a ``ResponseFailed`` holding ``reason``)."""
         self._giveUp(reason)
+
+
+class PreparedRequest(Request):
+    """A request whose bytes (request line, headers, body) are made already.
+
+    ``Request.writeTo`` writes the head through a ``Headers`` object (re-validating and
+    re-encoding every header) and the body through a producer with a chain of Deferreds;
+    relayd holds the whole request in memory, so it is written in one go. The protocol
+    reads ``method`` (a HEAD answer has no body) and ``persistent`` (keep-alive) of the
+    request; ``bodyProducer`` is None (nothing to stop, and the same bytes can be sent
+    again on a fresh connection).
+    """
+
+    def __init__(self, method: bytes, uri: bytes, data: bytes) -> None:
+        self.method = method
+        self.uri = uri
+        self.headers = None
+        self.bodyProducer = None
+        self.persistent = True
+        self._data = data
+
+    def writeTo(self, transport: Any) -> Deferred[None]:
+        transport.write(self._data)
+        return succeed(None)
+
+    def stopWriting(self) -> None:
+        """Nothing to stop: the request was written whole."""

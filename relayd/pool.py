@@ -25,7 +25,8 @@ pool against the installed Twisted.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+import re
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, gatherResults, succeed
@@ -37,6 +38,7 @@ from zope.interface import implementer
 
 from relayd.client_protocol import (
     ClientProtocol,
+    PreparedRequest,
     Request,
     RequestNotSent,
     RequestTransmissionFailed,
@@ -265,3 +267,62 @@ class ConnectionPool:
         if timer is not None:
             timer.cancel()
             self._idle[key].remove(connection)
+
+
+# A request target relayd sends: visible ASCII only (what Agent would accept too).
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+
+
+class PoolSender:
+    """Sends requests of one backend on its pool, without an Agent in between.
+
+    Agent parses the URL, looks the endpoint up and builds a ``Headers`` for every
+    request; for a backend they never change, so the pool key, the endpoint, the path
+    prefix and the ``Host`` line are found once. A request is serialized here in one
+    piece (:class:`~relayd.client_protocol.PreparedRequest`), with the same framing
+    Agent gives it (``Content-Length`` when there is a body or the method is POST).
+    """
+
+    __slots__ = ("_endpoint", "_host_line", "_key", "_pool", "_prefix")
+
+    def __init__(self, pool: ConnectionPool, endpoint: IStreamClientEndpoint, scheme: bytes,
+                 host: bytes, port: int, prefix: bytes) -> None:
+        self._pool = pool
+        self._endpoint = endpoint
+        self._key = (scheme, host, port)  # the key Agent uses: probes share the connections
+        self._prefix = prefix
+        if b":" in host:  # an IPv6 literal
+            host = b"[" + host + b"]"
+        default = (scheme, port) in ((b"http", 80), (b"https", 443))
+        self._host_line = b"Host: " + (host if default else b"%b:%d" % (host, port)) + b"\r\n"
+
+    def send(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes | None,
+    ) -> Deferred[IResponse]:
+        """Send ``method`` ``path`` (below the backend's prefix) with ``headers``."""
+        target = self._prefix + path
+        if _TARGET.fullmatch(target) is None:
+            raise ValueError(f"invalid request target {target[:200]!r}")
+        lines = [b"%b %b HTTP/1.1\r\n" % (method, target), self._host_line]
+        for name, value in headers:
+            if b"\r" in value or b"\n" in value:
+                value = value.replace(b"\r", b" ").replace(b"\n", b" ")
+            lines.append(b"%b: %b\r\n" % (name, value))
+        if body or method == b"POST":
+            lines.append(b"Content-Length: %d\r\n\r\n" % len(body or b""))
+            if body:
+                lines.append(body)
+        else:
+            lines.append(b"\r\n")
+        request = PreparedRequest(method, target, b"".join(lines))
+        d = self._pool.getConnection(self._key, self._endpoint)
+        return d.addCallback(_send_on, request)
+
+
+def _send_on(connection: Any, request: PreparedRequest) -> Deferred[IResponse]:
+    sent: Deferred[IResponse] = connection.request(request)
+    return sent

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
@@ -32,7 +32,7 @@ from relayd import __version__
 from relayd.config.model import BackendConfig
 from relayd.health import ActiveHealth, CircuitBreaker, HealthChecker
 from relayd.keyring import KeyRing
-from relayd.pool import ConnectionPool
+from relayd.pool import BytesProducer, ConnectionPool, PoolSender
 from relayd.providers.base import IProvider
 
 _CONNECTION_DONE = Failure(ConnectionDone())
@@ -128,6 +128,7 @@ class Backend:
         self.health = ActiveHealth(config.health)
         self.checker: HealthChecker | None = None
         self.pool: ConnectionPool | None = None
+        self.sender: PoolSender | None = None  # the relay path's, without an Agent
         if agent is None:
             pool = ConnectionPool(
                 reactor, config.pool.max_idle_connections, config.pool.idle_timeout
@@ -137,6 +138,9 @@ class Backend:
                 reactor, tls_policy or BrowserLikePolicyForHTTPS(), config.timeouts.connect
             )
             agent = Agent.usingEndpointFactory(reactor, endpoints, pool=pool)
+            uri = URI.fromBytes(self.base_url)
+            self.sender = PoolSender(pool, endpoints.endpointForURI(uri), uri.scheme,
+                                     uri.host, uri.port, uri.path)
         self.agent = agent
         self._apply(config)
 
@@ -194,6 +198,23 @@ class Backend:
     def acquire(self) -> None:
         """Take a slot for a request about to go to this backend (see :meth:`release`)."""
         self.in_flight += 1
+
+    def send(
+        self,
+        method: bytes,
+        path: bytes,
+        headers: Sequence[tuple[bytes, bytes]],
+        body: bytes | None,
+    ) -> Deferred[IResponse]:
+        """Send a relayed request (``path`` below the base URL, ``body`` None for none)
+        on the backend's pool; through the Agent when one was given (tests)."""
+        if self.sender is not None:
+            return self.sender.send(method, path, headers, body)
+        out = Headers()
+        for name, value in headers:
+            out.addRawHeader(name, value)
+        producer = BytesProducer(body) if body is not None else None
+        return self.agent.request(method, self.base_url + path, out, producer)
 
     def note_error(self, message: str) -> None:
         self.last_error = message

@@ -27,7 +27,7 @@ from twisted.web.iweb import IResponse
 from relayd.errors import Result
 from relayd.keyring import REJECTIONS_TO_BENCH
 from relayd.metrics import RelayMetrics
-from relayd.pool import MAX_RESPONSE_HEAD, BytesProducer, head_too_large
+from relayd.pool import MAX_RESPONSE_HEAD, head_too_large
 from relayd.retry_after import parse_retry_after
 
 if TYPE_CHECKING:
@@ -110,17 +110,14 @@ class UpstreamAttempt(Protocol):
         """Send the request; its key and the backend's account headers are added here."""
         call = self.call
         backend = self.backend
-        headers = call.headers.copy()
-        for name, value in self.key.auth_headers:
-            headers.setRawHeaders(name, [value])
-        for name, value in backend.account_headers:
-            headers.setRawHeaders(name, [value])
+        # The call's headers never carry these names (relayd.http.headers.NEVER_FORWARDED).
+        headers = call.headers + self.key.auth_headers + backend.account_headers
         now = self.clock.seconds()
         first_byte = max(min(backend.timeouts.first_byte, self.deadline - now), 0.0)
         self.timer = self.clock.callLater(first_byte, self._timer_fired)
         body = call.body
-        producer = BytesProducer(body) if body or method == b"POST" else None
-        d = backend.agent.request(method, backend.base_url + call.path, headers, producer)
+        d = backend.send(method, call.path, headers,
+                         body if body or method == b"POST" else None)
         self.request = d
         d.addCallbacks(self._responded, self._failed)
         d.addErrback(self._unexpected)

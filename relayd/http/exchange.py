@@ -20,6 +20,7 @@ renders it, once, in the caller's API error shape.
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
@@ -31,7 +32,7 @@ from relayd.errors import Outcome, Refusal, Result
 from relayd.http.accesslog import record_exchange
 from relayd.http.attempt import UpstreamAttempt, discard
 from relayd.http.bodies import BodySink, choose_sink
-from relayd.http.headers import write_answer_head
+from relayd.http.headers import replace_header, write_answer_head
 from relayd.http.intake import ClientCall, parse_client_call, printable
 from relayd.http.models import ModelCatalog
 from relayd.http.objects import ObjectKeeper
@@ -51,6 +52,9 @@ if TYPE_CHECKING:
 log = Logger(namespace="relayd.relay")
 
 REQUEST_ID_HEADER = b"x-relayd-request-id"
+
+# An origin-form request target: what relayd can pass on (relayd.pool.PoolSender).
+_TARGET = re.compile(rb"/[\x21-\x7e]*")
 
 
 
@@ -135,8 +139,8 @@ class Exchange:
 
     def _find_endpoint(self) -> Endpoint:
         request = self.request
-        if not request.uri.startswith(b"/"):
-            raise Refusal(400, "request target must be an absolute path")
+        if _TARGET.fullmatch(request.uri) is None:
+            raise Refusal(400, "request target must be an absolute path (visible ASCII)")
         path = request.path
         found = self.resource.endpoints.lookup(request, path)
         if found is None:
@@ -167,7 +171,7 @@ class Exchange:
         request = self.request
         headers = runtime.header_policy.upstream_headers(family.name, request.requestHeaders)
         if call.stream:
-            headers.setRawHeaders(b"accept-encoding", [b"identity"])
+            headers = replace_header(headers, b"accept-encoding", b"identity")
         planner = self.planner = AttemptPlanner(
             runtime, self.clock, self.metrics, family, endpoint, route, call,
             uri=request.uri, upstream_headers=headers, pinned=self.pinned,

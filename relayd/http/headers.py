@@ -20,13 +20,16 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 from twisted.web.http import Request
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH, IResponse
 
-from relayd.http.translation import UpstreamCall
 from relayd.providers import IProvider, LimitState
+
+if TYPE_CHECKING:
+    from relayd.http.translation import UpstreamCall
 from relayd.retry_after import parse_retry_after
 
 # Hop-by-hop headers (RFC 9110 7.6.1), never relayed in either direction; the headers
@@ -78,6 +81,9 @@ _COMMON = frozenset(
 )
 _COMMON_PREFIXES = (b"x-stainless-",)  # the official SDKs' own (language, retry count...)
 
+#: Upstream request headers: (lower-case name, value) pairs, in order.
+HeaderList = list[tuple[bytes, bytes]]
+
 # Rate-limit headers of an upstream response describe relayd's upstream key, not the
 # client: they are replaced by the client's own when it has limits.
 UPSTREAM_LIMIT_PREFIXES = (b"x-ratelimit-", b"anthropic-ratelimit-")
@@ -99,11 +105,12 @@ class RequestHeaderPolicy:
             else None
         )
 
-    def upstream_headers(self, family: str, client: Headers) -> Headers:
-        """The headers of ``client`` that may go upstream for a call of ``family``."""
+    def upstream_headers(self, family: str, client: Headers) -> HeaderList:
+        """The headers of ``client`` that may go upstream for a call of ``family``, as
+        (lower-case name, value) pairs."""
         allowed = self._allowed[family]
         extra = self._extra
-        out = Headers()
+        out: HeaderList = []
         named: frozenset[bytes] | tuple[()] = ()
         connection = client.getRawHeaders(b"connection")
         if connection:
@@ -122,8 +129,13 @@ class RequestHeaderPolicy:
                 or lower.startswith(_COMMON_PREFIXES)
                 or (extra is not None and extra.fullmatch(lower) is not None)
             ):
-                out.setRawHeaders(name, values)
+                out += [(lower, value) for value in values]
         return out
+
+
+def replace_header(headers: HeaderList, name: bytes, value: bytes) -> HeaderList:
+    """``headers`` with ``name`` (lower-case) set to ``value`` alone."""
+    return [h for h in headers if h[0] != name] + [(name, value)]
 
 
 def write_answer_head(

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.http_headers import Headers
 
 from relayd.errors import Outcome, Refusal, Result
+from relayd.http.headers import HeaderList
 from relayd.http.intake import ClientCall
 from relayd.http.translation import UpstreamCall, prepare_call, serves
 from relayd.keyring import UpstreamKey
@@ -134,7 +134,7 @@ class AttemptPlanner:
         call: ClientCall,
         *,
         uri: bytes,
-        upstream_headers: Headers,
+        upstream_headers: HeaderList,
         pinned: tuple[ProviderRoute, Backend] | None,
         request_id: str,
     ) -> None:

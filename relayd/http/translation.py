@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-from twisted.web.http_headers import Headers
-
 from relayd import jsonbody
+from relayd.http.headers import HeaderList, replace_header
 from relayd.providers import PROVIDERS, Endpoint, IProvider
 from relayd.routing import Route, RouteTarget
 from relayd.translate import (
@@ -177,7 +176,7 @@ class UpstreamCall:
         family: IProvider,
         endpoint: Endpoint,
         path: bytes,
-        headers: Headers,
+        headers: HeaderList,
         body: bytes,
         *,
         model: str | None = None,
@@ -259,7 +258,7 @@ def prepare_call(
     endpoint: Endpoint,
     *,
     uri: bytes,
-    headers: Headers,
+    headers: HeaderList,
     body: bytes,
     payload: dict[str, Any] | None,
     model: str | None,
@@ -271,25 +270,19 @@ def prepare_call(
         renamed = dict(payload)
         renamed["model"] = target.model
         # The answer is read whole to be renamed: no compression to undo.
-        renamed_headers = headers.copy()
-        renamed_headers.setRawHeaders(b"accept-encoding", [b"identity"])
+        renamed_headers = replace_header(headers, b"accept-encoding", b"identity")
         body = json_bytes(renamed)
         return UpstreamCall(family, endpoint, uri, renamed_headers, body, model=model)
     assert payload is not None and model is not None
     translator = TRANSLATORS[(family.name, endpoint.name)]
     translated = translator.request(payload, route, target.model)
-    out = Headers()
     foreign = family.header_prefix
-    for name, values in headers.getAllRawHeaders():
-        lower = name.lower()
-        if lower.startswith(foreign) or lower in _REPLACED_HEADERS:
-            continue
-        out.setRawHeaders(name, values)
-    out.setRawHeaders(b"content-type", [b"application/json"])
+    replaced = _REPLACED_HEADERS.union(name for name, _ in translated.headers)
+    out = [h for h in headers if not (h[0].startswith(foreign) or h[0] in replaced)]
+    out.append((b"content-type", b"application/json"))
     # The body is rewritten whole or event by event: no compression to undo.
-    out.setRawHeaders(b"accept-encoding", [b"identity"])
-    for name, value in translated.headers:
-        out.setRawHeaders(name, [value])
+    out.append((b"accept-encoding", b"identity"))
+    out += translated.headers
     upstream_endpoint = translator.upstream_endpoint
     return UpstreamCall(
         translator.upstream,

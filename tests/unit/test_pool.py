@@ -18,7 +18,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IAgentEndpointFactory, IResponse
 from zope.interface import implementer
 
-from relayd.pool import BytesProducer, ConnectionPool, head_too_large
+from relayd.pool import BytesProducer, ConnectionPool, PoolSender, head_too_large
 
 URL = b"http://up.test/v1/messages"
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -272,3 +272,90 @@ def test_a_large_first_read_with_a_small_head_is_fine(setup: Setup) -> None:
     body = b"x" * 60_000
     conn.answer(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     assert read(results[0]) == body
+
+
+# -- PoolSender: the relay path's requests, serialized once, without an Agent ---------------
+
+
+def sender(setup: Setup, host: bytes = b"up.test", port: int = 80,
+           prefix: bytes = b"") -> PoolSender:
+    return PoolSender(setup.pool, setup.endpoints, b"http", host, port, prefix)  # type: ignore[arg-type]
+
+
+def test_sender_writes_what_agent_writes_for_the_same_request(setup: Setup) -> None:
+    """Same request line, Host, headers, length and body as Agent on the installed
+    Twisted (header names aside: HTTP names are case-insensitive, relayd's are lower)."""
+    headers = [(b"content-type", b"application/json"), (b"x-api-key", b"sk-up")]
+    results: list[Any] = []
+    sender(setup).send(b"POST", b"/v1/messages?beta=true", headers, b'{"x":1}').addBoth(
+        results.append
+    )
+    agent_headers = Headers({b"content-type": [b"application/json"], b"x-api-key": [b"sk-up"]})
+    setup.agent.request(b"POST", b"http://up.test/v1/messages?beta=true", agent_headers,
+                        BytesProducer(b'{"x":1}'))
+    ours, agents = (c.sent() for c in setup.endpoints.connections)
+
+    def parsed(raw: bytes) -> tuple[bytes, set[bytes], bytes]:
+        head, _, body = raw.partition(b"\r\n\r\n")
+        line, *fields = head.split(b"\r\n")
+        return line, {f.lower() for f in fields}, body
+
+    assert parsed(ours) == parsed(agents)
+    assert parsed(ours) == (
+        b"POST /v1/messages?beta=true HTTP/1.1",
+        {b"host: up.test", b"content-type: application/json", b"x-api-key: sk-up",
+         b"content-length: 7"},
+        b'{"x":1}',
+    )
+    setup.endpoints.connections[0].answer()
+    assert read(results[0]) == b"ok"
+
+
+def test_sender_uses_the_path_prefix_the_port_and_no_length_without_a_body(
+    setup: Setup,
+) -> None:
+    sender(setup, b"10.0.0.7", 8443, b"/proxy").send(b"GET", b"/v1/models", [], None)
+    sender(setup, b"::1", 8080).send(b"POST", b"/v1/x", [], None)
+    get, post = (c.sent() for c in setup.endpoints.connections)
+    assert get == b"GET /proxy/v1/models HTTP/1.1\r\nHost: 10.0.0.7:8443\r\n\r\n"
+    assert post == b"POST /v1/x HTTP/1.1\r\nHost: [::1]:8080\r\nContent-Length: 0\r\n\r\n"
+
+
+def test_sender_cannot_be_made_to_split_a_header_or_the_request_line(setup: Setup) -> None:
+    sender(setup).send(b"POST", b"/v1/m", [(b"x-a", b"1\r\nx-evil: 2")], b"{}")
+    (conn,) = setup.endpoints.connections
+    assert b"x-a: 1  x-evil: 2\r\n" in conn.sent()
+    with pytest.raises(ValueError):
+        sender(setup).send(b"POST", b"/v1/m HTTP/1.1\r\nX: y", [], b"{}")
+
+
+def test_sender_shares_connections_with_the_agent_and_retries_the_race(setup: Setup) -> None:
+    """Probes go through the Agent, relayed requests through the sender: one pool key,
+    so they reuse each other's connections; the keep-alive race is retried with the same
+    bytes (a prepared request can be written again)."""
+    first = setup.post()
+    (conn,) = setup.endpoints.connections
+    conn.answer()
+    read(first[0])
+    results: list[Any] = []
+    sender(setup).send(b"POST", b"/v1/messages", [], b'{"again":true}').addBoth(
+        results.append
+    )
+    assert len(setup.endpoints.connections) == 1 and setup.pool.reused == 1
+    conn.close(ConnectionLost)  # the upstream closed it as the request went out
+    assert not results
+    fresh = setup.endpoints.connections[1]
+    assert conn.sent().endswith(fresh.sent())  # the same bytes, once more
+    assert fresh.sent().endswith(b'{"again":true}')
+    fresh.answer()
+    assert read(results[0]) == b"ok"
+    assert setup.pool.stale_retries == 1
+
+
+def test_a_head_answer_through_the_sender_has_no_body(setup: Setup) -> None:
+    results: list[Any] = []
+    sender(setup).send(b"HEAD", b"/v1/models", [], None).addBoth(results.append)
+    (conn,) = setup.endpoints.connections
+    conn.answer(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n")
+    assert read(results[0]) == b""
+    assert setup.pool.idle_connections() == 1  # the connection is free for the next one
