@@ -332,6 +332,7 @@ class UpstreamAttempt(Protocol):
     def detach(self) -> None:
         """The host is done with this attempt: nothing more reaches it."""
         self.host = None
+        self.sink = None  # (its sink refers back to it)
 
 
 class _Drain(Protocol):

@@ -454,3 +454,6 @@ class Exchange:
         if self.stream_open:
             self.metrics.stream_closed()
         record_exchange(self, self.clock.seconds())
+        # The sink refers back to the exchange: without this cycle the request's objects
+        # are freed now, by reference counting, not later by the garbage collector.
+        self.sink = None
