@@ -516,3 +516,41 @@ def test_the_route_chosen_is_the_planners() -> None:
     assert planner.route is route and planner.provider_name == "anthropic"
     assert [t.provider.name for t in planner.targets] == ["anthropic"]
 
+
+# -- a pinned call waits and is refused for its own backend only ------------------------------
+
+
+def pinned_world() -> tuple[World, AttemptPlanner]:
+    """A call pinned to eu, whose breaker is open for 30 s; us is at its cap."""
+    built = base_config()
+    built["providers"][0]["breaker"] = {"failures": 1, "window": 1, "cooldown": 30}
+    built["providers"][0]["backends"][0]["max_concurrent"] = 1
+    world = World(built)
+    us, eu = world.backend("us"), world.backend("eu")
+    us.acquire()  # another request holds us's only slot
+    trip(eu)
+    planner = world.planner(pinned=(world.runtime.providers["anthropic"], eu))
+    assert planner.next() is None
+    return world, planner
+
+
+def test_a_pinned_call_does_not_wait_for_a_slot_it_could_never_use() -> None:
+    """Waiting on us would end in a no-backend 503 anyway, queue_timeout seconds later."""
+    _, planner = pinned_world()
+    assert planner.capacity_blocked() == []
+
+
+def test_a_pinned_call_waits_for_its_own_backends_slot() -> None:
+    built = base_config()
+    built["providers"][0]["backends"][1]["max_concurrent"] = 1
+    world = World(built)
+    eu = world.backend("eu")
+    eu.acquire()
+    planner = world.planner(pinned=(world.runtime.providers["anthropic"], eu))
+    assert planner.next() is None and planner.capacity_blocked() == [eu]
+
+
+def test_a_pinned_calls_retry_after_is_its_own_backends() -> None:
+    _, planner = pinned_world()
+    found = planner.no_backend()
+    assert found.retry_after == 30.0  # us being fine does not bring eu back sooner
