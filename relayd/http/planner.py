@@ -291,14 +291,16 @@ class AttemptPlanner:
             return None
         return Refusal(error.status, str(error), outcome=Outcome.UNTRANSLATABLE)
 
+    def _usable_backends(self) -> list[Backend]:
+        """The backends this request may go to: the one that holds its object (pinned),
+        else every backend of its targets' providers."""
+        if self._pinned is not None:
+            return [self._pinned[1]]
+        return [b for provider in providers_of(self.targets) for b in provider.balancer.backends]
+
     def capacity_blocked(self) -> list[Backend]:
         """The backends this request could use but for their ``max_concurrent``."""
-        return [
-            backend
-            for provider in providers_of(self.targets)
-            for backend in provider.balancer.backends
-            if not backend.has_capacity() and backend.can_serve()
-        ]
+        return [b for b in self._usable_backends() if not b.has_capacity() and b.can_serve()]
 
     def no_backend(self) -> Refusal:
         return Refusal(
@@ -310,20 +312,19 @@ class AttemptPlanner:
         )
 
     def unavailable_for(self) -> float:
-        """Seconds until some backend of the route's providers may take requests (>= 1)."""
+        """Seconds until some backend this request may use can take requests (>= 1)."""
         now = self._clock.seconds()
         soonest: float | None = None
-        for provider in providers_of(self.targets):
-            for backend in provider.balancer.backends:
-                candidates = []
-                breaker = backend.breaker
-                if breaker.state == "open" and breaker.opened_until is not None:
-                    candidates.append(breaker.opened_until - now)
-                key_time = backend.keys.next_available_at()
-                if key_time is not None:
-                    candidates.append(key_time - now)
-                wait = max(candidates) if candidates else 0.0
-                soonest = wait if soonest is None else min(soonest, wait)
+        for backend in self._usable_backends():
+            candidates = []
+            breaker = backend.breaker
+            if breaker.state == "open" and breaker.opened_until is not None:
+                candidates.append(breaker.opened_until - now)
+            key_time = backend.keys.next_available_at()
+            if key_time is not None:
+                candidates.append(key_time - now)
+            wait = max(candidates) if candidates else 0.0
+            soonest = wait if soonest is None else min(soonest, wait)
         return max(soonest or 0.0, 1.0)
 
     def provider_names(self) -> str:
