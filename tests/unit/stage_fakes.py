@@ -227,7 +227,7 @@ class World:
             route = self.route(api, call.model)
         return AttemptPlanner(
             self.runtime, self.clock, self.metrics, family, where, route, call,
-            uri=where.path, upstream_headers=Headers(), pinned=pinned, request_id=REQUEST_ID,
+            uri=where.path, upstream_headers=[], pinned=pinned, request_id=REQUEST_ID,
         )
 
 

@@ -19,7 +19,6 @@ from stage_fakes import (
     endpoint_of,
 )
 from twisted.internet.interfaces import ITransport
-from twisted.web.http_headers import Headers
 
 from relayd.errors import Outcome, Result
 from relayd.http.attempt import UpstreamAttempt
@@ -62,12 +61,12 @@ ANSWER = json.dumps({"id": "msg_1", "model": "claude-real",
 
 
 def plain_call() -> UpstreamCall:
-    return UpstreamCall(ANTHROPIC, MESSAGES, b"/v1/messages", Headers(), b"{}")
+    return UpstreamCall(ANTHROPIC, MESSAGES, b"/v1/messages", [], b"{}")
 
 
 def renamed_call() -> UpstreamCall:
     """The client asked for claude-x; the upstream was asked for claude-real."""
-    return UpstreamCall(ANTHROPIC, MESSAGES, b"/v1/messages", Headers(), b"{}",
+    return UpstreamCall(ANTHROPIC, MESSAGES, b"/v1/messages", [], b"{}",
                         model="claude-x")
 
 
@@ -75,7 +74,7 @@ def translated_call() -> UpstreamCall:
     """An Anthropic client's call sent to an OpenAI upstream."""
     translator = TRANSLATORS[("anthropic", "messages")]
     return UpstreamCall(OPENAI, translator.upstream_endpoint, b"/v1/chat/completions",
-                        Headers(), b"{}", model="claude-x", translator=translator)
+                        [], b"{}", model="claude-x", translator=translator)
 
 
 class Relay:

@@ -21,13 +21,13 @@ NOW = 1_700_000_000.0
 
 
 def plain_call(dropped: tuple[str, ...] = ()) -> UpstreamCall:
-    return UpstreamCall(ANTHROPIC, MESSAGES, b"/v1/messages", Headers(), b"{}", dropped=dropped)
+    return UpstreamCall(ANTHROPIC, MESSAGES, b"/v1/messages", [], b"{}", dropped=dropped)
 
 
 def translated_call() -> UpstreamCall:
     translator = TRANSLATORS[("anthropic", "messages")]
     return UpstreamCall(OPENAI, translator.upstream_endpoint, b"/v1/chat/completions",
-                        Headers(), b"{}", model="claude-x", translator=translator)
+                        [], b"{}", model="claude-x", translator=translator)
 
 
 def head(

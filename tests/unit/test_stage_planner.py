@@ -10,9 +10,9 @@ from relay_harness import base_config
 from stage_fakes import MESSAGE, World, endpoint_of
 
 from relayd.errors import Outcome, Refusal
-from relayd.health import KeyRing
 from relayd.http.intake import ClientCall
 from relayd.http.planner import AttemptPlanner, Pick, choose_route
+from relayd.keyring import KeyRing
 from relayd.providers import PROVIDERS
 from relayd.routing import Route
 from relayd.upstream import Backend
