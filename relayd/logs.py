@@ -30,9 +30,40 @@ def logfmt_value(value: object) -> str:
     return json.dumps(text[:200])
 
 
+# Rendered text values: most repeat from line to line (names of clients, backends,
+# models, outcomes, paths), so each is checked once. Bounded: past the bound (a client
+# sending a new model name every time), values are rendered but not kept.
+_RENDERED: dict[str, str] = {}
+_MAX_RENDERED = 4096
+
+# Fields whose values relayd makes itself, always plain (a request id is new every time:
+# caching it would only fill the cache).
+_PLAIN_FIELDS = frozenset({"request_id", "api", "endpoint", "upstream_api", "outcome"})
+
+
 def format_access_line(fields: dict[str, object]) -> str:
-    """``key=value`` pairs in the given order."""
-    return " ".join(f"{key}={logfmt_value(value)}" for key, value in fields.items())
+    """``key=value`` pairs in the given order (values as :func:`logfmt_value` has them)."""
+    parts = []
+    rendered = _RENDERED
+    for key, value in fields.items():
+        kind = type(value)
+        if value is None:
+            text = "-"
+        elif key in _PLAIN_FIELDS and kind is str:
+            text = value  # type: ignore[assignment]
+        elif kind is str:
+            found = rendered.get(value)  # type: ignore[call-overload]
+            if found is None:
+                found = logfmt_value(value)
+                if len(rendered) < _MAX_RENDERED:
+                    rendered[value] = found  # type: ignore[index]
+            text = found
+        elif kind is int or kind is float:
+            text = str(value)
+        else:
+            text = logfmt_value(value)
+        parts.append(key + "=" + text)
+    return " ".join(parts)
 
 
 def log_access(fields: dict[str, object]) -> None:

@@ -20,6 +20,7 @@ renders it, once, in the caller's API error shape.
 from __future__ import annotations
 
 import os
+import random
 import re
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,9 @@ log = Logger(namespace="relayd.relay")
 
 REQUEST_ID_HEADER = b"x-relayd-request-id"
 
+# Request ids correlate log lines: unique, not secret (no system call per request).
+_ids = random.Random(os.urandom(32))
+
 # An origin-form request target: what relayd can pass on (relayd.pool.PoolSender).
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
 
@@ -76,7 +80,7 @@ class Exchange:
         self.clock = resource.clock
         self.metrics = resource.metrics
         self.started = self.clock.seconds()
-        self.request_id = "req_" + os.urandom(12).hex()
+        self.request_id = f"req_{_ids.getrandbits(96):024x}"
         self.family = PROVIDERS[DEFAULT_FAMILY]
         self.endpoint: Endpoint | None = None
         self.call: ClientCall | None = None

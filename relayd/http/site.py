@@ -6,6 +6,8 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.python.failure import Failure
+from twisted.web.http import datetimeToString
 from twisted.web.server import Request, Site
 
 from relayd.http.body import BoundedBody
@@ -14,6 +16,23 @@ from relayd.http.connections import ConnectionTracker, Refused
 from relayd.http.relay import RelayResource
 from relayd.metrics import RelayMetrics
 from relayd.runtime import RelayRuntime
+
+
+class RelayRequest(Request):
+    """A twisted.web request handed straight to the relay resource.
+
+    ``Request.process`` sets a ``Server`` header (relayd sends none), splits and unquotes
+    the path into ``postpath`` and walks the resource tree; the relay resource is a leaf
+    that serves every path and reads ``path`` itself, so none of that is needed.
+    """
+
+    def process(self) -> None:
+        site = self.site = self.channel.site  # type: ignore[attr-defined]
+        self.setHeader(b"date", datetimeToString())
+        try:
+            site.resource.render(self)
+        except BaseException:
+            self.processingFailed(Failure())
 
 
 class RelaySite(Site):
@@ -39,7 +58,7 @@ class RelaySite(Site):
         # (that costs a MIME parse of Content-Type on every POST).
         super().__init__(
             RelayResource(get_runtime, clock, metrics),
-            requestFactory=Request,
+            requestFactory=RelayRequest,
             reactor=clock,
             parsePOSTFormSubmission=False,
         )

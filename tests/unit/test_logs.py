@@ -89,3 +89,21 @@ def test_batch_access_lines_flushes_at_shutdown() -> None:
     assert trigger == observer.flush
     trigger()
     assert stream.getvalue() == "[relayd.access#info] access request_id=9\n"
+
+
+def test_access_lines_render_each_value_as_logfmt_value_does() -> None:
+    """The cache of rendered text values changes nothing, and cannot grow without end."""
+    values: list[object] = ["claude-x", 'a "quoted"\nline', "x" * 300, 7, 2.5, True, None, "", "é"]
+    for _ in range(2):  # the second time from the cache
+        for value in values:
+            assert format_access_line({"k": value}) == f"k={logfmt_value(value)}"
+    for n in range(relayd.logs._MAX_RENDERED + 10):
+        format_access_line({"model": f"m-{n}"})
+    assert len(relayd.logs._RENDERED) <= relayd.logs._MAX_RENDERED
+    assert format_access_line({"model": "fresh one"}) == 'model="fresh one"'
+
+
+def test_request_ids_do_not_fill_the_cache() -> None:
+    before = len(relayd.logs._RENDERED)
+    format_access_line({"request_id": "req_00ff", "outcome": "ok"})
+    assert len(relayd.logs._RENDERED) == before
