@@ -60,21 +60,29 @@ class RelayHTTPChannel(HTTPChannel):
         self._config = config
         self._deadline: IDelayedCall | None = None
         self._between_requests = True  # the next byte starts a request's head
+        self._waiting_for: str | None = None  # "head" or "body" while one is incomplete
 
     def dataReceived(self, data: bytes) -> None:
         if self._between_requests and data:
             self._between_requests = False
-            self._arm(self._config.head_timeout, "head")
+            self._waiting_for = "head"
         super().dataReceived(data)
+        # A deadline only for what is still missing once this read is parsed: a request
+        # that arrives whole in one read (most do) needs no timer at all.
+        stage = self._waiting_for
+        if stage is not None and self._deadline is None and self.connected:
+            config = self._config
+            self._arm(config.head_timeout if stage == "head" else config.body_timeout, stage)
 
     def allHeadersReceived(self) -> None:
         super().allHeadersReceived()
         self._disarm()
-        self._arm(self._config.body_timeout, "body")
+        self._waiting_for = "body"
         self._owner.tracker.busy(self._owner)
 
     def allContentReceived(self) -> None:
         self._disarm()
+        self._waiting_for = None
         super().allContentReceived()
 
     def requestDone(self, request: Request) -> None:

@@ -197,3 +197,25 @@ def test_connection_settings_are_checked(section: dict[str, Any], error: str) ->
     with pytest.raises(ConfigErrors) as raised:
         parse_config(base_config(connections=section))
     assert [str(e) for e in raised.value.errors] == [error]
+
+
+def test_a_request_that_arrives_whole_sets_no_deadline_at_all() -> None:
+    """Head and body deadlines are only armed for what a read leaves missing."""
+    setup = Setup()
+    protocol, _ = setup.connect()
+
+    def deadlines() -> list[Any]:
+        calls: Any = setup.clock.getDelayedCalls()  # DelayedCalls: func, args
+        return [c.args for c in calls if getattr(c.func, "__name__", "") == "_too_slow"]
+
+    protocol.dataReceived(REQUEST)
+    assert len(setup.later.pending) == 1
+    assert deadlines() == []
+    setup.later.pending[0].finish()
+    protocol.dataReceived(REQUEST[:10])
+    assert deadlines() == [("head",)]
+    protocol.dataReceived(REQUEST[10:-1])
+    assert deadlines() == [("body",)]
+    protocol.dataReceived(REQUEST[-1:])
+    assert len(setup.later.pending) == 2
+    assert deadlines() == []
