@@ -48,7 +48,7 @@ def test_access_lines_are_the_formatted_event_text() -> None:
     assert expected == '[relayd.access#info] access request_id=req_1 model="a b" status=200\n'
 
 
-def test_batched_access_lines_wait_for_the_reactor_turn_and_keep_their_order() -> None:
+def test_batched_access_lines_wait_for_the_window_and_keep_their_order() -> None:
     stream = io.StringIO()
     observer = JournalObserver(stream)
     clock = MemoryReactorClock()
@@ -57,19 +57,38 @@ def test_batched_access_lines_wait_for_the_reactor_turn_and_keep_their_order() -
     other = Logger(namespace="relayd.relay", observer=observer)
     access.info("access {line}", line="request_id=1", access={})
     access.info("access {line}", line="request_id=2", access={})
-    assert stream.getvalue() == ""  # not before the turn ends
-    assert len(clock.getDelayedCalls()) == 1  # one flush per turn, not per line
+    assert stream.getvalue() == ""  # not before the window ends
+    (flush,) = clock.getDelayedCalls()  # one flush per window, not per line
+    assert flush.getTime() == relayd.logs.ACCESS_FLUSH_SECONDS
     other.warn("backend {name} is down", name="a")  # written at once, after lines before it
     assert stream.getvalue().splitlines() == [
         "[relayd.access#info] access request_id=1",
         "[relayd.access#info] access request_id=2",
         "[relayd.relay#warn] backend a is down",
     ]
+    clock.advance(relayd.logs.ACCESS_FLUSH_SECONDS)  # the armed flush finds nothing left
+    assert len(stream.getvalue().splitlines()) == 3
     access.info("access {line}", line="request_id=3", access={})
-    clock.advance(0)
+    clock.advance(relayd.logs.ACCESS_FLUSH_SECONDS / 2)
+    assert len(stream.getvalue().splitlines()) == 3
+    clock.advance(relayd.logs.ACCESS_FLUSH_SECONDS / 2)
     assert stream.getvalue().splitlines()[-1] == "[relayd.access#info] access request_id=3"
-    clock.advance(0)  # the flush left behind by the warning finds nothing to write
-    assert len(stream.getvalue().splitlines()) == 4
+    assert not clock.getDelayedCalls()
+
+
+def test_a_full_batch_of_access_lines_is_written_at_once() -> None:
+    stream = io.StringIO()
+    observer = JournalObserver(stream)
+    clock = MemoryReactorClock()
+    observer.batch_on(clock)
+    access = Logger(namespace="relayd.access", observer=observer)
+    for n in range(relayd.logs.ACCESS_BATCH_LINES - 1):
+        access.info("access {line}", line=f"request_id={n}", access={})
+    assert stream.getvalue() == ""
+    access.info("access {line}", line="request_id=last", access={})
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == relayd.logs.ACCESS_BATCH_LINES
+    assert lines[-1] == "[relayd.access#info] access request_id=last"
 
 
 def test_batch_access_lines_flushes_at_shutdown() -> None:
