@@ -10,7 +10,8 @@ imports some of them, but as public API it offers only the failures in its
 whether the head is still arriving and fail the request when it is too large: both are
 private state of the protocol (its parser and ``_giveUp``). And it reads an answer's
 head in one pass when the head arrives whole (:func:`_read_whole_head`), which means
-feeding the protocol's parser its status line and headers.
+feeding the protocol's parser its status line and headers; and it unties a finished
+parser from its body decoder, a reference cycle otherwise left for every chunked answer.
 
 :class:`ClientProtocol` is ``HTTP11ClientProtocol`` with those as public methods.
 ``tests/unit/test_client_protocol.py`` checks them against the installed Twisted, so an
@@ -62,6 +63,15 @@ class ClientProtocol(HTTP11ClientProtocol):
         """Close the connection and fail the request in progress (its Deferred errbacks
         with a ``ResponseFailed`` holding ``reason``)."""
         self._giveUp(reason)
+
+    def _disconnectParser(self, reason: Failure) -> None:
+        # A finished parser and its body decoder refer to each other (the decoder holds
+        # the parser's ``_finished``): left so, every chunked answer (every stream) is
+        # garbage for the cyclic collector, with its response and headers. Break it.
+        parser = self._parser
+        super()._disconnectParser(reason)
+        if parser is not None:
+            parser.bodyDecoder = None
 
     def dataReceived(self, data: bytes) -> None:
         parser = self._parser

@@ -6,6 +6,8 @@ StringTransport."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any
 
 import pytest
@@ -170,3 +172,23 @@ def test_a_whole_head_in_one_read_takes_the_one_pass() -> None:
     protocol.dataReceived(_ANSWERS["plain"])
     assert results and results[0].code == 200
     assert seen == [b"\r"]  # only the blank line that ends the head, as a line
+
+
+def test_a_finished_chunked_answer_leaves_no_reference_cycle() -> None:
+    """Twisted's parser and its chunked body decoder refer to each other; after the
+    answer the adapter unties them, so the parser is freed without the cyclic collector
+    (every stream is a chunked answer)."""
+    gc.collect()
+    gc.disable()
+    try:
+        protocol, _, results = send()
+        parser = weakref.ref(protocol._parser)
+        protocol.dataReceived(_ANSWERS["chunked"])
+        (response,) = results
+        body: list[Any] = []
+        response.deliverBody(_Collect(body))
+        assert b"".join(body[:-1]) == b"hello world" and body[-1] == "ResponseDone"
+        del response, results
+        assert protocol._parser is None and parser() is None
+    finally:
+        gc.enable()
