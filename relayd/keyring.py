@@ -157,22 +157,22 @@ class KeyRing:
         return min(key.cooldown_until for key in self.keys)
 
     def reconfigure(self, keys: Sequence[tuple[str, list[tuple[bytes, bytes]]]]) -> None:
-        """Replace the key list, keeping the cooldown state of keys whose secret is unchanged.
+        """Replace the key list, keeping the keys whose secret is unchanged.
 
-        Matching is by secret: a key that moved in the list keeps its state (under its new
-        index and the new auth headers); new keys start fresh.
+        Matching is by secret: a kept key is the same :class:`UpstreamKey` (under its new
+        index and auth headers), so a request that chose it before the reload and gets
+        its 429 or 401 after still cools it down in the ring that serves now. New keys
+        start fresh.
         """
         old = {key.secret: key for key in self.keys}
         fresh: list[UpstreamKey] = []
         for i, (secret, headers) in enumerate(keys):
-            key = UpstreamKey(i, secret, headers)
-            prev = old.get(secret)
-            if prev is not None:
-                key.cooldown_until = prev.cooldown_until
-                key.cooldown_reason = prev.cooldown_reason
-                key.rejections = prev.rejections
-                key._reject_streak = prev._reject_streak
-                key._auth_failures = prev._auth_failures
+            key = old.pop(secret, None)  # pop: a secret listed twice gets a second key
+            if key is None:
+                key = UpstreamKey(i, secret, headers)
+            else:
+                key.index = i
+                key.auth_headers = headers
             fresh.append(key)
         self.keys = tuple(fresh)
         if self._next >= len(self.keys):

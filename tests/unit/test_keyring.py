@@ -120,6 +120,23 @@ def test_keyring_reconfigure_keeps_state_by_secret() -> None:
     assert names(kr, 3) == ["d", "c2", "d"]
 
 
+def test_a_429_reported_after_a_reload_cools_the_key_that_serves_now() -> None:
+    """A request chose a key before the reload and gets its answer after it."""
+    clock = Clock()
+    kr = ring(clock, "a", "b")
+    chosen = kr.choose()
+    assert chosen is not None and chosen.secret == "a"
+    kr.reconfigure([("b", []), ("a", [(b"x-api-key", b"a")])])
+    kr.cool_down(chosen, 30.0, "rate_limited")
+    kr.reject(kr.keys[0])
+    kr.reject(kr.keys[0])  # "b" benched too: nothing is usable
+    assert kr.keys[1] is chosen and chosen.index == 1
+    assert kr.choose() is None
+    clock.advance(30.0)
+    picked = kr.choose()
+    assert picked is chosen
+
+
 def test_keyring_repr_hides_secrets() -> None:
     secret = "sk-ant-supersecret-123"
     kr = ring(Clock(), secret, "sk-other-456")
