@@ -35,12 +35,14 @@ from typing import TYPE_CHECKING, Any
 
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
 from zope.interface import implementer
 
 from relayd.config.model import ConnectionsConfig
 from relayd.http.generic_channel import GenericHTTPChannel
+from relayd.http.request_head import feed_whole_head
 from relayd.providers import family_of
 
 if TYPE_CHECKING:
@@ -66,7 +68,10 @@ class RelayHTTPChannel(HTTPChannel):
         if self._between_requests and data:
             self._between_requests = False
             self._waiting_for = "head"
-        super().dataReceived(data)
+        self.resetTimeout()  # HTTPChannel.dataReceived, with the head in one pass
+        rest = feed_whole_head(self, data)
+        if rest is not None:
+            LineReceiver.dataReceived(self, rest)
         # A deadline only for what is still missing once this read is parsed: a request
         # that arrives whole in one read (most do) needs no timer at all.
         stage = self._waiting_for
