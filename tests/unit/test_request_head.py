@@ -48,7 +48,7 @@ class _OnePass(HTTPChannel):
 def _outcome(channel_class: type[HTTPChannel], pieces: list[bytes]) -> Any:
     site = Site(_Echo())
     site.parsePOSTFormSubmission = False  # type: ignore[attr-defined]
-    channel = channel_class()
+    channel: Any = channel_class()
     channel.site = site
     channel.requestFactory = site.requestFactory
     channel.timeOut = None
