@@ -20,16 +20,14 @@ import pytest
 import treq
 from treq.client import HTTPClient
 from treq.testing import RequestTraversalAgent
-from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IConsumer
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IBodyProducer
-from zope.interface import implementer
 
+from relayd.pool import BytesProducer
 from relayd.testing.fakeprovider import (
     FakeProvider,
     FakeSite,
@@ -83,28 +81,6 @@ def done(pending: Deferred[T]) -> T:
     if isinstance(seen[0], Failure):
         seen[0].raiseException()
     return cast(T, seen[0])
-
-
-@implementer(IBodyProducer)
-class BytesProducer:
-    """A request body written at once (the in-memory connection needs no pacing)."""
-
-    def __init__(self, body: bytes) -> None:
-        self.body = body
-        self.length = len(body)
-
-    def startProducing(self, consumer: IConsumer) -> Deferred[None]:
-        consumer.write(self.body)
-        return succeed(None)
-
-    def pauseProducing(self) -> None:
-        pass
-
-    def resumeProducing(self) -> None:
-        pass
-
-    def stopProducing(self) -> None:
-        pass
 
 
 class Fake:
