@@ -8,10 +8,10 @@ raises. Those live in the private ``twisted.web._newclient`` (``twisted.web.clie
 imports some of them, but as public API it offers only the failures in its
 ``__all__``). The pool also bounds the size of an answer's head, for which it must know
 whether the head is still arriving and fail the request when it is too large: both are
-private state of the protocol (its parser and ``_giveUp``). And it reads an answer's
-head in one pass when the head arrives whole (:func:`_read_whole_head`), which means
-feeding the protocol's parser its status line and headers; and it unties a finished
-parser from its body decoder, a reference cycle otherwise left for every chunked answer.
+private state of the protocol (its parser and ``_giveUp``). And it hands an answer's
+head to the parser in one pass when the head arrives whole
+(:func:`relayd.whole_head.feed_whole_head`), and unties a finished parser from its body
+decoder, a reference cycle otherwise left for every chunked answer.
 
 :class:`ClientProtocol` is ``HTTP11ClientProtocol`` with those as public methods.
 ``tests/unit/test_client_protocol.py`` checks them against the installed Twisted, so an
@@ -28,7 +28,6 @@ from twisted.web._newclient import (
     HEADER,
     STATUS,
     HTTP11ClientProtocol,
-    HTTPClientParser,
     Request,
     RequestNotSent,
 )
@@ -37,6 +36,8 @@ from twisted.web.client import (
     ResponseFailed,
     ResponseNeverReceived,
 )
+
+from relayd.whole_head import feed_whole_head
 
 __all__ = [
     "ClientProtocol",
@@ -74,62 +75,19 @@ class ClientProtocol(HTTP11ClientProtocol):
             parser.bodyDecoder = None
 
     def dataReceived(self, data: bytes) -> None:
+        # HTTP11ClientProtocol.dataReceived, with a whole head in one pass
+        # (relayd.whole_head); as there, any failure of the parser fails the request.
         parser = self._parser
-        if parser is not None and parser.state == STATUS:
-            try:
-                if _read_whole_head(parser, data):
-                    return
-            except BaseException:
-                self._giveUp(Failure())
-                return
-        super().dataReceived(data)
-
-
-def _read_whole_head(parser: HTTPClientParser, data: bytes) -> bool:
-    """Feed ``parser`` (waiting for a status line) an answer whose head ``data`` holds
-    whole, in one pass; False (nothing done) when it does not.
-
-    twisted.web's parser takes the head a line at a time, and every line re-slices the
-    rest of the buffer, answer body included: a large answer arriving in one read is
-    copied once per header. Here the status line and headers are split at once and given
-    to the parser's own ``statusReceived`` and ``headerReceived``, with the same folding
-    of continuation lines; the blank line that ends the head, and what follows, go
-    through its ``dataReceived`` as ever (body framing, 1xx answers, the next answer).
-    Heads with a bare LF line ending (which Twisted accepts), a partial line already
-    buffered, a line over the parser's limit, or a continuation line first are left to
-    the line parser.
-    """
-    if parser._buffer or not parser.line_mode:
-        return False
-    end = data.find(b"\r\n\r\n")
-    if end <= 0:
-        return False
-    head = data[:end]
-    if head.count(b"\n") != head.count(b"\r\n"):
-        return False
-    lines = head.split(b"\r\n")
-    limit = parser.MAX_LENGTH
-    for line in lines:
-        if len(line) > limit:
-            return False
-    if len(lines) > 1 and lines[1][:1] in (b" ", b"\t"):
-        return False  # a continuation of no header: Twisted's own failure
-    parser._everReceivedData = True  # a bad status line fails as a received answer
-    parser.statusReceived(lines[0])
-    parser.state = HEADER
-    header_received = parser.headerReceived
-    partial: list[bytes] = []
-    for line in lines[1:]:
-        if line[:1] in (b" ", b"\t"):
-            partial.append(line)
-            continue
-        if partial:
-            name, value = b"".join(partial).split(b":", 1)
-            header_received(name, value.strip())
-        partial = [line]
-    parser._partialHeader = partial or None
-    parser.dataReceived(data[end + 2:])
-    return True
+        if parser is None:
+            super().dataReceived(data)
+            return
+        try:
+            parser._everReceivedData = True  # what HTTPClientParser.dataReceived notes
+            rest = feed_whole_head(parser, data)
+            if rest is not None:
+                parser.dataReceived(rest)
+        except BaseException:
+            self._giveUp(Failure())
 
 
 class PreparedRequest(Request):

@@ -42,8 +42,8 @@ from zope.interface import implementer
 
 from relayd.config.model import ConnectionsConfig
 from relayd.http.generic_channel import GenericHTTPChannel
-from relayd.http.request_head import feed_whole_head
 from relayd.providers import family_of
+from relayd.whole_head import feed_whole_head
 
 if TYPE_CHECKING:
     from relayd.http.connections import ConnectionTracker

@@ -161,17 +161,21 @@ def test_a_whole_head_in_one_read_takes_the_one_pass() -> None:
     protocol, _, results = send()
     parser = protocol._parser
     assert parser is not None
-    seen: list[bytes] = []
+    # (line, whether it came from inside the line receiver's own loop)
+    seen: list[tuple[bytes, bool]] = []
     line_received = parser.lineReceived
 
     def spy(line: bytes) -> None:
-        seen.append(line)
+        seen.append((line, parser._busyReceiving))
         line_received(line)
 
     parser.lineReceived = spy  # type: ignore[method-assign]
-    protocol.dataReceived(_ANSWERS["plain"])
+    answer = _ANSWERS["plain"]
+    protocol.dataReceived(answer)
     assert results and results[0].code == 200
-    assert seen == [b"\r"]  # only the blank line that ends the head, as a line
+    head_lines = answer.split(b"\r\n\r\n")[0].split(b"\r\n")
+    # every head line from the one pass; only the blank line ending it from the receiver
+    assert seen == [(line, False) for line in head_lines] + [(b"\r", True)]
 
 
 def test_a_finished_chunked_answer_leaves_no_reference_cycle() -> None:

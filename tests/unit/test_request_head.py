@@ -1,4 +1,4 @@
-"""A whole request head in one pass (:mod:`relayd.http.request_head`): the same outcome
+"""A whole request head in one pass (:mod:`relayd.whole_head`): the same outcome
 as twisted.web's own channel taking it line by line, on the same bytes, whole and split
 at every point. Over a StringTransport, with a resource that echoes what it got."""
 
@@ -14,7 +14,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
-from relayd.http.request_head import feed_whole_head
+from relayd.whole_head import feed_whole_head
 
 
 class _Echo(Resource):
