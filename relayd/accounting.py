@@ -14,6 +14,9 @@ from typing import Any
 
 from relayd.providers.base import Usage
 
+#: The ``provider`` of answers served from the response cache (relayd.cache): their
+#: tokens were not spent upstream, so client totals count them apart, as ``cached``.
+CACHE_PROVIDER = "(cache)"
 USAGE_KINDS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
 _COLUMNS = ("requests", *USAGE_KINDS)
 
@@ -70,9 +73,10 @@ class UsageLedger:
         return iter(self._totals.items())
 
     def snapshot(self) -> dict[str, Any]:
-        """JSON-able totals: one entry per key, plus a per-client sum."""
+        """JSON-able totals: one entry per key, plus a per-client sum (answers from the
+        response cache in its ``cached`` part, not in the upstream totals)."""
         entries = []
-        clients: dict[str, dict[str, int]] = {}
+        clients: dict[str, dict[str, Any]] = {}
         for (client, model, provider, backend), row in sorted(self._totals.items()):
             counts = dict(zip(USAGE_KINDS, row[1:], strict=True))
             entries.append(
@@ -86,6 +90,10 @@ class UsageLedger:
                 }
             )
             total = clients.setdefault(client, {"requests": 0, **dict.fromkeys(USAGE_KINDS, 0)})
+            if provider == CACHE_PROVIDER:
+                total = total.setdefault(
+                    "cached", {"requests": 0, **dict.fromkeys(USAGE_KINDS, 0)}
+                )
             total["requests"] += row[0]
             for kind, value in counts.items():
                 total[kind] += value

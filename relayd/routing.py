@@ -6,7 +6,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Collection, Sequence
 
-from relayd.config.model import DEFAULT_ANTHROPIC_VERSION, DEFAULT_MAX_TOKENS
+from relayd.config.model import DEFAULT_ANTHROPIC_VERSION, DEFAULT_MAX_TOKENS, RouteCacheConfig
 from relayd.upstream import Backend
 
 
@@ -193,7 +193,9 @@ class Route:
         "_current",
         "anthropic_version",
         "api",
+        "cache",
         "default_max_tokens",
+        "label",
         "matcher",
         "name",
         "strict",
@@ -212,9 +214,14 @@ class Route:
         default_max_tokens: int = DEFAULT_MAX_TOKENS,
         anthropic_version: str = DEFAULT_ANTHROPIC_VERSION,
         name: str = "route",
+        label: str | None = None,
+        cache: RouteCacheConfig | None = None,
     ) -> None:
         self.api = api
         self.name = name  # how messages name it, e.g. "routes[0] (models: smart)"
+        # How the cache (and its purge) names it: its ``name``, else "routes[INDEX]".
+        self.label = label if label is not None else name
+        self.cache = cache  # its response cache settings, if it caches
         self.matcher = matcher
         self.targets = tuple(targets)
         self.weighted = weighted and len(self.targets) > 1

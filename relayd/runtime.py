@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.web.iweb import IAgent
 
+from relayd.cache import ResponseCache
 from relayd.config.model import BackendConfig, Config
 from relayd.http.headers import RequestHeaderPolicy
 from relayd.labels import ModelLabels
@@ -143,6 +144,12 @@ class RelayRuntime:
         self.model_labels: ModelLabels = ModelLabels(
             known_models, carry.model_labels.learned if carry is not None else None
         )
+        self.response_cache: ResponseCache
+        if carry is not None:
+            self.response_cache = carry.response_cache
+            self.response_cache.reconfigure(config.cache, self.store)
+        else:
+            self.response_cache = ResponseCache(config.cache, self.store, reactor)
         self.header_policy = RequestHeaderPolicy(PROVIDERS.values(), config.forward_headers)
         self.router = Router(
             [
@@ -163,6 +170,8 @@ class RelayRuntime:
                     default_max_tokens=r.default_max_tokens,
                     anthropic_version=r.anthropic_version,
                     name=_route_name(index, r.models),
+                    label=r.name if r.name is not None else f"routes[{index}]",
+                    cache=r.cache,
                 )
                 for index, r in enumerate(config.routes)
             ]

@@ -19,7 +19,9 @@ What is kept, and why:
   settings (the old one is then retired).
 * The state store, while the ``state`` section is unchanged (counters and usage live on);
   otherwise the running store is *replaced* and closed once the new runtime serves.
-* The retry budget and the model names learned from upstream answers, always.
+* The retry budget, the model names learned from upstream answers and the response
+  cache (with its flights in progress), always; the cache applies the new ``cache``
+  section itself.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from relayd.cache import ResponseCache
 from relayd.config.model import Config
 from relayd.labels import ModelLabels
 from relayd.limits import LimitStore
@@ -66,6 +69,7 @@ class RuntimeChange:
     replaced_store: LimitStore | None
     retry_budget: RetryBudget
     model_labels: ModelLabels
+    response_cache: ResponseCache
 
     def built_anew(self, runtime: RelayRuntime) -> list[Backend]:
         """The backends of ``runtime`` (built from this change) that were not carried over:
@@ -108,4 +112,5 @@ def plan_reload(old: RelayRuntime, config: Config) -> RuntimeChange:
         replaced_store=None if store_kept else old.store,
         retry_budget=old.retry_budget,
         model_labels=old.model_labels,
+        response_cache=old.response_cache,
     )

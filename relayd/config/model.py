@@ -34,6 +34,9 @@ DEFAULT_RESERVE_OUTPUT_TOKENS = 1024
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 MAX_ATTEMPTS_LIMIT = 10  # failover.max_attempts, the first attempt included
+# The response cache: the memory (L1) bound, and the largest answer it stores.
+DEFAULT_CACHE_MEMORY_BYTES = 64 * 1024 * 1024
+DEFAULT_CACHE_MAX_ENTRY_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +341,48 @@ class RouteTargetConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RouteCacheConfig:
+    """A route's response cache (``routes[].cache``): see docs/caching.md.
+
+    Complete 200 answers are kept ``ttl`` seconds, per client unless ``scope: shared``.
+    ``sampled``: also cache requests that sample (a generation with ``temperature``
+    above 0, or none given: the APIs' default is 1). ``coalesce``: identical requests
+    arriving while the first is in flight wait for its answer. ``stale_if_error``: an
+    entry expired less than this many seconds ago is served when every target fails.
+    """
+
+    ttl: float = field(default=60.0, metadata=checked(checks.positive_number))
+    scope: str = field(default="client", metadata=checked(checks.choice("client", "shared")))
+    sampled: bool = field(default=False, metadata=checked(checks.boolean))
+    coalesce: bool = field(default=False, metadata=checked(checks.boolean))
+    stale_if_error: float = field(default=0.0, metadata=checked(checks.non_negative_number))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CacheConfig:
+    """The response cache's stores (the top-level ``cache``); routes opt in.
+
+    ``memory_bytes`` bounds the in-process cache (L1, least recently used out first);
+    ``max_entry_bytes`` is the largest answer stored. With ``shared`` and
+    ``state.store: redis`` entries also go to Redis (L2), where every instance finds
+    them and identical requests coalesce across instances, a waiter waiting at most
+    ``coalesce_wait`` seconds. ``model_list_ttl`` keeps each provider's model list that
+    long (0: asked every time).
+    """
+
+    memory_bytes: int = field(
+        default=DEFAULT_CACHE_MEMORY_BYTES, metadata=checked(checks.positive_int)
+    )
+    max_entry_bytes: int = field(
+        default=DEFAULT_CACHE_MAX_ENTRY_BYTES,
+        metadata=checked(checks.positive_int, at_most="memory_bytes"),
+    )
+    shared: bool = field(default=True, metadata=checked(checks.boolean))
+    coalesce_wait: float = field(default=30.0, metadata=checked(checks.positive_number))
+    model_list_ttl: float = field(default=0.0, metadata=checked(checks.non_negative_number))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RouteConfig:
     """Requests arriving on ``api`` whose model matches ``models`` (globs) go to ``targets``.
 
@@ -349,6 +394,8 @@ class RouteConfig:
     """
 
     api: ApiFamily = field(metadata=checked(checks.api_family))
+    # How /admin/cache/purge names the route; unique. Default: routes[INDEX].
+    name: str | None = field(default=None, metadata=checked(checks.name))
     # None matches every model (and model-less calls).
     models: tuple[str, ...] | None = field(default=None, metadata=checked(checks.globs))
     strategy: str = field(
@@ -363,6 +410,7 @@ class RouteConfig:
     anthropic_version: str = field(
         default=DEFAULT_ANTHROPIC_VERSION, metadata=checked(checks.anthropic_version)
     )
+    cache: RouteCacheConfig | None = field(default=None, metadata=nested(RouteCacheConfig))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -399,6 +447,7 @@ class Config:
     breaker: BreakerConfig = field(default=BreakerConfig(), metadata=nested(BreakerConfig))
     failover: FailoverConfig = field(default=FailoverConfig(), metadata=nested(FailoverConfig))
     state: StateConfig = field(default=StateConfig(), metadata=hooked())
+    cache: CacheConfig = field(default=CacheConfig(), metadata=nested(CacheConfig))
     clients: tuple[ClientConfig, ...] = field(default=(), metadata=hooked())
     providers: tuple[ProviderConfig, ...] = field(default=(), metadata=hooked())
     routes: tuple[RouteConfig, ...] = field(default=(), metadata=hooked())  # after providers

@@ -26,12 +26,17 @@ class Routes:
     def read(self, value: object, path: str) -> tuple[RouteConfig, ...]:
         """The routes at ``path`` (first match wins)."""
         result = []
+        names: dict[str, str] = {}
         for each_path, item in items(value, path, self.context, empty=None):
             route = read_section(
                 RouteConfig, item, each_path, self.context, hooks={"targets": self._targets}
             )
             if route is not None:
                 result.append(route)
+                if route.name is not None:
+                    first = names.setdefault(route.name, each_path)
+                    if first != each_path:
+                        self.context.error(f"{each_path}.name", f"same name as {first}")
         return tuple(result)
 
     def _targets(self, section: Section) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from relayd.cache import CACHE_PROVIDER
 from relayd.http.intake import printable
 from relayd.limits import UsageRecord
 from relayd.limits.policy import usage_tokens
@@ -46,10 +47,14 @@ def settle(exchange: Exchange, model: str) -> None:
     record = None
     call = exchange.call
     backend = exchange.backend
+    stage = exchange.cache
     if exchange.first_sent_at is not None and call is not None and backend is not None:
         record = UsageRecord(
             call.client.name, model, backend.provider_name, backend.name, exchange.usage
         )
+    if stage is not None and call is not None and exchange.provider_name == CACHE_PROVIDER:
+        # Answered from the cache: no upstream tokens, counted apart (backend: hit, stale).
+        record = UsageRecord(call.client.name, model, CACHE_PROVIDER, stage.state, exchange.usage)
     gate = exchange.gate
     if gate is None:
         if record is not None:
@@ -57,7 +62,10 @@ def settle(exchange: Exchange, model: str) -> None:
         return
     outcome = None
     status = exchange.status
-    if exchange.response is not None and status is not None and status < 400:
+    if (
+        exchange.response is not None and status is not None and status < 400
+        and exchange.provider_name != CACHE_PROVIDER
+    ):
         sink = exchange.sink
         final = (
             sink.complete if sink is not None and sink.streaming
@@ -109,11 +117,14 @@ def report(exchange: Exchange, status: int | None, model: str, now: float) -> No
             "endpoint": endpoint.name if endpoint else None,
             "provider": provider,
             "backend": backend.name if backend else None,
+            "cache": exchange.cache.state if exchange.cache is not None else None,
             "model": client_model,
             "upstream_api": attempt.call.family.name if attempt else None,
             "upstream_model": (attempt.target.model or client_model) if attempt else None,
             "dropped": ",".join(attempt.call.dropped) or None if attempt else None,
-            "stream": sink is not None and sink.streaming,
+            "stream": (sink is not None and sink.streaming) or (
+                exchange.cache is not None and call is not None and call.stream
+            ),
             "status": status,
             "outcome": exchange.outcome,
             "attempts": exchange.attempts,

@@ -13,6 +13,13 @@ other methods get 405; unknown paths 404; errors are JSON ``{"error": "..."}``):
     200 ``{"status": "ready"}`` or 503 ``{"status": "not ready", "problems": [...]}``.
 ``/admin/backends``
     200 ``{"backends": [...]}``, one ``backend.describe(now)`` per backend.
+``/admin/usage``
+    Token totals per client, model and backend, from the state store.
+``/admin/cache``
+    The response cache's figures: memory entries and bytes, lookups by result, stores.
+``POST /admin/cache/purge?route=NAME&client=NAME``
+    Drops the cached answers of a route and/or a client (neither: all), from memory
+    and from Redis; 200 ``{"purged": {"memory": N, "shared": N}}``. POST only.
 
 Every ``/admin/*`` path, known or not, first needs ``Authorization: Bearer <token>``
 when an admin token is configured (401 otherwise, so unknown admin paths reveal
@@ -142,8 +149,9 @@ class AdminResource(Resource):
             handler = self.routes.get(path)
         if handler is None:
             return _error(404, "not found")
-        if request.method not in ALLOWED_METHODS:
-            request.setHeader(b"allow", b", ".join(ALLOWED_METHODS))
+        allowed = self.methods.get(path, ALLOWED_METHODS)
+        if request.method not in allowed:
+            request.setHeader(b"allow", b", ".join(allowed))
             return _error(405, "method not allowed")
         return handler(self, request)
 
@@ -207,6 +215,27 @@ class AdminResource(Resource):
         d: Deferred[dict[str, Any]] = store.usage_snapshot()
         return d.addCallbacks(answer, unavailable)
 
+    def render_cache(self, request: Request) -> Response:
+        """The response cache's figures (this instance's memory level and counters)."""
+        return _json(200, self.get_runtime().response_cache.stats())
+
+    def render_cache_purge(self, request: Request) -> Deferred[Response]:
+        """Drop cached answers: ``route`` and/or ``client`` from the query string."""
+        args = request.args or {}
+
+        def one(name: bytes) -> str | None:
+            values = args.get(name)
+            return values[0].decode("utf-8", "replace") if values else None
+
+        route, client = one(b"route"), one(b"client")
+        d = self.get_runtime().response_cache.purge(route, client)
+        return d.addCallback(
+            lambda purged: _json(200, {"route": route, "client": client, "purged": purged})
+        )
+
+    #: Methods of the paths that are not read-only (default: GET and HEAD).
+    methods: Mapping[bytes, tuple[bytes, ...]] = {b"/admin/cache/purge": (b"POST",)}
+
     routes = {
         b"/metrics": render_metrics,
         b"/healthz": render_healthz,
@@ -215,6 +244,8 @@ class AdminResource(Resource):
     admin_routes = {
         b"/admin/backends": render_backends,
         b"/admin/usage": render_usage,
+        b"/admin/cache": render_cache,
+        b"/admin/cache/purge": render_cache_purge,
     }
 
 

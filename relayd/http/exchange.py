@@ -29,10 +29,12 @@ from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.iweb import IResponse
 
+from relayd.cache import CACHE_PROVIDER, CachedAnswer
 from relayd.errors import Outcome, Refusal, Result
-from relayd.http.accesslog import record_exchange
+from relayd.http.accesslog import model_label, record_exchange
 from relayd.http.attempt import UpstreamAttempt, discard
 from relayd.http.bodies import BodySink, choose_sink
+from relayd.http.caching import CACHE_HEADER, CacheStage, FlightJoiner
 from relayd.http.headers import replace_header, write_answer_head
 from relayd.http.intake import ClientCall, parse_client_call, printable
 from relayd.http.models import ModelCatalog
@@ -66,7 +68,8 @@ class Exchange:
     """One client request, through the stages of the request path."""
 
     __slots__ = (
-        "attempt", "attempts", "backend", "call", "client_gone", "clock", "deadline", "done",
+        "attempt", "attempts", "backend", "cache", "call", "client_gone", "clock", "deadline",
+        "done",
         "endpoint", "family", "first_byte_at", "first_sent_at", "gate", "metrics", "objects",
         "outcome", "pinned", "planner", "provider_name", "request", "request_id", "resource",
         "response", "route", "runtime", "sink", "started", "status", "stream_open",
@@ -90,6 +93,7 @@ class Exchange:
         self.planner: AttemptPlanner | None = None
         self.gate: LimitGate | None = None
         self.wait: SlotWait | None = None
+        self.cache: CacheStage | None = None  # a route that caches answers
         self.attempt: UpstreamAttempt | None = None  # the current (or last) try
         self.attempts = 0
         self.backend: Backend | None = None  # of the current (or last) try
@@ -172,6 +176,43 @@ class Exchange:
                 self.route = route
                 self._reply(200, alias)
                 return
+        self.route = route
+        gate = self.gate = LimitGate.for_request(
+            runtime, call.client, call.payload, family, self.clock, self.metrics, self.request_id
+        )
+        stage = CacheStage.for_request(
+            runtime.response_cache, route, endpoint, family, call, self.request
+        )
+        if stage is None:
+            self._plan_attempts()
+            return
+        self.cache = stage
+        # The client's own limits first: a hit counts as a request too.
+        d = gate.admit_client() if gate is not None else None
+        if d is None:
+            stage.look_up(self)
+            return
+        d.addCallback(self._client_admitted, stage).addErrback(self.on_unexpected)
+
+    def _client_admitted(self, decision: Decision, stage: CacheStage) -> None:
+        gate = self.gate
+        assert gate is not None
+        if self.done:
+            gate.give_back(decision)
+            return
+        if not decision.allowed:
+            raise gate.refusal(decision)
+        gate.admitted(decision, None)
+        stage.look_up(self)
+
+    def _plan_attempts(self) -> None:
+        """Plan the upstream attempts of a routed request and send the first."""
+        runtime = self.runtime
+        endpoint = self.endpoint
+        call = self.call
+        route = self.route
+        assert endpoint is not None and call is not None and route is not None
+        family = self.family
         request = self.request
         headers = runtime.header_policy.upstream_headers(family.name, request.requestHeaders)
         if call.stream:
@@ -181,11 +222,7 @@ class Exchange:
             uri=request.uri, upstream_headers=headers, pinned=self.pinned,
             request_id=self.request_id,
         )
-        self.route = route
         self.provider_name = planner.provider_name
-        self.gate = LimitGate.for_request(
-            runtime, call.client, call.payload, family, self.clock, self.metrics, self.request_id
-        )
         runtime.retry_budget.record_request()
         pick = planner.next()
         if pick is not None:
@@ -267,6 +304,13 @@ class Exchange:
                 discard(response)
                 self._admit(pick)
                 return
+        stale = self._stale_for(status)
+        if stale is not None:  # every target failed: the route serves a stale answer
+            attempt.end()
+            attempt.detach()
+            discard(response)
+            self._replay(stale, "stale")
+            return
         self.response = response
         self.status = status
         now = self.first_byte_at = self.clock.seconds()
@@ -337,6 +381,80 @@ class Exchange:
         self.request.loseConnection()
         self._complete()
 
+    # -- what the cache stage decides (relayd.http.caching.CacheHost) --------------------------
+
+    def cache_hit(self, entry: CachedAnswer, state: str) -> None:
+        if not self.done:
+            self._replay(entry, state)
+
+    def cache_missed(self) -> None:
+        if not self.done:
+            self._plan_attempts()
+
+    def _stale_for(self, status: int) -> CachedAnswer | None:
+        """A stale entry to serve instead of a failure of every target (5xx)."""
+        stage = self.cache
+        if stage is None or status < 500:
+            return None
+        return stage.stale_for_error()
+
+    def _replay(self, entry: CachedAnswer, state: str) -> None:
+        """Answer with a stored answer: its status, headers and exact bytes."""
+        stage = self.cache
+        assert stage is not None
+        stage.state = state
+        request = self.request
+        request.tap = None  # type: ignore[attr-defined]
+        self.status = entry.status
+        self.usage = entry.usage
+        self.provider_name = CACHE_PROVIDER
+        self.outcome = Outcome.OK
+        now = self.first_byte_at = self.clock.seconds()
+        self._cached_head(entry.headers, state, now - entry.stored_at)
+        if not entry.streamed:
+            request.setHeader(b"content-length", b"%d" % len(entry.body))
+        request.write(entry.body)
+        self.finish()
+
+    def _cached_head(
+        self, headers: tuple[tuple[bytes, bytes], ...], state: str, age: float
+    ) -> None:
+        request = self.request
+        request.setResponseCode(200)
+        answer = request.responseHeaders
+        for name, value in headers:
+            answer.addRawHeader(name, value)
+        answer.setRawHeaders(CACHE_HEADER, [state.encode()])
+        answer.setRawHeaders(b"age", [b"%d" % max(int(age), 0)])
+
+    def begin_joined(self, joiner: FlightJoiner, headers: tuple[tuple[bytes, bytes], ...]) -> None:
+        """The head of an identical request's stream, which this one shares."""
+        assert self.cache is not None
+        self.cache.state = "hit"
+        self.status = 200
+        self.provider_name = CACHE_PROVIDER
+        self.first_byte_at = self.clock.seconds()
+        self._cached_head(headers, "hit", 0.0)
+        self.request.registerProducer(joiner, True)
+        self.metrics.stream_opened()
+        self.stream_open = True
+
+    def write_joined(self, data: bytes) -> None:
+        self.request.write(data)
+
+    def end_joined(self, entry: CachedAnswer | None, finished: bool) -> None:
+        request = self.request
+        request.unregisterProducer()
+        if entry is not None:
+            self.usage = entry.usage
+        elif not finished:
+            self.outcome = Outcome.UPSTREAM_BROKEN
+            request.write(b"\n\n" + self.family.stream_error_event(
+                "the upstream stream this request shared with an identical one ended early",
+                self.request_id,
+            ))
+        self.finish()
+
     # -- replies and the end ------------------------------------------------------------------
 
     def refuse(self, refusal: Refusal) -> None:
@@ -349,6 +467,10 @@ class Exchange:
         elif self.outcome == Outcome.OK:
             self.outcome = Outcome.REJECTED if status < 500 else Outcome.RELAY_ERROR
         request = self.request
+        stale = None if request.startedWriting else self._stale_for(status)
+        if stale is not None:
+            self._replay(stale, "stale")
+            return
         if request.startedWriting:  # a stage refused too late for an error body
             log.error("{request_id}: refusal after the answer began: {message}",
                       request_id=self.request_id, message=refusal.message)
@@ -457,6 +579,9 @@ class Exchange:
             attempt.detach()
         if self.stream_open:
             self.metrics.stream_closed()
+        if self.cache is not None:
+            sink = self.sink
+            self.cache.complete(self, model_label(self), sink is not None and sink.complete)
         record_exchange(self, self.clock.seconds())
         # The sink refers back to the exchange: without this cycle the request's objects
         # are freed now, by reference counting, not later by the garbage collector.

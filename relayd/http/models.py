@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.client import readBody
@@ -88,6 +88,26 @@ class ModelCatalog:
         return entries
 
     def _fetch(self, backend: Backend, client_headers: Headers) -> Deferred[list[dict[str, Any]]]:
+        """The provider's model list: kept by the response cache ``cache.model_list_ttl``
+        seconds (per provider and the client headers the request carries upstream; the
+        client's own filter applies after)."""
+        provider = backend.provider
+        cache = self.runtime.response_cache
+        key = (backend.provider_name, *(
+            tuple(client_headers.getRawHeaders(name) or ()) for name in provider.model_list_headers
+        ))
+        kept = cache.model_list(key)
+        if kept is not None:
+            return succeed(kept)
+        entries = self._ask(backend, client_headers)
+
+        def keep(result: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            cache.keep_model_list(key, result)
+            return result
+
+        return entries.addCallback(keep)
+
+    def _ask(self, backend: Backend, client_headers: Headers) -> Deferred[list[dict[str, Any]]]:
         provider = backend.provider
         headers = backend.service_headers()
         for name in provider.model_list_headers:

@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 from twisted.web.http import datetimeToString
 from twisted.web.server import Request, Site
 
+from relayd.cache.flights import Capture
 from relayd.http.body import BoundedBody
 from relayd.http.channel import HalfClosingRelayChannel, RelayChannel
 from relayd.http.connections import ConnectionTracker, Refused
@@ -25,6 +26,22 @@ class RelayRequest(Request):
     the path into ``postpath`` and walks the resource tree; the relay resource is a leaf
     that serves every path and reads ``path`` itself, so none of that is needed.
     """
+
+    #: Sees every byte written to the client (:class:`relayd.cache.flights.Capture`), set
+    #: by the cache stage for an answer the cache may keep.
+    tap: Capture | None = None
+
+    def write(self, data: bytes) -> None:
+        tap = self.tap
+        if tap is not None:
+            tap.wrote(self, data)
+        Request.write(self, data)
+
+    def finish(self) -> None:
+        tap = self.tap
+        if tap is not None:
+            tap.finished = True
+        Request.finish(self)
 
     def process(self) -> None:
         site = self.site = self.channel.site  # type: ignore[attr-defined]

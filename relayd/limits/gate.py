@@ -90,6 +90,17 @@ class LimitGate:
         return cls(runtime.store, client.name, client.policy, runtime.upstream_policies,
                    payload, family=family, clock=clock, metrics=metrics, request_id=request_id)
 
+    def admit_client(self) -> Deferred[Decision] | None:
+        """The store's decision on the client's own limits alone, before any attempt (a
+        request the cache may answer: a hit counts as a request and reserves tokens
+        that its settlement gives back); None when the client has no limits."""
+        policy = self._policy
+        if policy is None or self._tickets:
+            return None
+        if policy.counts_tokens and not self._estimate:
+            self._estimate = estimate_tokens(self._payload or {}, policy.reserve_output)
+        return self._store.admit(policy.checks(self._estimate, self._request_id))
+
     def admit(self, backend: Backend, key: UpstreamKey, first: bool) -> Deferred[Decision] | None:
         """The store's decision on an attempt on ``backend`` with ``key``; None when no
         limit applies to it (it may go at once)."""

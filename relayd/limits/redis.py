@@ -211,6 +211,15 @@ class RedisStore:
     def _connected(self) -> bool:
         return self._connection.connected()
 
+    def command(self, op: str, name: str, *args: Any) -> Deferred[Any]:
+        """Run the txredisapi command ``name`` for another part of relayd (the response
+        cache), with the store's deadline; fails with :class:`StoreUnavailableError`, at
+        once while Redis is known to be down. A failure marks Redis down, as the store's
+        own calls do (and is logged once)."""
+        if self.state == "down" or not self._connected():
+            return fail(StoreUnavailableError("no connection to Redis"))
+        return self._call(op, getattr(self._redis, name), *args)
+
     def _call(self, op: str, method: Callable[..., Deferred[Any]], *args: Any) -> Deferred[Any]:
         """Run one Redis command with the store's deadline; failures mark Redis down."""
         try:

@@ -40,7 +40,7 @@ BATCH = "anthropic.batch"
 _BATCH_ID = "(?P<id>[A-Za-z0-9_-]{1,128})"
 
 ENDPOINTS = (
-    endpoint("messages", "/v1/messages", ["POST"], model_in=ModelIn.BODY),
+    endpoint("messages", "/v1/messages", ["POST"], model_in=ModelIn.BODY, samples=True),
     endpoint(
         "messages.count_tokens", "/v1/messages/count_tokens", ["POST"], model_in=ModelIn.BODY
     ),
@@ -147,6 +147,7 @@ class AnthropicProvider:
     header_prefix = b"anthropic-"
     model_list_path = b"/v1/models?limit=1000"
     model_list_headers = (b"anthropic-version",)
+    answer_headers = (b"anthropic-version", b"anthropic-beta")
 
     def auth_headers(self, api_key: str) -> list[tuple[bytes, bytes]]:
         return [(b"x-api-key", api_key.encode())]

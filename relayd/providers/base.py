@@ -86,6 +86,14 @@ class Endpoint:
     object_roles: tuple[tuple[bytes, str], ...] = ()
     reference_field: str | None = None
     results_url: bool = False
+    samples: bool = False
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether its answers may be kept by the response cache: a call that names its
+        model in a JSON body and keeps no state upstream (no batches, no stored
+        responses)."""
+        return self.model_in == ModelIn.BODY and self.objects is None
 
     @property
     def needs_model(self) -> bool:
@@ -117,8 +125,12 @@ def endpoint(
     roles: dict[str, str] | None = None,
     reference_field: str | None = None,
     results_url: bool = False,
+    samples: bool = False,
 ) -> Endpoint:
-    """Build an :class:`Endpoint` whose path regex must match the whole path."""
+    """Build an :class:`Endpoint` whose path regex must match the whole path.
+
+    ``samples``: the endpoint generates text, sampled unless ``temperature`` is 0.
+    """
     return Endpoint(
         name=name,
         pattern=re.compile(("^" + path_regex + "$").encode()),
@@ -130,6 +142,7 @@ def endpoint(
         object_roles=tuple((m.encode(), r) for m, r in (roles or {}).items()),
         reference_field=reference_field,
         results_url=results_url,
+        samples=samples,
     )
 
 
@@ -189,6 +202,10 @@ class IProvider(Interface):
     model_list_path = Attribute("The upstream path (and query) that lists its models.")
     model_list_headers = Attribute(
         "Client request headers a model-list request carries upstream (lower-case names)."
+    )
+    answer_headers = Attribute(
+        "Client request headers that can change the answer (the API version, beta "
+        "features): part of a response cache key (lower-case names)."
     )
 
     def auth_headers(api_key: str) -> list[tuple[bytes, bytes]]:

@@ -40,8 +40,11 @@ RESPONSE = "openai.response"
 _RESPONSE_ID = "(?P<id>[A-Za-z0-9_-]{1,128})"
 
 ENDPOINTS = (
-    endpoint("chat.completions", "/v1/chat/completions", ["POST"], model_in=ModelIn.BODY),
-    endpoint("completions", "/v1/completions", ["POST"], model_in=ModelIn.BODY),
+    endpoint(
+        "chat.completions", "/v1/chat/completions", ["POST"], model_in=ModelIn.BODY,
+        samples=True,
+    ),
+    endpoint("completions", "/v1/completions", ["POST"], model_in=ModelIn.BODY, samples=True),
     endpoint("embeddings", "/v1/embeddings", ["POST"], model_in=ModelIn.BODY),
     endpoint(
         "responses", "/v1/responses", ["POST"], model_in=ModelIn.BODY,
@@ -202,6 +205,7 @@ class OpenAIProvider:
     header_prefix = b"openai-"
     model_list_path = b"/v1/models"
     model_list_headers: tuple[bytes, ...] = ()
+    answer_headers = (b"openai-beta",)
     probe_headers: list[tuple[bytes, bytes]] = []
 
     def auth_headers(self, api_key: str) -> list[tuple[bytes, bytes]]:
