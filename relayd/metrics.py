@@ -406,8 +406,12 @@ class RuntimeCollector:
         if self._get_runtime is None or self._clock is None:
             return iter(())
         try:
-            families = _families()
-            _fill(families, self._get_runtime().backends, self._clock.seconds())
+            runtime = self._get_runtime()
+            families: list[Metric] = list(_families())
+            _fill(families, runtime.backends, self._clock.seconds())
+            cache = getattr(runtime, "response_cache", None)
+            if cache is not None:
+                families += _cache_families(cache.stats())
         except Exception:
             log.failure("relayd: could not collect backend metrics")
             return iter(())
@@ -459,8 +463,42 @@ def _families() -> list[GaugeMetricFamily | CounterMetricFamily]:
     ]
 
 
+def _cache_families(stats: dict[str, Any]) -> list[Metric]:
+    """The response cache's figures (:meth:`relayd.cache.ResponseCache.stats`)."""
+    lookups = CounterMetricFamily(
+        "relayd_cache_lookups",
+        "Requests on caching routes, by what the cache did (the x-relayd-cache value).",
+        labels=["result"],
+    )
+    for result, count in stats["lookups"].items():
+        lookups.add_metric([result], float(count))
+    memory = stats["memory"]
+    shared = stats["shared"]
+    return [
+        lookups,
+        CounterMetricFamily("relayd_cache_shared_hits",
+                            "Hits found in the shared cache (Redis), not in memory.",
+                            value=float(stats["shared_hits"])),
+        CounterMetricFamily("relayd_cache_coalesced",
+                            "Requests that waited for an identical one in flight.",
+                            value=float(stats["coalesced"])),
+        CounterMetricFamily("relayd_cache_stores", "Answers stored in the cache.",
+                            value=float(stats["stores"])),
+        CounterMetricFamily("relayd_cache_evictions",
+                            "Memory cache entries pushed out for room.",
+                            value=float(memory["evictions"])),
+        GaugeMetricFamily("relayd_cache_memory_entries", "Entries in the memory cache.",
+                          value=float(memory["entries"])),
+        GaugeMetricFamily("relayd_cache_memory_bytes", "Bytes held by the memory cache.",
+                          value=float(memory["bytes"])),
+        CounterMetricFamily("relayd_cache_shared_errors",
+                            "Shared cache (Redis) calls that failed; the memory cache served.",
+                            value=float(shared["errors"] if shared else 0)),
+    ]
+
+
 def _fill(
-    families: Sequence[GaugeMetricFamily | CounterMetricFamily],
+    families: Sequence[Any],
     backends: Iterable[Any],
     now: float,
 ) -> None:

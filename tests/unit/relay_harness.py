@@ -23,6 +23,7 @@ from zope.interface import implementer
 from relayd.config import parse_config
 from relayd.config.model import BackendConfig
 from relayd.http.relay import RelayResource
+from relayd.http.site import RelayRequest
 from relayd.limits import ObjectRecord
 from relayd.runtime import RelayRuntime
 
@@ -151,6 +152,8 @@ class Harness:
         self.runtime = RelayRuntime(parsed, self.clock, agent_factory=agent_for)
         self.resource = RelayResource(lambda: self.runtime, self.clock)
         self.client: Any = StubTreq(self.resource)
+        # The relay's own request class, as its Site uses (the cache's tap lives there).
+        self.client._agent._serverFactory.requestFactory = RelayRequest
         self.logs = LogCapture()
         globalLogPublisher.addObserver(self.logs)
 
