@@ -41,9 +41,16 @@ LATENCY = 1.0
 
 
 def message(text: str = "Hello cache", **extra: Any) -> dict[str, Any]:
-    """A Messages request the cache keeps (``temperature: 0``)."""
+    """A Messages request body the cache keeps (``temperature: 0``)."""
     return {"model": MODEL, "max_tokens": 64, "temperature": 0,
             "messages": [{"role": "user", "content": text}], **extra}
+
+
+def sdk(text: str = "Hello cache", model: str = MODEL) -> dict[str, Any]:
+    """The same request as ``anthropic`` SDK arguments. The SDK (API version 2026-10-21)
+    has no ``temperature`` parameter any more, so ``temperature: 0`` goes in the body."""
+    return {"model": model, "max_tokens": 64, "messages": [{"role": "user", "content": text}],
+            "extra_body": {"temperature": 0}}
 
 
 # -- configuration and processes ---------------------------------------------------------------
@@ -136,8 +143,8 @@ def test_anthropic_create_twice_is_one_upstream_request(
 ) -> None:
     upstream = upstream_factory("a1")
     client = anthropic_client(start(relayd_factory, cache_config(certs, upstream)).url)
-    first = client.messages.with_raw_response.create(**message())
-    second = client.messages.with_raw_response.create(**message())
+    first = client.messages.with_raw_response.create(**sdk())
+    second = client.messages.with_raw_response.create(**sdk())
     assert cache_header(first) == "miss"
     assert cache_header(second) == "hit"
     assert "age" in second.headers and int(second.headers["age"]) >= 0
@@ -145,9 +152,8 @@ def test_anthropic_create_twice_is_one_upstream_request(
     assert one.id == two.id and one.id.startswith("msg_")
     assert one.model_dump() == two.model_dump()
     assert len(upstream_calls(upstream)) == 1
-    # Key order in the body does not matter; a sampling request (no temperature) bypasses.
-    reordered = dict(reversed(list(message().items())))
-    assert cache_header(client.messages.with_raw_response.create(**reordered)) == "hit"
+    assert json.loads(upstream_calls(upstream)[0]["body"])["temperature"] == 0
+    # The SDK's own request (no temperature: the API's default samples) is not cached.
     sampled = client.messages.with_raw_response.create(
         model=MODEL, max_tokens=64, messages=[{"role": "user", "content": "Hello cache"}]
     )
@@ -186,8 +192,8 @@ def test_stream_is_replayed_with_the_same_events_and_bytes(
     upstream.configure(chunks=6)
     url = start(relayd_factory, cache_config(certs, upstream)).url
     client = anthropic_client(url)
-    head1, events1, id1 = _stream_events(client, message("stream me"))
-    head2, events2, id2 = _stream_events(client, message("stream me"))
+    head1, events1, id1 = _stream_events(client, sdk("stream me"))
+    head2, events2, id2 = _stream_events(client, sdk("stream me"))
     assert (head1, head2) == ("miss", "hit")
     assert events1 == events2 and id1 == id2
     assert sum(1 for kind, _ in events1 if kind == "content_block_delta") == 6
@@ -220,7 +226,7 @@ def test_client_scope_keeps_clients_apart_and_shared_scope_does_not(
     ]
     url = start(relayd_factory, cache_config(certs, upstream, routes=routes)).url
     team_a, team_b = anthropic_client(url), anthropic_client(url, LIMITED_KEY)
-    private = message(model="claude-private")
+    private = sdk(model="claude-private")
     a = team_a.messages.with_raw_response.create(**private)
     b = team_b.messages.with_raw_response.create(**private)
     assert (cache_header(a), cache_header(b)) == ("miss", "miss")
@@ -228,7 +234,7 @@ def test_client_scope_keeps_clients_apart_and_shared_scope_does_not(
     assert len(upstream_calls(upstream)) == 2
     # Each client still has its own entry.
     assert cache_header(team_b.messages.with_raw_response.create(**private)) == "hit"
-    common = message(model="claude-common")
+    common = sdk(model="claude-common")
     a = team_a.messages.with_raw_response.create(**common)
     b = team_b.messages.with_raw_response.create(**common)
     assert (cache_header(a), cache_header(b)) == ("miss", "hit")
@@ -266,7 +272,7 @@ def test_coalescing_json_and_streams(
     client = anthropic_client(relay.url)
 
     def create(_: int) -> tuple[str | None, dict[str, Any]]:
-        raw = client.messages.with_raw_response.create(**message("together"))
+        raw = client.messages.with_raw_response.create(**sdk("together"))
         return cache_header(raw), raw.parse().model_dump()
 
     answers = _concurrently(upstream, 20, create)
@@ -277,7 +283,7 @@ def test_coalescing_json_and_streams(
 
     upstream.reset()
     upstream.configure(latency=LATENCY, chunks=5, chunk_delay=0.02)
-    streams = _concurrently(upstream, 20, lambda _: _stream_events(client, message("flow")))
+    streams = _concurrently(upstream, 20, lambda _: _stream_events(client, sdk("flow")))
     recorded = upstream_calls(upstream)
     assert len(recorded) == 1 and json.loads(recorded[0]["body"])["stream"] is True
     assert Counter(header for header, _, _ in streams) == {"miss": 1, "hit": 19}
@@ -306,12 +312,12 @@ def test_two_instances_share_entries_and_coalesce_through_redis(
     one, two = start(relayd_factory, config, "one"), start(relayd_factory, config, "two")
     a, b = anthropic_client(one.url), anthropic_client(two.url)
 
-    first = a.messages.with_raw_response.create(**message("shared"))
+    first = a.messages.with_raw_response.create(**sdk("shared"))
     assert cache_header(first) == "miss"
     # The instance stores in Redis after answering: wait until the entry is there.
     wait_for(lambda: b"cache:claude:team-a:" in _cache_keys(redis_server), 10,
              "the entry in Redis")
-    second = b.messages.with_raw_response.create(**message("shared"))
+    second = b.messages.with_raw_response.create(**sdk("shared"))
     assert cache_header(second) == "hit"
     assert second.parse().model_dump() == first.parse().model_dump()
     assert len(upstream_calls(upstream)) == 1
@@ -325,7 +331,7 @@ def test_two_instances_share_entries_and_coalesce_through_redis(
     clients = [a, b]
 
     def create(i: int) -> tuple[str | None, dict[str, Any]]:
-        raw = clients[i % 2].messages.with_raw_response.create(**message("across"))
+        raw = clients[i % 2].messages.with_raw_response.create(**sdk("across"))
         return cache_header(raw), raw.parse().model_dump()
 
     answers = _concurrently(upstream, 10, create)
@@ -348,11 +354,11 @@ def test_redis_outage_serves_from_memory_without_client_errors(
     relay = start(relayd_factory, cache_config(certs, upstream, cache={"coalesce": True},
                                                state=state))
     client = anthropic_client(relay.url)
-    before = client.messages.with_raw_response.create(**message("before"))
+    before = client.messages.with_raw_response.create(**sdk("before"))
     assert cache_header(before) == "miss"
     redis_server.kill()
     results = [
-        client.messages.with_raw_response.create(**message(text))
+        client.messages.with_raw_response.create(**sdk(text))
         for text in ("before", "after", "after", "after")
     ]
     assert [r.status_code for r in results] == [200] * 4
@@ -461,3 +467,24 @@ def test_cache_control_from_the_client(
     state, younger = ask(**{"cache-control": "max-age=0"})
     assert state == "miss" and younger != refreshed
     assert len(upstream_calls(upstream)) == 4
+    # The body's key order and spacing are not part of the key.
+    reordered = json.dumps(dict(reversed(list(body.items()))), indent=2)
+    response = httpx2.post(url + "/v1/messages", content=reordered, headers=ANTHROPIC_HEADERS,
+                           timeout=30)
+    assert (cache_header(response), response.json()["id"]) == ("hit", younger)
+
+
+def test_a_sampled_route_caches_the_sdks_default_request(
+    certs: TestCertificates, upstream_factory: UpstreamFactory, relayd_factory: RelaydFactory
+) -> None:
+    """The SDK's request without ``temperature`` samples: cached with ``sampled: true``."""
+    upstream = upstream_factory("a1")
+    client = anthropic_client(
+        start(relayd_factory, cache_config(certs, upstream, cache={"sampled": True})).url
+    )
+    plain = {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+    first = client.messages.with_raw_response.create(**plain)
+    second = client.messages.with_raw_response.create(**plain)
+    assert (cache_header(first), cache_header(second)) == ("miss", "hit")
+    assert first.parse().id == second.parse().id
+    assert len(upstream_calls(upstream)) == 1
