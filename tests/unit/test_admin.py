@@ -311,3 +311,28 @@ def test_a_late_answer_to_a_client_that_left_is_dropped() -> None:
         d.callback({"clients": {}})
         assert d.result is None  # answered or dropped, no error in the chain
         assert (b'"clients":{}' in transport.value()) is not leaves
+
+
+def test_cache_stats_and_purge() -> None:
+    from relayd.cache import CachedAnswer, ResponseCache
+    from relayd.config.model import CacheConfig
+    from relayd.limits import MemoryStore
+
+    admin = Admin()
+    cache = ResponseCache(CacheConfig(), MemoryStore(admin.clock), admin.clock)
+    for key, route, client in (("1", "r1", "a"), ("2", "r1", "b"), ("3", "r2", "a")):
+        cache.memory.put(key, CachedAnswer(
+            status=200, headers=(), body=b"{}", streamed=False, stored_at=0.0,
+            expires_at=1e9, stale_until=1e9, route=route, client=client, model="m", usage=None,
+        ))
+    admin.runtime.response_cache = cache  # type: ignore[attr-defined]
+    status, headers, body = admin.call("GET", "/admin/cache", token=TOKEN)
+    assert status == 200 and as_json(headers, body)["memory"]["entries"] == 3
+    assert admin.call("GET", "/admin/cache/purge?route=r1", token=TOKEN)[0] == 405
+    assert admin.call("POST", "/admin/cache/purge?route=r1", token=None)[0] == 401
+    status, headers, body = admin.call("POST", "/admin/cache/purge?route=r1&client=a",
+                                       token=TOKEN)
+    assert status == 200
+    assert as_json(headers, body) == {"route": "r1", "client": "a", "purged": {"memory": 1}}
+    status, headers, body = admin.call("POST", "/admin/cache/purge", token=TOKEN)
+    assert as_json(headers, body)["purged"] == {"memory": 2} and len(cache.memory) == 0

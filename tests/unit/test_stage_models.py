@@ -176,3 +176,33 @@ def test_an_api_without_routes_has_no_model_list() -> None:
     with pytest.raises(Refusal) as caught:
         catalog(world).model_list(CLIENT_HEADERS)
     assert caught.value.status == 404
+
+
+def test_cache_model_list_ttl_keeps_each_providers_list() -> None:
+    world = catalog_world(cache={"model_list_ttl": 60})
+    first: list[Any] = []
+    catalog(world).model_list(CLIENT_HEADERS).addBoth(first.append)
+    answer(world, "bk", listing("claude-b1"))
+    answer(world, "us", listing("claude-x"))
+    calls = sum(len(agent.calls) for agent in world.agents.values())
+    again: list[Any] = []
+    catalog(world, OTHER_KEY).model_list(CLIENT_HEADERS).addBoth(again.append)
+    assert sum(len(agent.calls) for agent in world.agents.values()) == calls
+    # The kept lists are the providers'; each client's own allowlist still applies.
+    assert ids(first) == ["smart", "claude-b1", "claude-x"]
+    assert ids(again) == ["claude-b1", "claude-x"]
+    other_version = Headers({b"anthropic-version": [b"2023-06-01"]})
+    catalog(world).model_list(other_version)
+    assert sum(len(agent.calls) for agent in world.agents.values()) == calls + 2
+    world.clock.advance(61)
+    catalog(world).model_list(CLIENT_HEADERS)
+    assert sum(len(agent.calls) for agent in world.agents.values()) == calls + 4
+
+
+def test_model_lists_are_asked_every_time_by_default() -> None:
+    world = catalog_world()
+    catalog(world).model_list(CLIENT_HEADERS)
+    answer(world, "bk", listing("claude-b1"))
+    answer(world, "us", listing("claude-x"))
+    catalog(world).model_list(CLIENT_HEADERS)
+    assert sum(len(agent.calls) for agent in world.agents.values()) == 4
