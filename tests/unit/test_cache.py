@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from relay_harness import OTHER_KEY, Harness, base_config, json_reply
+from relay_harness import CLIENT_KEY, OTHER_KEY, Harness, base_config, json_reply
 from twisted.web.http_headers import Headers
-from twisted.web.server import Request
+from twisted.web.server import NOT_DONE_YET, Request
 
 from relayd.cache import CachedAnswer, cache_key, parse_cache_control, samples
 from relayd.cache.entry import kept_headers
@@ -463,3 +463,96 @@ def test_reload_keeps_memory_unless_its_size_changes(harness: Harness) -> None:
     bigger = parse_config(cached_config({"ttl": 5}, cache={"memory_bytes": 1 << 24}))
     RelayRuntime(bigger, harness.clock, carry=plan_reload(runtime, bigger))
     assert len(cache.memory) == 0 and cache.memory.max_bytes == 1 << 24
+
+
+# -- coalescing in memory ----------------------------------------------------------------------
+
+
+def send(harness: Harness, body: dict[str, Any]) -> list[Any]:
+    """Start one request without waiting for it; the list gets its response."""
+    results: list[Any] = []
+    d = harness.client.request(
+        "POST", "http://relay.test/v1/messages", data=json.dumps(body).encode(),
+        headers={"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01"},
+    )
+    d.addBoth(results.append)
+    harness.flush()
+    return results
+
+
+def read(harness: Harness, results: list[Any]) -> tuple[list[str], bytes]:
+    assert results, "no answer yet"
+    response = results[0]
+    content: list[Any] = []
+    harness.client.content(response).addBoth(content.append)
+    harness.flush()
+    assert content and isinstance(content[0], bytes), content
+    states = response.headers.getRawHeaders(b"x-relayd-cache") or []
+    return [state.decode() for state in states], content[0]
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_identical_requests_in_flight_share_one_upstream_call(streamed: bool) -> None:
+    h = Harness(cached_config({"coalesce": True}))
+    held: list[Request] = []
+
+    def later(request: Request, body: bytes) -> Any:
+        held.append(request)
+        return NOT_DONE_YET
+
+    for upstream in h.upstreams.values():
+        upstream.handler = later
+    body = {**MESSAGE, "stream": streamed}
+    try:
+        waiting = [send(h, body) for _ in range(3)]
+        assert len(held) == 1  # one went upstream, two wait for it
+        request = held[0]
+        if streamed:
+            request.setHeader(b"content-type", b"text/event-stream")
+            request.write(START + DELTA)
+            h.flush()
+            late = send(h, body)  # joins a stream under way: gets what was sent, then more
+            request.write(END)
+        else:
+            request.setHeader(b"content-type", b"application/json")
+            request.write(b'{"id":"msg_1","usage":{"input_tokens":3,"output_tokens":4}}')
+            late = None
+        request.finish()
+        h.flush()
+        answers = [read(h, w) for w in waiting + ([late] if late is not None else [])]
+        assert [a[0] for a in answers] == [["miss"]] + [["hit"]] * (len(answers) - 1)
+        assert len({a[1] for a in answers}) == 1
+        assert len(held) == 1
+        assert h.runtime.response_cache.coalesced == len(answers) - 1
+        assert h.runtime.response_cache.flights == {}
+    finally:
+        h.close()
+
+
+def test_waiters_of_a_failed_leader_go_upstream_themselves() -> None:
+    h = Harness(cached_config({"coalesce": True}))
+    held: list[Request] = []
+
+    def later(request: Request, body: bytes) -> Any:
+        held.append(request)
+        return NOT_DONE_YET
+
+    for upstream in h.upstreams.values():
+        upstream.handler = later
+    try:
+        first, second = send(h, MESSAGE), send(h, MESSAGE)
+        assert len(held) == 1
+        held[0].setResponseCode(400)
+        held[0].setHeader(b"content-type", b"application/json")
+        held[0].write(b'{"type":"error","error":{"type":"invalid_request_error"}}')
+        held[0].finish()
+        h.flush()
+        assert len(held) == 2  # the waiter asked upstream itself
+        held[1].setHeader(b"content-type", b"application/json")
+        held[1].write(b'{"id":"msg_2"}')
+        held[1].finish()
+        h.flush()
+        assert first[0].code == 400
+        assert read(h, second) == (["miss"], b'{"id":"msg_2"}')
+    finally:
+        h.close()
