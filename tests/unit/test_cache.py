@@ -556,3 +556,61 @@ def test_waiters_of_a_failed_leader_go_upstream_themselves() -> None:
         assert read(h, second) == (["miss"], b'{"id":"msg_2"}')
     finally:
         h.close()
+
+
+class JoinedHost:
+    """The exchange as a joiner sees it: what reached its client."""
+
+    done = False
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.ended: list[tuple[bool, bool]] = []
+        self.head = False
+
+    def begin_joined(self, joiner: Any, headers: Any) -> None:
+        self.head = True
+
+    def write_joined(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def end_joined(self, entry: CachedAnswer | None, finished: bool) -> None:
+        self.ended.append((entry is not None, finished))
+        self.done = True
+
+
+def joiner_with_limit(limit: int) -> tuple[Any, JoinedHost]:
+    from relayd.http.caching import FlightJoiner
+
+    class Stage:
+        host = JoinedHost()
+
+        class cache:  # noqa: N801 - stands for the ResponseCache's config
+            class config:  # noqa: N801
+                max_entry_bytes = limit
+
+    stage = Stage()
+    return FlightJoiner(stage), stage.host  # type: ignore[arg-type]
+
+
+def test_a_paused_joiner_queues_for_itself_and_catches_up() -> None:
+    joiner, host = joiner_with_limit(100)
+    joiner.flight_started(200, ())
+    joiner.flight_data(b"a")
+    joiner.pauseProducing()
+    joiner.flight_data(b"b")
+    joiner.flight_data(b"c")
+    joiner.flight_ended(entry(), True)
+    assert host.written == [b"a"] and host.ended == []  # its client is slow: nothing ends
+    joiner.resumeProducing()
+    assert host.written == [b"a", b"b", b"c"] and host.ended == [(True, True)]
+
+
+def test_a_joiner_too_far_behind_is_ended() -> None:
+    joiner, host = joiner_with_limit(3)
+    joiner.flight_started(200, ())
+    joiner.pauseProducing()
+    joiner.flight_data(b"ab")
+    joiner.flight_data(b"cd")
+    assert host.ended == [(False, False)]  # ended as a broken stream, queue dropped
+    assert host.written == []
