@@ -263,8 +263,48 @@ class CacheStage:
                      wait=self.cache.config.coalesce_wait)
             self._missed()
             return
-        self._poll_delay = min(self._poll_delay * 2, _POLL_MAX)
-        self._poll = host.clock.callLater(self._poll_delay, self._poll_shared)
+        # Still no entry: is the lock still held? If its holder ended without storing an
+        # answer (it failed), the lock is gone and this request takes over.
+        shared = self.cache.shared
+        if shared is None:
+            self._missed()
+            return
+        token = os.urandom(12).hex()
+        d = shared.lock(self.key, token, self.cache.config.coalesce_wait)
+        d.addCallback(self._relocked, token).addErrback(host.on_unexpected)
+
+    def _relocked(self, taken: bool | None, token: str) -> None:
+        host = self.host
+        assert host is not None
+        if host.done:
+            if taken and self.cache.shared is not None:
+                self.cache.shared.unlock(self.key, token)
+            return
+        if taken is False:
+            self._poll_delay = min(self._poll_delay * 2, _POLL_MAX)
+            self._poll = host.clock.callLater(self._poll_delay, self._poll_shared)
+            return
+        self.lock_token = token if taken else None
+        shared = self.cache.shared
+        if not taken or shared is None or self.shared_key is None:
+            self._missed()
+            return
+        # The holder may have stored its answer and let go between the last look and
+        # this lock: one more look before going upstream.
+        d = shared.get(self.shared_key)
+        d.addCallback(self._last_look).addErrback(host.on_unexpected)
+
+    def _last_look(self, entry: CachedAnswer | None) -> None:
+        host = self.host
+        assert host is not None
+        if host.done:
+            return
+        if entry is not None and entry.fresh(host.clock.seconds(), self.controls.max_age):
+            self.cache.memory.put(self.key, entry)
+            self.cache.shared_hits += 1
+            self._hit(entry)  # the lock is let go when the exchange completes
+            return
+        self._missed()
 
     def _hit(self, entry: CachedAnswer) -> None:
         host = self.host

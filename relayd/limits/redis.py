@@ -216,7 +216,10 @@ class RedisStore:
         cache), with the store's deadline; fails with :class:`StoreUnavailableError`, at
         once while Redis is known to be down. A failure marks Redis down, as the store's
         own calls do (and is logged once)."""
-        if self.state == "down" or not self._connected():
+        if self.state == "down":
+            return fail(StoreUnavailableError("Redis is down"))
+        if not self._connected():
+            self._went_down(op, "no connection to Redis")
             return fail(StoreUnavailableError("no connection to Redis"))
         return self._call(op, getattr(self._redis, name), *args)
 

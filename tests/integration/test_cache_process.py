@@ -15,6 +15,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -87,16 +88,25 @@ def cache_config(
 class Relay:
     url: str  # the plain HTTP listener
     admin: str  # the admin listener
+    log: Path
 
     def stats(self) -> dict[str, Any]:
         document: dict[str, Any] = httpx2.get(self.admin + "/admin/cache", timeout=10).json()
         return document
 
+    def metric(self, name: str) -> float | None:
+        """The first sample of ``name`` in ``/metrics``."""
+        text = httpx2.get(self.admin + "/metrics", timeout=10).text
+        for line in text.splitlines():
+            if line.startswith((name + " ", name + "{")):
+                return float(line.rsplit(" ", 1)[1])
+        return None
+
 
 def start(relayd_factory: RelaydFactory, config: dict[str, Any], name: str = "relayd") -> Relay:
     """Start a relay and wait until it is ready."""
     process: RelaydProcess = relayd_factory(config, name=name)
-    relay = Relay(process.url("http"), process.admin_url())
+    relay = Relay(process.url("http"), process.admin_url(), process.log_path)
 
     def ready() -> bool:
         try:
@@ -280,6 +290,9 @@ def test_coalescing_json_and_streams(
     assert Counter(header for header, _ in answers) == {"miss": 1, "hit": 19}
     bodies = [body for _, body in answers]
     assert all(body == bodies[0] for body in bodies) and bodies[0]["content"][0]["text"]
+    # They joined the one in flight (not hits on its stored answer, after it).
+    wait_for(lambda: relay.stats()["lookups"]["hit"] == 19, 10, "the counters")
+    assert relay.stats()["coalesced"] == 19
 
     upstream.reset()
     upstream.configure(latency=LATENCY, chunks=5, chunk_delay=0.02)
@@ -291,6 +304,8 @@ def test_coalescing_json_and_streams(
     assert sum(1 for kind, _ in events if kind == "content_block_delta") == 5
     assert events[-1][0] == "message_stop"
     assert all(e == events and i == message_id for _, e, i in streams)
+    wait_for(lambda: relay.stats()["lookups"]["hit"] == 38, 10, "the counters")
+    assert relay.stats()["coalesced"] == 38 and relay.stats()["in_flight"] == 0
 
 
 # -- 5. two instances, one Redis ---------------------------------------------------------------
@@ -338,6 +353,42 @@ def test_two_instances_share_entries_and_coalesce_through_redis(
     assert len(upstream_calls(upstream)) == 1
     assert Counter(header for header, _ in answers) == {"miss": 1, "hit": 9}
     assert all(body == answers[0][1] for _, body in answers)
+    # Four joined the flight on the first instance; on the second, one waited on the
+    # Redis lock (and found the answer there), four joined it.
+    wait_for(lambda: one.stats()["lookups"]["hit"] + two.stats()["lookups"]["hit"] == 10,
+             10, "the counters")
+    first_stats, second_stats = one.stats(), two.stats()
+    assert first_stats["coalesced"] == 4
+    assert second_stats["coalesced"] == 5 and second_stats["shared_hits"] == 2
+
+
+def test_a_failed_lock_holder_releases_the_other_instances_waiters(
+    certs: TestCertificates,
+    upstream_factory: UpstreamFactory,
+    relayd_factory: RelaydFactory,
+    redis_server: RedisServerProcess,
+) -> None:
+    """In one process a leader that gets no answer to share sends its joiners upstream at
+    once (flights.py); across instances the waiter should not wait out coalesce_wait
+    either once the lock holder is done."""
+    upstream = upstream_factory("a1")
+    state = {"store": "redis", "url": redis_server.url, "timeout": 0.5}
+    config = cache_config(certs, upstream, cache={"coalesce": True}, state=state,
+                          forward_headers=["x-fake-*"])
+    config["cache"] = {"coalesce_wait": 5}
+    one, two = start(relayd_factory, config, "one"), start(relayd_factory, config, "two")
+    body = message("lock holder fails")
+    with ThreadPoolExecutor(2) as pool:
+        # Only the leader's request fails (the fake's knobs as headers: not in the key).
+        leader = pool.submit(post_message, one.url, body, **{"x-fake-status": "400",
+                                                             "x-fake-latency": "1"})
+        wait_for(lambda: in_flight(upstream) or leader.done(), 10, "the leader upstream")
+        assert not leader.done()
+        waiter = pool.submit(post_message, two.url, body)
+        assert leader.result(30).status_code == 400
+        answer = waiter.result(30)
+    assert answer.status_code == 200 and cache_header(answer) == "miss"
+    assert "no answer from the instance coalescing" not in two.log.read_text()
 
 
 # -- 6. Redis gone -----------------------------------------------------------------------------
@@ -356,6 +407,8 @@ def test_redis_outage_serves_from_memory_without_client_errors(
     client = anthropic_client(relay.url)
     before = client.messages.with_raw_response.create(**sdk("before"))
     assert cache_header(before) == "miss"
+    wait_for(lambda: b"cache:claude:team-a:" in _cache_keys(redis_server), 10,
+             "the entry in Redis")
     redis_server.kill()
     results = [
         client.messages.with_raw_response.create(**sdk(text))
@@ -365,7 +418,36 @@ def test_redis_outage_serves_from_memory_without_client_errors(
     assert [cache_header(r) for r in results] == ["hit", "miss", "hit", "hit"]
     assert results[0].parse().id == before.parse().id
     assert results[1].parse().id == results[2].parse().id == results[3].parse().id
+    assert results[1].parse().id != before.parse().id
     assert len(upstream_calls(upstream)) == 2
+    stats = relay.stats()
+    assert stats["lookups"] == {"hit": 3, "miss": 2, "bypass": 0, "stale": 0}
+    assert stats["shared"]["errors"] >= 1  # "after": its lookup, lock and store failed
+
+
+def test_redis_outage_seen_by_the_cache_alone_is_reported(
+    certs: TestCertificates,
+    upstream_factory: UpstreamFactory,
+    relayd_factory: RelaydFactory,
+    redis_server: RedisServerProcess,
+) -> None:
+    """No client limits: only the cache uses Redis. Its failures must still mark Redis
+    down (logged once, ``relayd_state_store_up`` 0), as ``RedisStore.command`` says."""
+    upstream = upstream_factory("a1")
+    state = {"store": "redis", "url": redis_server.url, "timeout": 0.5}
+    relay = start(relayd_factory, cache_config(certs, upstream, state=state))
+    client = anthropic_client(relay.url)
+    assert relay.metric("relayd_state_store_up") == 1.0
+    redis_server.kill()
+    counter = iter(range(1000))
+
+    def seen_down() -> bool:
+        answer = client.messages.with_raw_response.create(**sdk(f"q{next(counter)}"))
+        assert answer.status_code == 200 and cache_header(answer) == "miss"
+        return relay.metric("relayd_state_store_up") == 0.0
+
+    wait_for(seen_down, 5, "relayd_state_store_up to fall to 0")
+    assert relay.stats()["shared"]["errors"] >= 1
 
 
 # -- 7. stale-if-error -------------------------------------------------------------------------
@@ -482,7 +564,8 @@ def test_a_sampled_route_caches_the_sdks_default_request(
     client = anthropic_client(
         start(relayd_factory, cache_config(certs, upstream, cache={"sampled": True})).url
     )
-    plain = {"model": MODEL, "max_tokens": 64, "messages": [{"role": "user", "content": "hi"}]}
+    plain: dict[str, Any] = {"model": MODEL, "max_tokens": 64,
+                             "messages": [{"role": "user", "content": "hi"}]}
     first = client.messages.with_raw_response.create(**plain)
     second = client.messages.with_raw_response.create(**plain)
     assert (cache_header(first), cache_header(second)) == ("miss", "hit")
