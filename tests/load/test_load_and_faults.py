@@ -372,3 +372,78 @@ def test_soak_with_reloads_and_hang_ups_keeps_memory_flat(
         rss_samples=len(samples),
     )
     assert growth < SOAK_RSS_GROWTH_MIB, report
+
+
+# -- the response cache under hang-ups --------------------------------------------------------
+
+
+def test_coalesced_requests_with_hang_ups_at_every_stage(
+    tmp_path: Path, report: dict[str, Any]
+) -> None:
+    """Identical requests on a coalescing route, JSON and streamed, while a third of the
+    clients give up before the first byte or hang up mid-answer (leaders among them):
+    every client that stays gets a complete answer or, for a stream whose leader's client
+    left mid-way, a clean error event; no flight is left behind; the backend stays in
+    service."""
+    import random
+
+    upstream = FakeUpstreamProcess(tmp_path / "upstream", "upstream").start()
+    config = default_config(upstream)
+    config["routes"][0]["cache"] = {"ttl": 1, "sampled": True, "coalesce": True}
+    relay = RelaydProcess(tmp_path / "relayd", config).start(1)
+    stack = Stack(upstream, relay)
+    upstream.configure(chunk_delay=0.02, latency=0.05)
+    chooser = random.Random(14)
+    port = stack.port
+    kept: list[tuple[bool, Any]] = []
+    hung = 0
+
+    async def scenario() -> None:
+        nonlocal hung
+        for round_ in range(12):
+            streamed = round_ % 2 == 1
+            body = json.loads(message_body(stream=streamed))
+            body["messages"][0]["content"] = f"question {round_ // 2}"  # a new key each pair
+            data = stack.request(json.dumps(body).encode())
+
+            async def one(mode: float, data: bytes = data, streamed: bool = streamed) -> None:
+                nonlocal hung
+                if mode < 0.17:
+                    await give_up(port, data, mode / 2)
+                    hung += 1
+                elif mode < 0.34:
+                    try:
+                        await hang_up_mid_answer(port, data, 10)
+                    except Exception:  # closed before any body byte: also a hang-up
+                        pass
+                    hung += 1
+                else:
+                    kept.append((streamed, await send_once(port, data, 30)))
+
+            await asyncio.gather(*(one(chooser.random()) for _ in range(30)))
+            await asyncio.sleep(1.05)  # past the ttl: the next pair starts afresh
+
+    try:
+        asyncio.run(scenario())
+        shared_ended = 0
+        problems = []
+        for streamed, response in kept:
+            why = check(response, streamed, via_relay=True)
+            if why is None:
+                continue
+            if streamed and response.status == 200 and b"ended early" in response.body:
+                shared_ended += 1  # its leader's client left mid-stream (docs/caching.md)
+                continue
+            problems.append(why)
+        assert not problems, problems[:5]
+        stats = json.loads(stack.admin("/admin/cache"))
+        assert stats["in_flight"] == 0
+        assert stats["coalesced"] > 0 and stats["lookups"]["hit"] > 0
+        assert_backends_in_service(stack)
+        assert not stack.bad_log_lines(), stack.bad_log_lines()[:10]
+        report.update(requests=len(kept) + hung, hung_up=hung, answered=len(kept),
+                      shared_stream_ended_early=shared_ended, coalesced=stats["coalesced"],
+                      upstream_requests=len(upstream.requests()))
+    finally:
+        relay.stop()
+        upstream.stop()
