@@ -16,6 +16,7 @@ upstream themselves; joiners of a stream already under way get its end.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from relayd.cache.entry import CachedAnswer, kept_headers
@@ -42,6 +43,7 @@ class Capture:
     __slots__ = (
         "chunks",
         "closed",
+        "deserted",
         "finished",
         "flights",
         "headers",
@@ -67,6 +69,9 @@ class Capture:
         self.closed = False
         self.joiners: list[Joiner] = []
         self.flights: dict[str, Capture] | None = None  # the table it is joinable in
+        # Set when the leader's client left and the answer goes on for the joiners alone:
+        # called when the last of them leaves too.
+        self.deserted: Callable[[], None] | None = None
 
     # -- the request's side (relayd.http.site.RelayRequest) ---------------------------------
 
@@ -110,6 +115,10 @@ class Capture:
     def leave(self, joiner: Joiner) -> None:
         if joiner in self.joiners:
             self.joiners.remove(joiner)
+            deserted = self.deserted
+            if not self.joiners and deserted is not None and not self.closed:
+                self.deserted = None
+                deserted()
 
     # -- the end -----------------------------------------------------------------------------
 

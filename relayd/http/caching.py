@@ -22,7 +22,8 @@ What the stage decides reaches the exchange through :class:`CacheHost`.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -343,6 +344,25 @@ class CacheStage:
         # The leader got no answer to share: this request asks upstream itself.
         self._missed()
 
+    # -- a leader whose client left ------------------------------------------------------------
+
+    def keep_going(self, give_up: Callable[[], None]) -> bool:
+        """The leader's client left: whether its answer goes on for the requests waiting
+        for it (then ``give_up`` is called if they all leave before it ends)."""
+        capture = self.capture
+        if capture is None or capture.closed or not capture.joiners:
+            return False
+        capture.deserted = give_up
+        return True
+
+    def body_producer(self, body: Any) -> Any:
+        """What the client's connection gets as the producer of the upstream body: the
+        body itself, or (for a flight's leader) a guard that keeps it flowing for the
+        waiters when that connection is lost."""
+        if self.capture is None or self.capture.flights is None:
+            return body
+        return _KeptForJoiners(body, self.capture)
+
     # -- stale on error -----------------------------------------------------------------------
 
     def stale_for_error(self) -> CachedAnswer | None:
@@ -367,10 +387,12 @@ class CacheStage:
             if getattr(request, "tap", None) is capture:
                 request.tap = None  # type: ignore[attr-defined]
             entry = None
+            # ``finished``: the answer's end was reached and written (to a client that may
+            # have left meanwhile, when others waited for it).
             if (
                 self.storing and complete and capture.keeping and capture.finished
                 and capture.status == 200 and host.status == 200
-                and host.outcome == Outcome.OK and not host.client_gone
+                and host.outcome in (Outcome.OK, Outcome.CLIENT_GONE)
                 and self.state in ("miss", "bypass")
             ):
                 now = host.clock.seconds()
@@ -391,6 +413,31 @@ class CacheStage:
         if token is not None and self.cache.shared is not None:
             self.cache.shared.unlock(self.key, token)
         self.cache.counted(self.state)
+
+
+class _KeptForJoiners:
+    """The upstream body, as the leader's client connection produces it: a lost
+    connection stops it only when no request waits for the answer (else a pause its
+    client's backpressure left on it is lifted)."""
+
+    __slots__ = ("body", "capture")
+
+    def __init__(self, body: Any, capture: Capture) -> None:
+        self.body = body
+        self.capture = capture
+
+    def pauseProducing(self) -> None:
+        self.body.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.body.resumeProducing()
+
+    def stopProducing(self) -> None:
+        capture = self.capture
+        if capture.joiners and not capture.closed:
+            self.body.resumeProducing()
+            return
+        self.body.stopProducing()
 
 
 class FlightJoiner:

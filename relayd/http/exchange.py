@@ -332,7 +332,11 @@ class Exchange:
         self._admit(pick)
 
     def attempt_body_started(self, attempt: UpstreamAttempt) -> None:
-        self.request.registerProducer(attempt.body, True)
+        cache = self.cache
+        body = attempt.body
+        self.request.registerProducer(
+            cache.body_producer(body) if cache is not None else body, True
+        )
 
     def attempt_body_ended(self, attempt: UpstreamAttempt, clean: bool) -> None:
         assert self.sink is not None
@@ -540,6 +544,11 @@ class Exchange:
             self.outcome = Outcome.CLIENT_GONE
         stage = "during_response" if self.request.startedWriting else "before_response"
         self.metrics.client_disconnected(self.family.name, stage)
+        cache = self.cache
+        if cache is not None and cache.keep_going(lambda: self._end_early(Result.CLIENT_GONE)):
+            # Identical requests wait for this answer: it goes on for them, unseen by
+            # this client, until it ends or they leave too (docs/caching.md).
+            return
         self._end_early(Result.CLIENT_GONE)
 
     def _end_early(self, result: str) -> None:

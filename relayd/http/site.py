@@ -37,11 +37,41 @@ class RelayRequest(Request):
             tap.wrote(self, data)
         Request.write(self, data)
 
+    #: The client's connection is gone (:meth:`connectionLost` ran).
+    lost = False
+
     def finish(self) -> None:
         tap = self.tap
         if tap is not None:
             tap.finished = True
+            if self.lost:
+                # An answer that went on for the requests waiting for it (the cache's
+                # coalescing) after its own client left: nothing to finish here.
+                return
         Request.finish(self)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.lost = True
+        Request.connectionLost(self, reason)
+
+    # Twisted drops a request's channel when its connection is lost; an answer that goes
+    # on for the cache's waiters still registers, unregisters and drops its producer.
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self.lost:
+            self.producer = producer
+            return
+        Request.registerProducer(self, producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        if self.lost:
+            self.producer = None
+            return
+        Request.unregisterProducer(self)
+
+    def loseConnection(self) -> None:
+        if not self.lost:
+            Request.loseConnection(self)
 
     def process(self) -> None:
         site = self.site = self.channel.site  # type: ignore[attr-defined]

@@ -614,3 +614,85 @@ def test_a_joiner_too_far_behind_is_ended() -> None:
     joiner.flight_data(b"cd")
     assert host.ended == [(False, False)]  # ended as a broken stream, queue dropped
     assert host.written == []
+
+
+def lose_client(exchange: Any) -> None:
+    """What a lost connection does to a relay request: the channel stops the producer
+    it holds, then the request hears of the loss."""
+    from twisted.internet.error import ConnectionDone
+    from twisted.python.failure import Failure
+
+    request = exchange.request
+    if request.producer is not None:
+        request.producer.stopProducing()
+    request.connectionLost(Failure(ConnectionDone()))
+
+
+def leader_of(h: Harness) -> Any:
+    """The exchange that leads the one flight in progress."""
+    leaders = [e for e in h.resource.active if e.cache is not None and e.cache.capture]
+    assert len(leaders) == 1
+    return leaders[0]
+
+
+def test_a_stream_goes_on_for_its_waiters_when_the_leaders_client_leaves() -> None:
+    h = Harness(cached_config({"coalesce": True}))
+    held: list[Request] = []
+
+    def later(request: Request, body: bytes) -> Any:
+        held.append(request)
+        return NOT_DONE_YET
+
+    for upstream in h.upstreams.values():
+        upstream.handler = later
+    body = {**MESSAGE, "stream": True}
+    try:
+        send(h, body)
+        waiter = send(h, body)
+        upstream_request = held[0]
+        upstream_request.setHeader(b"content-type", b"text/event-stream")
+        upstream_request.write(START + DELTA)
+        h.flush()
+        leader = leader_of(h)
+        lose_client(leader)
+        assert not leader.done  # goes on for the waiter
+        upstream_request.write(END)
+        upstream_request.finish()
+        h.flush()
+        assert leader.done and leader.outcome == "client_gone"
+        assert read(h, waiter) == (["hit"], START + DELTA + END)
+        assert len(h.runtime.response_cache.memory) == 1  # complete: stored all the same
+        assert h.call("POST", "/v1/messages", body)[1]["x-relayd-cache"] == ["hit"]
+        assert len(held) == 1
+    finally:
+        h.close()
+
+
+def test_a_leader_whose_client_and_waiters_all_left_stops() -> None:
+    h = Harness(cached_config({"coalesce": True}))
+    held: list[Request] = []
+
+    def later(request: Request, body: bytes) -> Any:
+        held.append(request)
+        return NOT_DONE_YET
+
+    for upstream in h.upstreams.values():
+        upstream.handler = later
+    body = {**MESSAGE, "stream": True}
+    try:
+        send(h, body)
+        send(h, body)
+        held[0].setHeader(b"content-type", b"text/event-stream")
+        held[0].write(START + DELTA)
+        h.flush()
+        leader = leader_of(h)
+        joiner = next(e for e in h.resource.active if e is not leader)
+        lose_client(leader)
+        assert not leader.done
+        lose_client(joiner)
+        assert leader.done and joiner.done
+        assert h.resource.active == set()
+        assert h.runtime.response_cache.flights == {}
+        assert len(h.runtime.response_cache.memory) == 0
+    finally:
+        h.close()
