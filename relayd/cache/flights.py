@@ -87,7 +87,13 @@ class Capture:
             if self.streamed:
                 for joiner in list(self.joiners):
                     joiner.flight_started(self.status, self.headers)
-        if self.status != 200 or data is KEEPALIVE:
+        if self.status != 200:
+            return
+        if data is KEEPALIVE:
+            # Joiners' clients sit through the same silence; the entry never holds it.
+            if self.streamed:
+                for joiner in list(self.joiners):
+                    joiner.flight_data(data)
             return
         if self.keeping:
             self.size += len(data)

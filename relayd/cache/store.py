@@ -48,8 +48,8 @@ class ResponseCache:
         """Apply a reloaded ``cache`` section and the new runtime's state store."""
         if config.memory_bytes != self.config.memory_bytes:
             self.memory = MemoryCache(config.memory_bytes)
-        if config.model_list_ttl != self.config.model_list_ttl:
-            self.model_lists.clear()
+        # A reload may change what a provider's backends are: lists are asked afresh.
+        self.model_lists.clear()
         self.config = config
         self._bind(store)
 

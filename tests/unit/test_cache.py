@@ -218,7 +218,7 @@ def test_capture_keeps_a_200_without_keepalives_and_shares_it_live() -> None:
     assert capture.headers == ((b"content-type", b"text/event-stream"),)
     capture.finished = True
     capture.close(entry())
-    assert early.events == [("started", 200), b"event: a\n\n", b"event: b\n\n",
+    assert early.events == [("started", 200), b"event: a\n\n", KEEPALIVE, b"event: b\n\n",
                             ("ended", True, True)]
     assert late.events == [("started", 200), b"event: a\n\n", b"event: b\n\n",
                            ("ended", True, True)]
@@ -457,9 +457,11 @@ def test_reload_keeps_memory_unless_its_size_changes(harness: Harness) -> None:
 
     harness.call("POST", "/v1/messages", MESSAGE)
     cache = harness.runtime.response_cache
+    cache.model_lists[("anthropic",)] = (1e9, [])
     same = parse_config(cached_config({"ttl": 5}))
     runtime = RelayRuntime(same, harness.clock, carry=plan_reload(harness.runtime, same))
     assert runtime.response_cache is cache and len(cache.memory) == 1
+    assert cache.model_lists == {}  # asked afresh: the providers may have changed
     bigger = parse_config(cached_config({"ttl": 5}, cache={"memory_bytes": 1 << 24}))
     RelayRuntime(bigger, harness.clock, carry=plan_reload(runtime, bigger))
     assert len(cache.memory) == 0 and cache.memory.max_bytes == 1 << 24
