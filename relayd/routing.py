@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import fnmatch
+import os
+import random
 import re
 from collections.abc import Callable, Collection, Sequence
 
@@ -141,6 +143,46 @@ class WeightedBalancer:
         """Whether some backend can serve requests (for readiness): a backend busy up to
         its concurrency cap still serves, its requests wait for a slot."""
         return any(b.can_serve() for b in self._backends)
+
+
+class LeastLatencyBalancer(WeightedBalancer):
+    """``balance: least_latency``: power of two choices by peak-EWMA cost.
+
+    Within the best priority tier that has an eligible backend (the same eligibility and
+    health passes as :class:`WeightedBalancer`), two eligible backends are drawn at
+    random and the cheaper one serves: cost = the backend's expected time to response
+    headers (:class:`relayd.latency.PeakEwma`) x (requests in flight + 1) / weight. A
+    slow or busy backend loses share at once and wins it back as its samples fade.
+    """
+
+    __slots__ = ("_random",)
+
+    def __init__(self, backends: Sequence[Backend], rng: random.Random | None = None) -> None:
+        super().__init__(backends)
+        self._random = rng if rng is not None else random.Random(os.urandom(16))
+
+    def choose(
+        self, exclude: Collection[Backend] = (), *, healthy: bool | None = None
+    ) -> Backend | None:
+        for need_healthy in _PASSES[healthy]:
+            for tier in self._tiers:
+                eligible = [
+                    backend for backend in tier.backends
+                    if backend not in exclude and backend.is_available()
+                    and (not need_healthy or backend.health.healthy)
+                ]
+                if not eligible:
+                    continue
+                if len(eligible) == 1:
+                    return eligible[0]
+                first, second = self._random.sample(eligible, 2)
+                now = first.clock.seconds()
+                return first if _cost(first, now) <= _cost(second, now) else second
+        return None
+
+
+def _cost(backend: Backend, now: float) -> float:
+    return backend.latency.estimate(now) * (backend.in_flight + 1) / backend.weight
 
 
 class ProviderRoute:

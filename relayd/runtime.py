@@ -25,6 +25,7 @@ from relayd.limits.policy import ClientPolicy, UpstreamPolicy
 from relayd.providers import PROVIDERS
 from relayd.retry_budget import RetryBudget
 from relayd.routing import (
+    LeastLatencyBalancer,
     ModelMatcher,
     ProviderRoute,
     Route,
@@ -136,8 +137,16 @@ class RelayRuntime:
                         backend_config.api_keys,
                     )
             self.backends.extend(backends)
+            balancer: WeightedBalancer
+            if provider_config.balance == "least_latency":
+                tuning = provider_config.least_latency
+                for backend in backends:
+                    backend.latency.configure(tuning.decay, tuning.default_rtt)
+                balancer = LeastLatencyBalancer(backends)
+            else:
+                balancer = WeightedBalancer(backends)
             self.providers[provider_config.name] = ProviderRoute(
-                provider_config.name, provider_config.type, WeightedBalancer(backends)
+                provider_config.name, provider_config.type, balancer
             )
         known_models = [name for r in config.routes for name in ModelMatcher(r.models).literals]
         known_models += [t.model for r in config.routes for t in r.targets if t.model]

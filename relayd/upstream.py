@@ -32,6 +32,7 @@ from relayd import __version__
 from relayd.config.model import BackendConfig
 from relayd.health import ActiveHealth, CircuitBreaker, HealthChecker
 from relayd.keyring import KeyRing
+from relayd.latency import PeakEwma
 from relayd.pool import BytesProducer, ConnectionPool, PoolSender
 from relayd.providers.base import IProvider
 
@@ -119,6 +120,8 @@ class Backend:
         self.url = config.url
         self.base_url = config.url.encode("ascii")
         self.in_flight = 0
+        # Time to response headers (balance: least_latency): fed by every attempt.
+        self.latency = PeakEwma()
         self.waiters: deque[QueuedRequest] = deque()  # oldest first
         self.retired = False
         self.last_error: str | None = None

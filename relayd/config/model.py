@@ -314,9 +314,23 @@ class BackendConfig:
     )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LeastLatencyConfig:
+    """``balance: least_latency`` (peak-EWMA): how fast old latency samples fade
+    (``decay``, seconds) and the latency assumed for a backend without samples."""
+
+    decay: float = field(default=10.0, metadata=checked(checks.positive_number))
+    default_rtt: float = field(default=0.05, metadata=checked(checks.positive_number))
+
+
 @dataclass(frozen=True, slots=True)
 class ProviderConfig:
-    """A named group of backends speaking one upstream API (``type``)."""
+    """A named group of backends speaking one upstream API (``type``).
+
+    ``balance``: ``weighted`` (smooth weighted round-robin) or ``least_latency``
+    (peak-EWMA of the time to response headers times the requests in flight, power of
+    two choices, scaled by weight); see docs/routing.md.
+    """
 
     name: str = field(metadata=checked(checks.name))  # unique among providers
     type: ApiFamily = field(metadata=checked(checks.api_family))
@@ -324,6 +338,12 @@ class ProviderConfig:
     # and breaker (merged over the top level's).
     backends: tuple[BackendConfig, ...] = field(
         metadata=hooked("timeouts", "pool", "health", "breaker", "backends")
+    )
+    balance: str = field(
+        default="weighted", metadata=checked(checks.choice("weighted", "least_latency"))
+    )
+    least_latency: LeastLatencyConfig = field(
+        default=LeastLatencyConfig(), metadata=nested(LeastLatencyConfig)
     )
 
 

@@ -103,6 +103,7 @@ class UpstreamAttempt(Protocol):
         self.ended = False  # backend slot released
         self.verdict = _OPEN
         self._body_over = False
+        self.sent_at = 0.0
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -112,7 +113,7 @@ class UpstreamAttempt(Protocol):
         backend = self.backend
         # The call's headers never carry these names (relayd.http.headers.NEVER_FORWARDED).
         headers = call.headers + self.key.auth_headers + backend.account_headers
-        now = self.clock.seconds()
+        now = self.sent_at = self.clock.seconds()
         first_byte = max(min(backend.timeouts.first_byte, self.deadline - now), 0.0)
         self.timer = self.clock.callLater(first_byte, self._timer_fired)
         body = call.body
@@ -124,6 +125,8 @@ class UpstreamAttempt(Protocol):
 
     def _responded(self, response: IResponse) -> None:
         self.request = None
+        now = self.clock.seconds()
+        self.backend.latency.observe(now - self.sent_at, now)
         host = self.host
         if host is None or host.done:
             discard(response)
