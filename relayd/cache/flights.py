@@ -118,6 +118,11 @@ class Capture:
                 joiner.flight_data(chunk)
         return True
 
+    @property
+    def waited_for(self) -> bool:
+        """Whether requests still wait for this answer."""
+        return bool(self.joiners) and not self.closed
+
     def leave(self, joiner: Joiner) -> None:
         if joiner in self.joiners:
             self.joiners.remove(joiner)

@@ -40,6 +40,8 @@ from relayd.routing import Route
 
 if TYPE_CHECKING:
     from relayd.config.model import RouteCacheConfig
+    from relayd.limits.checks import Decision
+    from relayd.limits.gate import LimitGate
 
 __all__ = ["CACHE_HEADER", "CacheHost", "CacheStage", "FlightJoiner"]
 
@@ -63,9 +65,11 @@ class CacheHost(Protocol):
     family: IProvider
     clock: IReactorTime
 
-    def cache_hit(self, entry: CachedAnswer, state: str) -> None: ...
+    def from_cache(self, usage: Usage | None) -> None: ...
 
     def cache_missed(self) -> None: ...
+
+    def finish(self) -> None: ...
 
     def begin_joined(
         self, joiner: FlightJoiner, headers: tuple[tuple[bytes, bytes], ...]
@@ -82,7 +86,7 @@ class CacheStage:
     """One request's use of the response cache (see the module's docstring)."""
 
     __slots__ = ("_deadline", "_poll", "_poll_delay", "cache", "capture", "client", "controls",
-                 "host", "joined", "joiner", "key", "lock_token", "looking", "route",
+                 "host", "joined", "joiner", "key", "lock_token", "looking", "model", "route",
                  "settings", "shared_key", "stale", "state", "storing", "streamed")
 
     def __init__(
@@ -94,6 +98,7 @@ class CacheStage:
         key: str,
         controls: CacheControls,
         *,
+        model: str,
         looking: bool,
         storing: bool,
         streamed: bool,
@@ -102,6 +107,7 @@ class CacheStage:
         self.settings = settings
         self.route = route
         self.client = client  # None: an entry shared by every client
+        self.model = model  # as the client named it (kept with the entry)
         self.key = key
         self.controls = controls
         self.looking = looking
@@ -153,15 +159,36 @@ class CacheStage:
             )
         except ValueError:  # a body JSON cannot state canonically (NaN): not cached
             return None
-        return cls(cache, settings, route.label, client, key, controls,
+        return cls(cache, settings, route.label, client, key, controls, model=call.model,
                    looking=looking, storing=storing, streamed=call.stream)
 
     # -- the lookup ---------------------------------------------------------------------------
 
-    def look_up(self, host: CacheHost) -> None:
-        """Decide, and tell ``host``: :meth:`~CacheHost.cache_hit` or
-        :meth:`~CacheHost.cache_missed` (now or later), or join a flight."""
+    def start(self, host: CacheHost, gate: LimitGate | None) -> None:
+        """Admit the request against its client's own limits (a hit counts as a request
+        too), then look it up: answer it from the cache (:meth:`serve`), join a flight,
+        or send it upstream (:meth:`~CacheHost.cache_missed`), now or later."""
         self.host = host
+        d = gate.admit_client() if gate is not None else None
+        if d is None or gate is None:
+            self._look_up()
+            return
+        d.addCallback(self._client_admitted, gate).addErrback(host.on_unexpected)
+
+    def _client_admitted(self, decision: Decision, gate: LimitGate) -> None:
+        host = self.host
+        assert host is not None
+        if host.done:
+            gate.give_back(decision)
+            return
+        if not decision.allowed:
+            raise gate.refusal(decision)
+        gate.admitted(decision, None)
+        self._look_up()
+
+    def _look_up(self) -> None:
+        host = self.host
+        assert host is not None
         if not self.looking:
             host.request.setHeader(CACHE_HEADER, b"bypass")
             self._go_upstream()
@@ -197,42 +224,68 @@ class CacheStage:
         if now < entry.stale_until and self.settings.stale_if_error > 0:
             self.stale = entry
 
+    def _shared_hit(self, entry: CachedAnswer | None, now: float) -> bool:
+        """Serve ``entry`` from the shared level if it is fresh (kept in memory too)."""
+        if entry is None or not entry.fresh(now, self.controls.max_age):
+            return False
+        self.cache.memory.put(self.key, entry)
+        self.cache.shared_hits += 1
+        self._hit(entry)  # a lock this request took is let go when the exchange completes
+        return True
+
     def _shared_found(self, entry: CachedAnswer | None) -> None:
         host = self.host
         assert host is not None
         if host.done:
             return
         now = host.clock.seconds()
+        if self._shared_hit(entry, now):
+            return
         if entry is not None:
-            if entry.fresh(now, self.controls.max_age):
-                self.cache.memory.put(self.key, entry)
-                self.cache.shared_hits += 1
-                self._hit(entry)
-                return
             self._keep_stale(entry, now)
+        if not self.settings.coalesce or self.cache.shared is None:
+            self._missed()
+            return
+        self._try_lock(first=True)
+
+    def _try_lock(self, *, first: bool) -> None:
+        """Take the coalescing lock in Redis (``first``: on the miss; else after a poll
+        that found no entry, to learn whether the holder is gone)."""
+        host = self.host
         shared = self.cache.shared
-        if not self.settings.coalesce or shared is None:
+        assert host is not None
+        if shared is None:
             self._missed()
             return
         token = os.urandom(12).hex()
         d = shared.lock(self.key, token, self.cache.config.coalesce_wait)
-        d.addCallback(self._locked, token).addErrback(host.on_unexpected)
+        d.addCallback(self._locked, token, first).addErrback(host.on_unexpected)
 
-    def _locked(self, taken: bool | None, token: str) -> None:
+    def _locked(self, taken: bool | None, token: str, first: bool) -> None:
         host = self.host
+        shared = self.cache.shared
         assert host is not None
         if host.done:
-            if taken and self.cache.shared is not None:
-                self.cache.shared.unlock(self.key, token)
+            if taken and shared is not None:
+                shared.unlock(self.key, token)
             return
         if taken is False:
             # Another instance is asking upstream: wait for its answer in Redis.
-            self._deadline = host.clock.seconds() + self.cache.config.coalesce_wait
-            self.cache.coalesced += 1
+            if first:
+                self._deadline = host.clock.seconds() + self.cache.config.coalesce_wait
+                self.cache.coalesced += 1
+            else:
+                self._poll_delay = min(self._poll_delay * 2, _POLL_MAX)
             self._poll = host.clock.callLater(self._poll_delay, self._poll_shared)
             return
         self.lock_token = token if taken else None
-        self._missed()
+        if first or not taken or shared is None or self.shared_key is None:
+            self._missed()
+            return
+        # The holder may have stored its answer and let go between the last look and
+        # this lock: one more look before going upstream.
+        d = shared.get(self.shared_key)
+        d.addCallback(self._last_look).addErrback(host.on_unexpected)
 
     def _poll_shared(self) -> None:
         self._poll = None
@@ -253,10 +306,7 @@ class CacheStage:
         if host.done:
             return
         now = host.clock.seconds()
-        if entry is not None and entry.fresh(now, self.controls.max_age):
-            self.cache.memory.put(self.key, entry)
-            self.cache.shared_hits += 1
-            self._hit(entry)
+        if self._shared_hit(entry, now):
             return
         if now >= self._deadline:
             log.info("{request_id}: no answer from the instance coalescing this request "
@@ -266,46 +316,15 @@ class CacheStage:
             return
         # Still no entry: is the lock still held? If its holder ended without storing an
         # answer (it failed), the lock is gone and this request takes over.
-        shared = self.cache.shared
-        if shared is None:
-            self._missed()
-            return
-        token = os.urandom(12).hex()
-        d = shared.lock(self.key, token, self.cache.config.coalesce_wait)
-        d.addCallback(self._relocked, token).addErrback(host.on_unexpected)
-
-    def _relocked(self, taken: bool | None, token: str) -> None:
-        host = self.host
-        assert host is not None
-        if host.done:
-            if taken and self.cache.shared is not None:
-                self.cache.shared.unlock(self.key, token)
-            return
-        if taken is False:
-            self._poll_delay = min(self._poll_delay * 2, _POLL_MAX)
-            self._poll = host.clock.callLater(self._poll_delay, self._poll_shared)
-            return
-        self.lock_token = token if taken else None
-        shared = self.cache.shared
-        if not taken or shared is None or self.shared_key is None:
-            self._missed()
-            return
-        # The holder may have stored its answer and let go between the last look and
-        # this lock: one more look before going upstream.
-        d = shared.get(self.shared_key)
-        d.addCallback(self._last_look).addErrback(host.on_unexpected)
+        self._try_lock(first=False)
 
     def _last_look(self, entry: CachedAnswer | None) -> None:
         host = self.host
         assert host is not None
         if host.done:
             return
-        if entry is not None and entry.fresh(host.clock.seconds(), self.controls.max_age):
-            self.cache.memory.put(self.key, entry)
-            self.cache.shared_hits += 1
-            self._hit(entry)  # the lock is let go when the exchange completes
-            return
-        self._missed()
+        if not self._shared_hit(entry, host.clock.seconds()):
+            self._missed()
 
     def _hit(self, entry: CachedAnswer) -> None:
         host = self.host
@@ -315,7 +334,7 @@ class CacheStage:
             # This request led a flight: its joiners get the same entry.
             self.capture = None
             capture.close(entry)
-        host.cache_hit(entry, "hit")
+        self.serve(entry, "hit")
 
     def _missed(self) -> None:
         host = self.host
@@ -339,7 +358,7 @@ class CacheStage:
         self.joiner = None
         self.joined = None
         if entry is not None:
-            self.host.cache_hit(entry, "hit")  # type: ignore[union-attr]
+            self.serve(entry, "hit")
             return
         # The leader got no answer to share: this request asks upstream itself.
         self._missed()
@@ -350,7 +369,7 @@ class CacheStage:
         """The leader's client left: whether its answer goes on for the requests waiting
         for it (then ``give_up`` is called if they all leave before it ends)."""
         capture = self.capture
-        if capture is None or capture.closed or not capture.joiners:
+        if capture is None or not capture.waited_for:
             return False
         capture.deserted = give_up
         return True
@@ -363,19 +382,48 @@ class CacheStage:
             return body
         return _KeptForJoiners(body, self.capture)
 
-    # -- stale on error -----------------------------------------------------------------------
+    # -- answers from the cache ---------------------------------------------------------------
 
-    def stale_for_error(self) -> CachedAnswer | None:
-        """The expired entry to serve now that every target failed, if there is one."""
+    def serve(self, entry: CachedAnswer, state: str) -> None:
+        """Answer with a stored answer (``state``: ``hit`` or ``stale``): its status,
+        headers and exact bytes."""
+        host = self.host
+        assert host is not None
+        if host.done:
+            return
+        self.state = state
+        request = host.request
+        request.tap = None  # type: ignore[attr-defined]  # never captured again
+        host.from_cache(entry.usage)
+        self.write_head(entry.headers, state, host.clock.seconds() - entry.stored_at)
+        if not entry.streamed:
+            request.setHeader(b"content-length", b"%d" % len(entry.body))
+        request.write(entry.body)
+        host.finish()
+
+    def write_head(self, headers: tuple[tuple[bytes, bytes], ...], state: str, age: float) -> None:
+        """Status and headers of an answer from the cache (``age``: seconds stored)."""
+        self.state = state
+        request = self.host.request  # type: ignore[union-attr]
+        request.setResponseCode(200)
+        answer = request.responseHeaders
+        for name, value in headers:
+            answer.addRawHeader(name, value)
+        answer.setRawHeaders(CACHE_HEADER, [state.encode()])
+        answer.setRawHeaders(b"age", [b"%d" % max(int(age), 0)])
+
+    def stale_for_error(self, status: int) -> CachedAnswer | None:
+        """The expired entry to serve instead of an answer of ``status`` (a 5xx: every
+        target failed), if there is one."""
         stale = self.stale
         host = self.host
-        if stale is None or host is None or host.clock.seconds() >= stale.stale_until:
+        if status < 500 or stale is None or host is None:
             return None
-        return stale
+        return stale if host.clock.seconds() < stale.stale_until else None
 
     # -- the end ------------------------------------------------------------------------------
 
-    def complete(self, host: CacheHost, model: str, complete: bool) -> None:
+    def complete(self, host: CacheHost, complete: bool) -> None:
         """The exchange ends: store its answer if it may be kept (``complete``: its body
         sink saw the whole answer, a stream its terminal event), release what waits."""
         poll, self._poll = self._poll, None
@@ -401,7 +449,7 @@ class CacheStage:
                     status=200, headers=capture.headers, body=capture.body,
                     streamed=capture.streamed, stored_at=now, expires_at=now + ttl,
                     stale_until=now + ttl + self.settings.stale_if_error, route=self.route,
-                    client=self.client or "", model=model, usage=host.usage,
+                    client=self.client or "", model=self.model, usage=host.usage,
                 )
                 self.cache.keep(self.key, self.shared_key, entry)
             capture.close(entry)
@@ -433,8 +481,7 @@ class _KeptForJoiners:
         self.body.resumeProducing()
 
     def stopProducing(self) -> None:
-        capture = self.capture
-        if capture.joiners and not capture.closed:
+        if self.capture.waited_for:
             self.body.resumeProducing()
             return
         self.body.stopProducing()

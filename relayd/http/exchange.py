@@ -31,10 +31,10 @@ from twisted.web.iweb import IResponse
 
 from relayd.cache import CACHE_PROVIDER, CachedAnswer
 from relayd.errors import Outcome, Refusal, Result
-from relayd.http.accesslog import model_label, record_exchange
+from relayd.http.accesslog import record_exchange
 from relayd.http.attempt import UpstreamAttempt, discard
 from relayd.http.bodies import BodySink, choose_sink
-from relayd.http.caching import CACHE_HEADER, CacheStage, FlightJoiner
+from relayd.http.caching import CacheStage, FlightJoiner
 from relayd.http.headers import replace_header, write_answer_head
 from relayd.http.intake import ClientCall, parse_client_call, printable
 from relayd.http.models import ModelCatalog
@@ -187,23 +187,7 @@ class Exchange:
             self._plan_attempts()
             return
         self.cache = stage
-        # The client's own limits first: a hit counts as a request too.
-        d = gate.admit_client() if gate is not None else None
-        if d is None:
-            stage.look_up(self)
-            return
-        d.addCallback(self._client_admitted, stage).addErrback(self.on_unexpected)
-
-    def _client_admitted(self, decision: Decision, stage: CacheStage) -> None:
-        gate = self.gate
-        assert gate is not None
-        if self.done:
-            gate.give_back(decision)
-            return
-        if not decision.allowed:
-            raise gate.refusal(decision)
-        gate.admitted(decision, None)
-        stage.look_up(self)
+        stage.start(self, gate)
 
     def _plan_attempts(self) -> None:
         """Plan the upstream attempts of a routed request and send the first."""
@@ -309,7 +293,7 @@ class Exchange:
             attempt.end()
             attempt.detach()
             discard(response)
-            self._replay(stale, "stale")
+            self._serve_stale(stale)
             return
         self.response = response
         self.status = status
@@ -387,58 +371,31 @@ class Exchange:
 
     # -- what the cache stage decides (relayd.http.caching.CacheHost) --------------------------
 
-    def cache_hit(self, entry: CachedAnswer, state: str) -> None:
-        if not self.done:
-            self._replay(entry, state)
-
     def cache_missed(self) -> None:
         if not self.done:
             self._plan_attempts()
 
-    def _stale_for(self, status: int) -> CachedAnswer | None:
-        """A stale entry to serve instead of a failure of every target (5xx)."""
-        stage = self.cache
-        if stage is None or status < 500:
-            return None
-        return stage.stale_for_error()
-
-    def _replay(self, entry: CachedAnswer, state: str) -> None:
-        """Answer with a stored answer: its status, headers and exact bytes."""
-        stage = self.cache
-        assert stage is not None
-        stage.state = state
-        request = self.request
-        request.tap = None  # type: ignore[attr-defined]
-        self.status = entry.status
-        self.usage = entry.usage
+    def from_cache(self, usage: Usage | None) -> None:
+        """The answer comes from the cache: stored, or shared with an identical request."""
+        self.status = 200
+        self.usage = usage
         self.provider_name = CACHE_PROVIDER
         self.outcome = Outcome.OK
-        now = self.first_byte_at = self.clock.seconds()
-        self._cached_head(entry.headers, state, now - entry.stored_at)
-        if not entry.streamed:
-            request.setHeader(b"content-length", b"%d" % len(entry.body))
-        request.write(entry.body)
-        self.finish()
+        self.first_byte_at = self.clock.seconds()
 
-    def _cached_head(
-        self, headers: tuple[tuple[bytes, bytes], ...], state: str, age: float
-    ) -> None:
-        request = self.request
-        request.setResponseCode(200)
-        answer = request.responseHeaders
-        for name, value in headers:
-            answer.addRawHeader(name, value)
-        answer.setRawHeaders(CACHE_HEADER, [state.encode()])
-        answer.setRawHeaders(b"age", [b"%d" % max(int(age), 0)])
+    def _stale_for(self, status: int) -> CachedAnswer | None:
+        """A stale entry to serve instead of a failure of every target (5xx)."""
+        return self.cache.stale_for_error(status) if self.cache is not None else None
+
+    def _serve_stale(self, entry: CachedAnswer) -> None:
+        assert self.cache is not None
+        self.cache.serve(entry, "stale")
 
     def begin_joined(self, joiner: FlightJoiner, headers: tuple[tuple[bytes, bytes], ...]) -> None:
         """The head of an identical request's stream, which this one shares."""
         assert self.cache is not None
-        self.cache.state = "hit"
-        self.status = 200
-        self.provider_name = CACHE_PROVIDER
-        self.first_byte_at = self.clock.seconds()
-        self._cached_head(headers, "hit", 0.0)
+        self.from_cache(None)
+        self.cache.write_head(headers, "hit", 0.0)
         self.request.registerProducer(joiner, True)
         self.metrics.stream_opened()
         self.stream_open = True
@@ -473,7 +430,7 @@ class Exchange:
         request = self.request
         stale = None if request.startedWriting else self._stale_for(status)
         if stale is not None:
-            self._replay(stale, "stale")
+            self._serve_stale(stale)
             return
         if request.startedWriting:  # a stage refused too late for an error body
             log.error("{request_id}: refusal after the answer began: {message}",
@@ -589,8 +546,7 @@ class Exchange:
         if self.stream_open:
             self.metrics.stream_closed()
         if self.cache is not None:
-            sink = self.sink
-            self.cache.complete(self, model_label(self), sink is not None and sink.complete)
+            self.cache.complete(self, self.sink is not None and self.sink.complete)
         record_exchange(self, self.clock.seconds())
         # The sink refers back to the exchange: without this cycle the request's objects
         # are freed now, by reference counting, not later by the garbage collector.
