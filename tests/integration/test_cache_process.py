@@ -311,6 +311,11 @@ def test_coalescing_json_and_streams(
 # -- 5. two instances, one Redis ---------------------------------------------------------------
 
 
+def redis_state(redis: RedisServerProcess) -> dict[str, Any]:
+    """The ``state`` section sharing ``redis`` (and so the cache's shared level)."""
+    return {"store": "redis", "url": redis.url, "timeout": 0.5}
+
+
 def _cache_keys(redis: RedisServerProcess) -> bytes:
     return redis.command("KEYS", "*:cache:*")
 
@@ -322,7 +327,7 @@ def test_two_instances_share_entries_and_coalesce_through_redis(
     redis_server: RedisServerProcess,
 ) -> None:
     upstream = upstream_factory("a1")
-    state = {"store": "redis", "url": redis_server.url, "timeout": 0.5}
+    state = redis_state(redis_server)
     config = cache_config(certs, upstream, cache={"coalesce": True}, state=state)
     one, two = start(relayd_factory, config, "one"), start(relayd_factory, config, "two")
     a, b = anthropic_client(one.url), anthropic_client(two.url)
@@ -372,7 +377,7 @@ def test_a_failed_lock_holder_releases_the_other_instances_waiters(
     once (flights.py); across instances the waiter should not wait out coalesce_wait
     either once the lock holder is done."""
     upstream = upstream_factory("a1")
-    state = {"store": "redis", "url": redis_server.url, "timeout": 0.5}
+    state = redis_state(redis_server)
     config = cache_config(certs, upstream, cache={"coalesce": True}, state=state,
                           forward_headers=["x-fake-*"])
     config["cache"] = {"coalesce_wait": 5}
@@ -401,7 +406,7 @@ def test_redis_outage_serves_from_memory_without_client_errors(
     redis_server: RedisServerProcess,
 ) -> None:
     upstream = upstream_factory("a1")
-    state = {"store": "redis", "url": redis_server.url, "timeout": 0.5}
+    state = redis_state(redis_server)
     relay = start(relayd_factory, cache_config(certs, upstream, cache={"coalesce": True},
                                                state=state))
     client = anthropic_client(relay.url)
@@ -434,7 +439,7 @@ def test_redis_outage_seen_by_the_cache_alone_is_reported(
     """No client limits: only the cache uses Redis. Its failures must still mark Redis
     down (logged once, ``relayd_state_store_up`` 0), as ``RedisStore.command`` says."""
     upstream = upstream_factory("a1")
-    state = {"store": "redis", "url": redis_server.url, "timeout": 0.5}
+    state = redis_state(redis_server)
     relay = start(relayd_factory, cache_config(certs, upstream, state=state))
     client = anthropic_client(relay.url)
     assert relay.metric("relayd_state_store_up") == 1.0

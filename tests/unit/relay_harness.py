@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from treq.testing import RequestTraversalAgent, StubTreq
+from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import ILogObserver, LogEvent, globalLogPublisher
+from twisted.python.failure import Failure
 from twisted.web.iweb import UNKNOWN_LENGTH, IAgent
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -82,6 +84,15 @@ def json_reply(request: Request, payload: object, status: int = 200) -> bytes:
 
 def hang(request: Request, body: bytes) -> Any:
     return NOT_DONE_YET
+
+
+def lose_client(exchange: Any) -> None:
+    """What a lost client connection does to a relay request: the channel stops the
+    producer it holds (the upstream body, if one flows), then the request hears of it."""
+    request = exchange.request
+    if request.producer is not None:
+        request.producer.stopProducing()
+    request.connectionLost(Failure(ConnectionDone("client hung up")))
 
 
 @implementer(ILogObserver)
@@ -164,6 +175,19 @@ class Harness:
             for b in self.runtime.backends if b.name == backend
         )
         self.runtime.store.claim(kind, object_id, record)
+
+    def hold_upstreams(self) -> list[Request]:
+        """Make every fake upstream keep its requests unanswered; the list gets them, in
+        arrival order, for the test to answer."""
+        held: list[Request] = []
+
+        def later(request: Request, body: bytes) -> Any:
+            held.append(request)
+            return NOT_DONE_YET
+
+        for upstream in self.upstreams.values():
+            upstream.handler = later
+        return held
 
     def close(self) -> None:
         globalLogPublisher.removeObserver(self.logs)

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from relay_harness import CLIENT_KEY, OTHER_KEY, Harness, base_config, json_reply
+from relay_harness import CLIENT_KEY, OTHER_KEY, Harness, base_config, json_reply, lose_client
 from twisted.web.http_headers import Headers
-from twisted.web.server import NOT_DONE_YET, Request
+from twisted.web.server import Request
 
 from relayd.cache import CachedAnswer, cache_key, parse_cache_control, samples
 from relayd.cache.entry import kept_headers
@@ -496,14 +496,7 @@ def read(harness: Harness, results: list[Any]) -> tuple[list[str], bytes]:
 @pytest.mark.parametrize("streamed", [False, True])
 def test_identical_requests_in_flight_share_one_upstream_call(streamed: bool) -> None:
     h = Harness(cached_config({"coalesce": True}))
-    held: list[Request] = []
-
-    def later(request: Request, body: bytes) -> Any:
-        held.append(request)
-        return NOT_DONE_YET
-
-    for upstream in h.upstreams.values():
-        upstream.handler = later
+    held = h.hold_upstreams()
     body = {**MESSAGE, "stream": streamed}
     try:
         waiting = [send(h, body) for _ in range(3)]
@@ -533,14 +526,7 @@ def test_identical_requests_in_flight_share_one_upstream_call(streamed: bool) ->
 
 def test_waiters_of_a_failed_leader_go_upstream_themselves() -> None:
     h = Harness(cached_config({"coalesce": True}))
-    held: list[Request] = []
-
-    def later(request: Request, body: bytes) -> Any:
-        held.append(request)
-        return NOT_DONE_YET
-
-    for upstream in h.upstreams.values():
-        upstream.handler = later
+    held = h.hold_upstreams()
     try:
         first, second = send(h, MESSAGE), send(h, MESSAGE)
         assert len(held) == 1
@@ -618,18 +604,6 @@ def test_a_joiner_too_far_behind_is_ended() -> None:
     assert host.written == []
 
 
-def lose_client(exchange: Any) -> None:
-    """What a lost connection does to a relay request: the channel stops the producer
-    it holds, then the request hears of the loss."""
-    from twisted.internet.error import ConnectionDone
-    from twisted.python.failure import Failure
-
-    request = exchange.request
-    if request.producer is not None:
-        request.producer.stopProducing()
-    request.connectionLost(Failure(ConnectionDone()))
-
-
 def leader_of(h: Harness) -> Any:
     """The exchange that leads the one flight in progress."""
     leaders = [e for e in h.resource.active if e.cache is not None and e.cache.capture]
@@ -639,14 +613,7 @@ def leader_of(h: Harness) -> Any:
 
 def test_a_stream_goes_on_for_its_waiters_when_the_leaders_client_leaves() -> None:
     h = Harness(cached_config({"coalesce": True}))
-    held: list[Request] = []
-
-    def later(request: Request, body: bytes) -> Any:
-        held.append(request)
-        return NOT_DONE_YET
-
-    for upstream in h.upstreams.values():
-        upstream.handler = later
+    held = h.hold_upstreams()
     body = {**MESSAGE, "stream": True}
     try:
         send(h, body)
@@ -672,14 +639,7 @@ def test_a_stream_goes_on_for_its_waiters_when_the_leaders_client_leaves() -> No
 
 def test_a_leader_whose_client_and_waiters_all_left_stops() -> None:
     h = Harness(cached_config({"coalesce": True}))
-    held: list[Request] = []
-
-    def later(request: Request, body: bytes) -> Any:
-        held.append(request)
-        return NOT_DONE_YET
-
-    for upstream in h.upstreams.values():
-        upstream.handler = later
+    held = h.hold_upstreams()
     body = {**MESSAGE, "stream": True}
     try:
         send(h, body)

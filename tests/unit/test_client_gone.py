@@ -13,7 +13,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from relay_harness import CLIENT_KEY, Harness, base_config
+from relay_harness import CLIENT_KEY, Harness, base_config, lose_client
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import DNSLookupError
 from twisted.python.failure import Failure
@@ -75,10 +75,6 @@ def start(h: Harness, body: object = MESSAGE, answers: list[Any] | None = None) 
     return exchange
 
 
-def hang_up(exchange: Any) -> None:
-    exchange.request.connectionLost(Failure(Exception("client hung up")))
-
-
 def sample(h: Harness, name: str, **labels: str) -> float:
     return h.resource.metrics.registry.get_sample_value(name, labels) or 0.0
 
@@ -100,7 +96,7 @@ def test_fifty_clients_giving_up_before_the_answer_leave_the_breaker_closed() ->
     h = Harness(one_backend(), agents={"us": agent})
     try:
         for _ in range(50):
-            hang_up(start(h, STREAM))
+            lose_client(start(h, STREAM))
         b = backend(h)
         assert b.breaker.state == "closed"
         assert b.breaker.failures_in_window == 0
@@ -123,7 +119,7 @@ def test_a_client_gone_while_connecting_is_not_a_connect_error() -> None:
     h = Harness(one_backend(), agents={"us": CancellableAgent(lookup_cancelled)})
     try:
         for _ in range(10):
-            hang_up(start(h))
+            lose_client(start(h))
         assert backend(h).breaker.failures_in_window == 0
         assert sample(h, "relayd_upstream_attempts_total", provider="anthropic",
                       backend="us", result="connect_error") == 0
@@ -144,7 +140,7 @@ def test_a_half_open_trial_whose_client_left_frees_its_slot() -> None:
         assert breaker.state == "half_open"
         trial = start(h)
         assert breaker.trials_in_flight == 1
-        hang_up(trial)
+        lose_client(trial)
         assert breaker.state == "half_open" and breaker.trials_in_flight == 0
         second = start(h)  # the slot is free again: the next request is the trial
         assert breaker.trials_in_flight == 1
@@ -164,7 +160,7 @@ def test_a_client_leaving_mid_stream_is_not_a_broken_stream() -> None:
         h.upstreams["us"].handler = stream
         exchange = start(h, STREAM)
         assert exchange.request.startedWriting
-        hang_up(exchange)
+        lose_client(exchange)
         h.flush()
         b = backend(h)
         assert b.breaker.failures_in_window == 0 and b.last_error is None

@@ -10,7 +10,6 @@ from typing import Any
 
 from relay_harness import Harness, base_config, json_reply
 from stage_fakes import World
-from twisted.web.server import NOT_DONE_YET, Request
 
 from relayd.latency import PeakEwma
 from relayd.routing import LeastLatencyBalancer, WeightedBalancer
@@ -52,6 +51,13 @@ def world(**provider: Any) -> World:
     return World(config)
 
 
+def two_backends(seed: int) -> tuple[World, Backend, Backend, LeastLatencyBalancer]:
+    """The world's two Anthropic backends (weight 1 each) under a seeded balancer."""
+    w = world()
+    us, eu = w.backend("us"), w.backend("eu")
+    return w, us, eu, LeastLatencyBalancer([us, eu], random.Random(seed))
+
+
 def picks(balancer: WeightedBalancer, count: int) -> Counter[str]:
     chosen: Counter[str] = Counter()
     for _ in range(count):
@@ -70,9 +76,7 @@ def test_the_runtime_builds_it_with_the_providers_tuning() -> None:
 
 
 def test_a_slow_backend_loses_its_share_and_wins_it_back() -> None:
-    w = world()
-    us, eu = w.backend("us"), w.backend("eu")
-    balancer = LeastLatencyBalancer([us, eu], random.Random(7))
+    w, us, eu, balancer = two_backends(seed=7)
     assert picks(balancer, 200)["us"] in range(80, 121)  # no samples: even
     us.latency.observe(2.0, 0.0)  # us answers in 2 s, eu in 0.1 s
     eu.latency.observe(0.1, 0.0)
@@ -91,9 +95,7 @@ def test_a_slow_backend_loses_its_share_and_wins_it_back() -> None:
 
 
 def test_a_slow_backend_left_alone_is_tried_again() -> None:
-    w = world()
-    us, eu = w.backend("us"), w.backend("eu")
-    balancer = LeastLatencyBalancer([us, eu], random.Random(5))
+    w, us, eu, balancer = two_backends(seed=5)
     us.latency.observe(3.0, 0.0)
     eu.latency.observe(0.2, 0.0)
     assert picks(balancer, 20) == {"eu": 20}
@@ -104,9 +106,7 @@ def test_a_slow_backend_left_alone_is_tried_again() -> None:
 
 
 def test_requests_in_flight_and_weight_scale_the_cost() -> None:
-    w = world()
-    us, eu = w.backend("us"), w.backend("eu")
-    balancer = LeastLatencyBalancer([us, eu], random.Random(3))
+    _, us, eu, balancer = two_backends(seed=3)
     for backend in (us, eu):
         backend.latency.observe(0.5, 0.0)
     us.in_flight = 3  # same latency, busier
@@ -117,9 +117,7 @@ def test_requests_in_flight_and_weight_scale_the_cost() -> None:
 
 
 def test_eligibility_and_tiers_are_the_weighted_balancers() -> None:
-    w = world()
-    us, eu = w.backend("us"), w.backend("eu")
-    balancer = LeastLatencyBalancer([us, eu], random.Random(1))
+    _, us, eu, balancer = two_backends(seed=1)
     us.latency.observe(0.01, 0.0)
     eu.latency.observe(5.0, 0.0)
     assert balancer.choose(exclude=[us]) is eu  # failover still reaches the slow one
@@ -134,15 +132,8 @@ def test_attempts_feed_the_time_to_response_headers() -> None:
     config = base_config()
     config["providers"][0]["balance"] = "least_latency"
     h = Harness(config)
-    held: list[Request] = []
-
-    def later(request: Request, body: bytes) -> Any:
-        held.append(request)
-        return NOT_DONE_YET
-
+    held = h.hold_upstreams()
     try:
-        for upstream in h.upstreams.values():
-            upstream.handler = later
         results: list[Any] = []
         d = h.client.request("POST", "http://relay.test/v1/messages", json=MESSAGE,
                              headers={"x-api-key": "sk-relay-team-a",
