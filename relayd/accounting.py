@@ -97,4 +97,27 @@ class UsageLedger:
             total["requests"] += row[0]
             for kind, value in counts.items():
                 total[kind] += value
-        return {"clients": clients, "entries": entries}
+        return {"clients": clients, "backends": backend_shares(entries), "entries": entries}
+
+
+def backend_shares(entries: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per backend (``provider/backend``): requests, tokens, and the share of prompt
+    tokens read from the upstream's prompt cache (``cache_read_share``: cache reads over
+    all prompt tokens, None before any), which session affinity keeps high."""
+    backends: dict[str, dict[str, Any]] = {}
+    for entry in entries:
+        provider = entry["provider"]
+        if provider == CACHE_PROVIDER:
+            continue
+        total = backends.setdefault(f"{provider}/{entry['backend']}", {
+            "provider": provider, "backend": entry["backend"], "requests": 0,
+            **dict.fromkeys(USAGE_KINDS, 0),
+        })
+        total["requests"] += entry["requests"]
+        for kind in USAGE_KINDS:
+            total[kind] += entry[kind]
+    for total in backends.values():
+        prompt = total["input_tokens"] + total["cache_read_tokens"] + total["cache_write_tokens"]
+        share = total["cache_read_tokens"] / prompt if prompt else None
+        total["cache_read_share"] = round(share, 4) if share is not None else None
+    return backends

@@ -101,6 +101,19 @@ class KeyRing:
                 return key
         return None
 
+    def take(self, index: int) -> UpstreamKey | None:
+        """Key ``index`` if it is usable now (a session's pinned key), else None; the
+        round-robin order is left as it is."""
+        if not 0 <= index < len(self.keys):
+            return None
+        key = self.keys[index]
+        if key.cooldown_until > self._clock.seconds():
+            return None
+        if key.cooldown_reason is not None:
+            key.cooldown_reason = None
+            key.cooldown_until = 0.0
+        return key
+
     def available(self) -> bool:
         """Whether some key is usable now (no side effects, no rotation)."""
         now = self._clock.seconds()

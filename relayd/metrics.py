@@ -412,6 +412,9 @@ class RuntimeCollector:
             cache = getattr(runtime, "response_cache", None)
             if cache is not None:
                 families += _cache_families(cache.stats())
+            pins = getattr(runtime, "pins", None)
+            if pins is not None:
+                families += _affinity_families(pins.stats())
         except Exception:
             log.failure("relayd: could not collect backend metrics")
             return iter(())
@@ -494,6 +497,32 @@ def _cache_families(stats: dict[str, Any]) -> list[Metric]:
         CounterMetricFamily("relayd_cache_shared_errors",
                             "Shared cache (Redis) calls that failed; the memory cache served.",
                             value=float(shared["errors"] if shared else 0)),
+    ]
+
+
+def _affinity_families(stats: dict[str, Any]) -> list[Metric]:
+    """Session affinity's figures (:meth:`relayd.affinity.SessionPins.stats`)."""
+    repins = CounterMetricFamily(
+        "relayd_affinity_repins",
+        "Sessions whose pin moved to another backend, by why (gone, unhealthy, breaker, "
+        "busy, key, priority, order, failed).",
+        labels=["reason"],
+    )
+    for reason, count in stats["repins"].items():
+        repins.add_metric([reason], float(count))
+    return [
+        CounterMetricFamily("relayd_affinity_hits",
+                            "Requests of a pinned session sent first to its pinned backend.",
+                            value=float(stats["hits"])),
+        CounterMetricFamily("relayd_affinity_misses",
+                            "Requests of a session that had no pin (new, or expired).",
+                            value=float(stats["misses"])),
+        repins,
+        GaugeMetricFamily("relayd_affinity_pins", "Session pins held in this instance's memory.",
+                          value=float(stats["pins"])),
+        CounterMetricFamily("relayd_affinity_store_errors",
+                            "Pin reads or writes in Redis that failed (memory served).",
+                            value=float(stats["errors"])),
     ]
 
 

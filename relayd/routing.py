@@ -8,7 +8,13 @@ import random
 import re
 from collections.abc import Callable, Collection, Sequence
 
-from relayd.config.model import DEFAULT_ANTHROPIC_VERSION, DEFAULT_MAX_TOKENS, RouteCacheConfig
+from relayd.config.model import (
+    DEFAULT_ANTHROPIC_VERSION,
+    DEFAULT_MAX_TOKENS,
+    RouteAffinityConfig,
+    RouteCacheConfig,
+)
+from relayd.geoip import RegionMap
 from relayd.upstream import Backend
 
 
@@ -59,7 +65,10 @@ class _Tier:
         self.backends = tuple(backends)
         self.current = [0] * len(self.backends)
 
-    def choose(self, exclude: Collection[Backend], need_healthy: bool) -> Backend | None:
+    def choose(
+        self, exclude: Collection[Backend], need_healthy: bool, region: str | None = None
+    ) -> Backend | None:
+        """The next eligible backend (of ``region`` only, when given)."""
         best = -1
         best_score = 0
         total = 0
@@ -67,6 +76,7 @@ class _Tier:
         for index, backend in enumerate(self.backends):
             if (
                 backend in exclude
+                or (region is not None and backend.region != region)
                 or not backend.is_available()
                 or (need_healthy and not backend.health.healthy)
             ):
@@ -110,17 +120,26 @@ class WeightedBalancer:
         return self._backends
 
     def choose(
-        self, exclude: Collection[Backend] = (), *, healthy: bool | None = None
+        self,
+        exclude: Collection[Backend] = (),
+        *,
+        healthy: bool | None = None,
+        region: str | None = None,
     ) -> Backend | None:
         """The next backend, or ``None`` when none is eligible.
 
         ``healthy=True`` considers only actively healthy backends, ``False`` only the
         fallback pass over all of them; ``None`` (the default) does both, in that order.
         A route with several targets asks each for a healthy backend before settling for
-        an unhealthy one anywhere.
+        an unhealthy one anywhere. ``region``: the client's region; within a priority
+        tier its backends go first (a preference, never a filter).
         """
         for need_healthy in _PASSES[healthy]:
             for tier in self._tiers:
+                if region is not None:
+                    chosen = tier.choose(exclude, need_healthy, region)
+                    if chosen is not None:
+                        return chosen
                 chosen = tier.choose(exclude, need_healthy)
                 if chosen is not None:
                     return chosen
@@ -162,7 +181,11 @@ class LeastLatencyBalancer(WeightedBalancer):
         self._random = rng if rng is not None else random.Random(os.urandom(16))
 
     def choose(
-        self, exclude: Collection[Backend] = (), *, healthy: bool | None = None
+        self,
+        exclude: Collection[Backend] = (),
+        *,
+        healthy: bool | None = None,
+        region: str | None = None,
     ) -> Backend | None:
         for need_healthy in _PASSES[healthy]:
             for tier in self._tiers:
@@ -171,6 +194,8 @@ class LeastLatencyBalancer(WeightedBalancer):
                     if backend not in exclude and backend.is_available()
                     and (not need_healthy or backend.health.healthy)
                 ]
+                if region is not None:
+                    eligible = [b for b in eligible if b.region == region] or eligible
                 if not eligible:
                     continue
                 if len(eligible) == 1:
@@ -186,14 +211,24 @@ def _cost(backend: Backend, now: float) -> float:
 
 
 class ProviderRoute:
-    """A provider's backends and their balancer, as the router hands them out."""
+    """A provider's backends and their balancer, as the router hands them out, and
+    its ``regions`` map (None without one)."""
 
-    __slots__ = ("balancer", "name", "type")
+    __slots__ = ("balancer", "name", "regions", "type")
 
-    def __init__(self, name: str, type_: str, balancer: WeightedBalancer) -> None:
+    def __init__(
+        self, name: str, type_: str, balancer: WeightedBalancer, regions: RegionMap | None = None
+    ) -> None:
         self.name = name
         self.type = type_
         self.balancer = balancer
+        self.regions = regions
+
+    def backend_named(self, name: str) -> Backend | None:
+        for backend in self.balancer.backends:
+            if backend.name == name:
+                return backend
+        return None
 
 
 class RouteTarget:
@@ -233,6 +268,7 @@ class Route:
 
     __slots__ = (
         "_current",
+        "affinity",
         "anthropic_version",
         "api",
         "cache",
@@ -258,12 +294,15 @@ class Route:
         name: str = "route",
         label: str | None = None,
         cache: RouteCacheConfig | None = None,
+        affinity: RouteAffinityConfig | None = None,
     ) -> None:
         self.api = api
         self.name = name  # how messages name it, e.g. "routes[0] (models: smart)"
         # How the cache (and its purge) names it: its ``name``, else "routes[INDEX]".
         self.label = label if label is not None else name
         self.cache = cache  # its response cache settings, if it caches
+        # Its session affinity, None when off (``key: none``).
+        self.affinity = affinity if affinity is not None and affinity.key != "none" else None
         self.matcher = matcher
         self.targets = tuple(targets)
         self.weighted = weighted and len(self.targets) > 1

@@ -16,8 +16,11 @@ from typing import Any
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.web.iweb import IAgent
 
+from relayd.affinity import SessionPins
 from relayd.cache import ResponseCache
+from relayd.client_address import TrustedProxies
 from relayd.config.model import BackendConfig, Config
+from relayd.geoip import GeoDatabase, RegionMap
 from relayd.http.headers import RequestHeaderPolicy
 from relayd.labels import ModelLabels
 from relayd.limits import LimitStore, StoreEvent, build_store
@@ -46,14 +49,22 @@ def _route_name(index: int, models: tuple[str, ...] | None) -> str:
 
 
 class Client:
-    """A relay client at run time: its name, compiled model allowlist and limits."""
+    """A relay client at run time: its name, compiled model allowlist and limits, and
+    the region it pins (None: its address decides)."""
 
-    __slots__ = ("allows", "name", "policy")
+    __slots__ = ("allows", "name", "policy", "region")
 
-    def __init__(self, name: str, allows: ModelMatcher, policy: ClientPolicy | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        allows: ModelMatcher,
+        policy: ClientPolicy | None = None,
+        region: str | None = None,
+    ) -> None:
         self.name = name
         self.allows = allows
         self.policy = policy
+        self.region = region
 
 
 class RelayRuntime:
@@ -80,8 +91,9 @@ class RelayRuntime:
             raise ValueError("the runtime change was planned for another configuration")
         self.config = config
         self.max_body_bytes = config.max_body_bytes
-        # What can fail comes first (a new store, new backends and their agents), so a
-        # failure leaves everything the change carries as it was.
+        # What can fail comes first (the geoip database, a new store, new backends and
+        # their agents), so a failure leaves everything the change carries as it was.
+        self.geoip = GeoDatabase.open(config.geoip.database) if config.geoip else None
         carried_store = carry.store if carry is not None else None
         self.store: LimitStore = (
             carried_store
@@ -102,6 +114,7 @@ class RelayRuntime:
                 c.name,
                 ModelMatcher(c.models),
                 ClientPolicy(c.name, c.limits, prefix, lease_ttl) if c.limits else None,
+                c.region,
             )
             for c in config.clients
         }
@@ -146,7 +159,8 @@ class RelayRuntime:
             else:
                 balancer = WeightedBalancer(backends)
             self.providers[provider_config.name] = ProviderRoute(
-                provider_config.name, provider_config.type, balancer
+                provider_config.name, provider_config.type, balancer,
+                RegionMap(provider_config.regions) if provider_config.regions else None,
             )
         known_models = [name for r in config.routes for name in ModelMatcher(r.models).literals]
         known_models += [t.model for r in config.routes for t in r.targets if t.model]
@@ -159,6 +173,16 @@ class RelayRuntime:
             self.response_cache.reconfigure(config.cache, self.store)
         else:
             self.response_cache = ResponseCache(config.cache, self.store, reactor)
+        self.pins: SessionPins
+        if carry is not None:
+            self.pins = carry.pins
+            self.pins.bind(self.store)
+        else:
+            self.pins = SessionPins(reactor, self.store)
+        self.trusted_proxies = TrustedProxies(config.trusted_proxies)
+        # Region routing is on when some backend has a region: a request's location is
+        # then worked out (its client's region, else its address in the geoip database).
+        self.regional = any(b.region is not None for b in self.backends)
         self.header_policy = RequestHeaderPolicy(PROVIDERS.values(), config.forward_headers)
         self.router = Router(
             [
@@ -181,6 +205,7 @@ class RelayRuntime:
                     name=_route_name(index, r.models),
                     label=r.name if r.name is not None else f"routes[{index}]",
                     cache=r.cache,
+                    affinity=r.affinity,
                 )
                 for index, r in enumerate(config.routes)
             ]

@@ -30,6 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from relayd.affinity import SessionPins
 from relayd.cache import ResponseCache
 from relayd.config.model import Config
 from relayd.labels import ModelLabels
@@ -70,6 +71,7 @@ class RuntimeChange:
     retry_budget: RetryBudget
     model_labels: ModelLabels
     response_cache: ResponseCache
+    pins: SessionPins
 
     def built_anew(self, runtime: RelayRuntime) -> list[Backend]:
         """The backends of ``runtime`` (built from this change) that were not carried over:
@@ -113,4 +115,5 @@ def plan_reload(old: RelayRuntime, config: Config) -> RuntimeChange:
         retry_budget=old.retry_budget,
         model_labels=old.model_labels,
         response_cache=old.response_cache,
+        pins=old.pins,
     )

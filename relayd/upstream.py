@@ -154,6 +154,7 @@ class Backend:
         self.config = config
         self.weight = config.weight
         self.priority = config.priority
+        self.region = config.region
         self.max_concurrent = config.max_concurrent
         self.timeouts = config.timeouts
         # relayd's own choice of the upstream account, sent with every call it makes.

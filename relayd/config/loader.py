@@ -160,7 +160,28 @@ class _Document:
                 "routes": self._routes,
             },
         )
-        return base if config is None else config
+        if config is None:
+            return base
+        self._check_regions(config)
+        return config
+
+    def _check_regions(self, config: Config) -> None:
+        """Region names used by ``regions`` maps and clients must be backends' regions."""
+        everywhere = {b.region for p in config.providers for b in p.backends if b.region}
+        for index, provider in enumerate(config.providers):
+            own = {backend.region for backend in provider.backends if backend.region}
+            for code, region in provider.regions or ():
+                if region not in own:
+                    self.context.error(
+                        f"providers[{index}].regions.{code}",
+                        f"no backend of provider {provider.name!r} has region {region!r}"
+                        + (f" (its regions: {', '.join(sorted(own))})" if own else ""),
+                    )
+        for index, client in enumerate(config.clients):
+            if client.region is not None and client.region not in everywhere:
+                self.context.error(
+                    f"clients[{index}].region", f"no backend has region {client.region!r}"
+                )
 
     # -- listeners ----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from relayd.config import checks
 from relayd.config.addresses import backend_url
+from relayd.config.regions import Network, affinity_key, mmdb_file, networks, region_map
 from relayd.config.schema import checked, hooked, nested
 from relayd.config.secrets import BACKEND_KEY_SOURCES, key_digest
 
@@ -125,6 +126,8 @@ class ClientConfig:
     limits: ClientLimitsConfig | None = field(
         default=None, metadata=nested(ClientLimitsConfig, keep=ClientLimitsConfig.any)
     )
+    # The region this client's requests prefer, whatever its address (docs/routing.md).
+    region: str | None = field(default=None, metadata=checked(checks.name))
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +301,8 @@ class BackendConfig:
     weight: int = field(default=1, metadata=checked(checks.positive_int))
     priority: int = field(default=0, metadata=checked(checks.non_negative_int))
     max_concurrent: int | None = field(default=None, metadata=checked(checks.positive_int))
+    # Where it is, for region routing: clients whose region this is prefer it.
+    region: str | None = field(default=None, metadata=checked(checks.name))
     # The effective settings, merged field by field: top level < provider < backend.
     timeouts: TimeoutsConfig = field(default=TimeoutsConfig(), metadata=nested(TimeoutsConfig))
     pool: PoolConfig = field(default=PoolConfig(), metadata=nested(PoolConfig))
@@ -345,6 +350,10 @@ class ProviderConfig:
     least_latency: LeastLatencyConfig = field(
         default=LeastLatencyConfig(), metadata=nested(LeastLatencyConfig)
     )
+    # Client locations (country or continent codes, ``default``) to backend regions.
+    regions: tuple[tuple[str, str], ...] | None = field(
+        default=None, metadata=checked(region_map)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,6 +385,34 @@ class RouteCacheConfig:
     sampled: bool = field(default=False, metadata=checked(checks.boolean))
     coalesce: bool = field(default=False, metadata=checked(checks.boolean))
     stale_if_error: float = field(default=0.0, metadata=checked(checks.non_negative_number))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RouteAffinityConfig:
+    """A route's session affinity (``routes[].affinity``): see docs/routing.md.
+
+    ``key``: ``session`` (the default) pins requests that carry an explicit session
+    signal (``X-Claude-Code-Session-Id``, Anthropic ``metadata.user_id``, OpenAI
+    ``prompt_cache_key`` or ``user``); ``auto`` also pins the others by a digest of
+    their system prompt, tools and first user message; ``header NAME`` uses only that
+    header; ``none`` turns it off. A pin lives ``ttl`` seconds after its last use.
+    """
+
+    key: str = field(default="session", metadata=checked(affinity_key))
+    ttl: float = field(default=300.0, metadata=checked(checks.positive_number))
+
+    @property
+    def header(self) -> bytes | None:
+        """The header of ``key: header NAME``, lower-case."""
+        kind, _, name = self.key.partition(" ")
+        return name.encode("ascii") if kind == "header" else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GeoIpConfig:
+    """``geoip``: the MaxMind DB file client addresses are located with."""
+
+    database: str = field(metadata=checked(mmdb_file))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -431,6 +468,9 @@ class RouteConfig:
         default=DEFAULT_ANTHROPIC_VERSION, metadata=checked(checks.anthropic_version)
     )
     cache: RouteCacheConfig | None = field(default=None, metadata=nested(RouteCacheConfig))
+    affinity: RouteAffinityConfig = field(
+        default=RouteAffinityConfig(), metadata=nested(RouteAffinityConfig)
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -458,6 +498,9 @@ class Config:
     # During upstream silence on an SSE answer, an SSE comment every this many seconds
     # keeps proxies in front from closing the connection as idle; 0 turns it off.
     stream_keepalive: float = field(default=15.0, metadata=checked(checks.non_negative_number))
+    # Peers whose X-Forwarded-For is believed (relayd.client_address); default none.
+    trusted_proxies: tuple[Network, ...] = field(default=(), metadata=checked(networks))
+    geoip: GeoIpConfig | None = field(default=None, metadata=nested(GeoIpConfig))
     # The top level of the settings providers and backends inherit.
     timeouts: TimeoutsConfig = field(default=TimeoutsConfig(), metadata=nested(TimeoutsConfig))
     pool: PoolConfig = field(default=PoolConfig(), metadata=nested(PoolConfig))

@@ -111,6 +111,7 @@ def report(exchange: Exchange, status: int | None, model: str, now: float) -> No
         {
             "request_id": exchange.request_id,
             "client": client,
+            "client_ip": exchange.client_ip or None,
             "api": exchange.family.name,
             "method": printable(request.method),
             "path": printable(request.path),
@@ -118,6 +119,7 @@ def report(exchange: Exchange, status: int | None, model: str, now: float) -> No
             "provider": provider,
             "backend": backend.name if backend else None,
             "cache": exchange.cache.state if exchange.cache is not None else None,
+            "affinity": exchange.affinity.state if exchange.affinity is not None else None,
             "model": client_model,
             "upstream_api": attempt.call.family.name if attempt else None,
             "upstream_model": (attempt.target.model or client_model) if attempt else None,

@@ -29,8 +29,10 @@ from twisted.python.failure import Failure
 from twisted.web.http import Request
 from twisted.web.iweb import IResponse
 
+from relayd.affinity import SessionAffinity
 from relayd.cache import CACHE_PROVIDER, CachedAnswer
 from relayd.errors import Outcome, Refusal, Result
+from relayd.geoip import NOWHERE, Location
 from relayd.http.accesslog import record_exchange
 from relayd.http.attempt import UpstreamAttempt, discard
 from relayd.http.bodies import BodySink, choose_sink
@@ -68,8 +70,8 @@ class Exchange:
     """One client request, through the stages of the request path."""
 
     __slots__ = (
-        "attempt", "attempts", "backend", "cache", "call", "client_gone", "clock", "deadline",
-        "done",
+        "affinity", "attempt", "attempts", "backend", "cache", "call", "client_gone",
+        "client_ip", "clock", "deadline", "done",
         "endpoint", "family", "first_byte_at", "first_sent_at", "gate", "metrics", "objects",
         "outcome", "pinned", "planner", "provider_name", "request", "request_id", "resource",
         "response", "route", "runtime", "sink", "started", "status", "stream_open",
@@ -94,6 +96,8 @@ class Exchange:
         self.gate: LimitGate | None = None
         self.wait: SlotWait | None = None
         self.cache: CacheStage | None = None  # a route that caches answers
+        self.affinity: SessionAffinity | None = None  # a request of a pinned session
+        self.client_ip = runtime.trusted_proxies.client_address(request)
         self.attempt: UpstreamAttempt | None = None  # the current (or last) try
         self.attempts = 0
         self.backend: Backend | None = None  # of the current (or last) try
@@ -190,6 +194,38 @@ class Exchange:
         stage.start(self, gate)
 
     def _plan_attempts(self) -> None:
+        """Find the session's pin (if it has one), then plan the attempts."""
+        call = self.call
+        route = self.route
+        assert self.endpoint is not None and call is not None and route is not None
+        if self.pinned is None:
+            affinity = self.affinity = SessionAffinity.for_request(
+                self.runtime.pins, route.affinity, self.endpoint, self.family,
+                call.client.name, route.label, self.request.requestHeaders, call.payload,
+            )
+            found = affinity.find() if affinity is not None else None
+            if found is not None:  # in Redis
+                found.addCallback(self._pin_found).addErrback(self.on_unexpected)
+                return
+        self._plan_first()
+
+    def _pin_found(self, _: object) -> None:
+        if not self.done:
+            self._plan_first()
+
+    def _location(self) -> Location | None:
+        """Where the client is, for region routing (None: no backend has a region)."""
+        runtime = self.runtime
+        if not runtime.regional:
+            return None
+        assert self.call is not None
+        region = self.call.client.region
+        if region is not None:
+            return Location(None, None, region)
+        geoip = runtime.geoip
+        return geoip.locate(self.client_ip) if geoip is not None else NOWHERE
+
+    def _plan_first(self) -> None:
         """Plan the upstream attempts of a routed request and send the first."""
         runtime = self.runtime
         endpoint = self.endpoint
@@ -204,7 +240,7 @@ class Exchange:
         planner = self.planner = AttemptPlanner(
             runtime, self.clock, self.metrics, family, endpoint, route, call,
             uri=request.uri, upstream_headers=headers, pinned=self.pinned,
-            request_id=self.request_id,
+            request_id=self.request_id, affinity=self.affinity, location=self._location(),
         )
         self.provider_name = planner.provider_name
         runtime.retry_budget.record_request()
@@ -295,6 +331,8 @@ class Exchange:
             discard(response)
             self._serve_stale(stale)
             return
+        if self.affinity is not None and status < 300:
+            self.affinity.served(attempt.backend, attempt.key)
         self.response = response
         self.status = status
         now = self.first_byte_at = self.clock.seconds()

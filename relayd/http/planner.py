@@ -13,7 +13,9 @@ from __future__ import annotations
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from relayd.affinity import SessionAffinity
 from relayd.errors import Outcome, Refusal, Result
+from relayd.geoip import Location
 from relayd.http.headers import HeaderList
 from relayd.http.intake import ClientCall
 from relayd.http.translation import UpstreamCall, prepare_call, serves
@@ -118,9 +120,9 @@ class AttemptPlanner:
     not tried yet, and the retry decision after a failure."""
 
     __slots__ = (
-        "_calls", "_clock", "_headers", "_pinned", "_request_id", "_runtime",
-        "_tried", "_uri", "call", "endpoint", "family", "metrics", "provider_name", "route",
-        "targets", "translation_error",
+        "_calls", "_clock", "_first", "_headers", "_location", "_pinned", "_request_id",
+        "_runtime", "_tried", "_uri", "call", "endpoint", "family", "metrics", "provider_name",
+        "route", "targets", "translation_error",
     )
 
     def __init__(
@@ -137,6 +139,8 @@ class AttemptPlanner:
         upstream_headers: HeaderList,
         pinned: tuple[ProviderRoute, Backend] | None,
         request_id: str,
+        affinity: SessionAffinity | None = None,
+        location: Location | None = None,
     ) -> None:
         self._runtime = runtime
         self._clock = clock
@@ -152,6 +156,8 @@ class AttemptPlanner:
         self._calls: dict[RouteTarget, UpstreamCall | None] = {}  # None: cannot translate
         self._tried: list[tuple[RouteTarget, Backend]] = []
         self.translation_error: TranslationError | None = None
+        self._location = location
+        self._first: Pick | None = None  # the session's pinned backend, when it may serve
         if pinned is not None:
             provider = pinned[0]
             same = [t for t in route.targets if t.provider is provider and not t.translated]
@@ -161,6 +167,14 @@ class AttemptPlanner:
         elif endpoint.sticky:
             # Batches live in the account that created them: always the first provider.
             self.targets = tuple(t for t in route.targets if serves(t, family, endpoint))[:1]
+        elif affinity is not None and affinity.pin is not None and (
+            first := self._session_pick(affinity)
+        ) is not None:
+            # Not route.order(): a session's request leaves the weighted shares alone.
+            self._first = first
+            self.targets = (first.target, *(
+                t for t in route.targets if t is not first.target and serves(t, family, endpoint)
+            ))
         else:
             self.targets = tuple(t for t in route.order() if serves(t, family, endpoint))
         if not self.targets:
@@ -185,7 +199,12 @@ class AttemptPlanner:
         """
         if self._pinned is not None:
             return self._next_pinned()
+        first = self._first
+        if first is not None:
+            self._first = None
+            return first
         sticky = self.endpoint.sticky
+        location = self._location
         targets = self.targets
         passes: tuple[bool | None, ...] = (None,) if len(targets) == 1 else (True, False)
         excludes: dict[RouteTarget, list[Backend]] = {}
@@ -197,12 +216,17 @@ class AttemptPlanner:
                 exclude = excludes.get(target)
                 if exclude is None:
                     exclude = excludes[target] = [b for t, b in self._tried if t is target]
-                balancer = target.provider.balancer
+                provider = target.provider
+                balancer = provider.balancer
+                region = None if location is None else (
+                    location.region if provider.regions is None
+                    else provider.regions.region_for(location)
+                )
                 while True:
                     backend = (
                         balancer.primary(exclude, healthy=healthy)
                         if sticky
-                        else balancer.choose(exclude, healthy=healthy)
+                        else balancer.choose(exclude, healthy=healthy, region=region)
                     )
                     if backend is None:
                         break
@@ -217,6 +241,41 @@ class AttemptPlanner:
                     backend.acquire()  # its slot is ours until the attempt ends or unpick
                     return Pick(target, backend, key, call)
         return None
+
+    def _session_pick(self, affinity: SessionAffinity) -> Pick | None:
+        """The pick of the backend and key the session is pinned to, if they may serve
+        it now (else None, with the reason told to ``affinity``): a pin orders the
+        candidates, it never stands in for them."""
+        pin = affinity.pin
+        assert pin is not None
+        family, endpoint = self.family, self.endpoint
+        targets = self.route.targets
+        index = next((i for i, t in enumerate(targets) if t.provider.name == pin.provider
+                      and serves(t, family, endpoint)), None)
+        target = targets[index] if index is not None else None
+        backend = target.provider.backend_named(pin.backend) if target is not None else None
+        if target is None or backend is None or not 0 <= pin.key < len(backend.keys.keys):
+            affinity.moved("gone")
+            return None
+        reason = _unfit(backend, pin.key, self._clock.seconds())
+        if reason is None and any(
+            _serves_now(b) for b in target.provider.balancer.backends
+            if b.priority < backend.priority
+        ):
+            reason = "priority"
+        if reason is None and not self.route.weighted and any(
+            _serves_now(b) for t in targets[:index] if serves(t, family, endpoint)
+            for b in t.provider.balancer.backends
+        ):
+            reason = "order"  # an earlier target of an ordered route can serve
+        call = self._call_for(target) if reason is None else None
+        key = backend.keys.take(pin.key) if call is not None else None
+        if call is None or key is None or not backend.breaker.allow_request():
+            affinity.moved(reason or "gone")
+            return None
+        backend.acquire()
+        affinity.hit()
+        return Pick(target, backend, key, call)
 
     def _next_pinned(self) -> Pick | None:
         """The one backend that holds the addressed object (never another: no failover)."""
@@ -395,6 +454,24 @@ class AttemptPlanner:
             retry_after=self.unavailable_for(),
             headers=gave_up_headers(attempts) if attempts > 1 else (),
         )
+
+
+def _serves_now(backend: Backend) -> bool:
+    """Whether the balancer's first pass could choose ``backend`` now."""
+    return backend.is_available() and backend.health.healthy
+
+
+def _unfit(backend: Backend, key_index: int, now: float) -> str | None:
+    """Why a session's pinned backend and key should not take its request now."""
+    if not backend.health.healthy:
+        return "unhealthy"
+    if backend.breaker.state != "closed":
+        return "breaker"
+    if not backend.has_capacity():
+        return "busy"
+    if backend.keys.keys[key_index].cooldown_until > now:
+        return "key"
+    return None
 
 
 def gave_up_headers(attempts: int) -> tuple[tuple[bytes, bytes], ...]:

@@ -19,7 +19,9 @@ from relayd.providers.base import (
     ModelIn,
     StreamWatcherBase,
     Usage,
+    canonical,
     endpoint,
+    first_of_role,
 )
 
 _ERROR_TYPES = {
@@ -218,6 +220,17 @@ class AnthropicProvider:
 
     def render_model(self, entry: dict[str, Any]) -> bytes:
         return json.dumps({"type": "model", **entry}).encode()
+
+    def session_of(self, payload: dict[str, Any]) -> str | None:
+        metadata = payload.get("metadata")
+        user = metadata.get("user_id") if isinstance(metadata, dict) else None
+        return user if isinstance(user, str) and user else None
+
+    def conversation_of(self, payload: dict[str, Any]) -> bytes | None:
+        first = first_of_role(payload.get("messages"), ("user",))
+        if first is None:
+            return None
+        return canonical([payload.get("system"), payload.get("tools"), first])
 
     def render_model_list(self, entries: Sequence[dict[str, Any]]) -> bytes:
         data = [{"type": "model", **entry} for entry in entries]

@@ -10,6 +10,7 @@ means adding one module that provides :class:`IProvider` and registering it in
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -247,6 +248,32 @@ class IProvider(Interface):
 
     def render_model(entry: dict[str, Any]) -> bytes:
         """A single-model body (``GET /v1/models/{id}``) in this family's shape."""
+
+    def session_of(payload: dict[str, Any]) -> str | None:
+        """The session a request body names explicitly (for affinity), or None."""
+
+    def conversation_of(payload: dict[str, Any]) -> bytes | None:
+        """What identifies the conversation a request continues when it names no
+        session: its system prompt, tools and first user message (canonical JSON), or
+        None (for ``affinity: {key: auto}``)."""
+
+
+def canonical(parts: Sequence[object]) -> bytes | None:
+    """``parts`` as canonical JSON (sorted keys, no spaces), None if not JSON-able."""
+    try:
+        return json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
+    except (TypeError, ValueError, RecursionError):
+        return None
+
+
+def first_of_role(messages: object, roles: Sequence[str]) -> object | None:
+    """The first message of ``messages`` (a list) whose role is one of ``roles``."""
+    if not isinstance(messages, list):
+        return None
+    for message in messages:
+        if isinstance(message, dict) and message.get("role") in roles:
+            return message
+    return None
 
 
 def model_entries(body: bytes) -> list[dict[str, Any]]:

@@ -19,7 +19,9 @@ from relayd.providers.base import (
     ModelIn,
     StreamWatcherBase,
     Usage,
+    canonical,
     endpoint,
+    first_of_role,
 )
 
 # (type, code) per status, as the OpenAI API reports them.
@@ -273,6 +275,29 @@ class OpenAIProvider:
 
     def render_model(self, entry: dict[str, Any]) -> bytes:
         return json.dumps({"object": "model", **entry}).encode()
+
+    def session_of(self, payload: dict[str, Any]) -> str | None:
+        for field in ("prompt_cache_key", "user"):
+            value = payload.get(field)
+            if isinstance(value, str) and value:
+                return value
+        return None
+
+    def conversation_of(self, payload: dict[str, Any]) -> bytes | None:
+        messages = payload.get("messages")
+        if isinstance(messages, list):  # Chat Completions
+            instructions: object = [
+                m for m in messages[:4]
+                if isinstance(m, dict) and m.get("role") in ("system", "developer")
+            ]
+            first = first_of_role(messages, ("user",))
+        else:  # Responses
+            instructions = payload.get("instructions")
+            given = payload.get("input")
+            first = given if isinstance(given, str) else first_of_role(given, ("user",))
+        if first is None:
+            return None
+        return canonical([instructions, payload.get("tools"), first])
 
     def render_model_list(self, entries: Sequence[dict[str, Any]]) -> bytes:
         data = [{"object": "model", **entry} for entry in entries]

@@ -21,11 +21,11 @@ from relayd.testing.fakeprovider.wire import dumps, json_str, sse
 
 def anthropic_usage(ex: Exchange, output_tokens: int) -> dict[str, object]:
     """A message's ``usage``: input from the body, cache counts from the knobs."""
-    creation = ex.knobs.cache_creation_input_tokens
+    creation, read = ex.cache_counts()
     return {
         "input_tokens": ex.base_input,
         "cache_creation_input_tokens": creation,
-        "cache_read_input_tokens": ex.knobs.cache_read_input_tokens,
+        "cache_read_input_tokens": read,
         "cache_creation": {"ephemeral_5m_input_tokens": creation, "ephemeral_1h_input_tokens": 0},
         "output_tokens": output_tokens,
         "service_tier": "standard",
@@ -38,10 +38,11 @@ def _delta_usage(ex: Exchange, output_tokens: int) -> dict[str, object]:
     The real API repeats the input and cache counts of ``message_start`` here
     (cumulative, not increments), so a client must take them, not add them.
     """
+    creation, read = ex.cache_counts()
     return {
         "input_tokens": ex.base_input,
-        "cache_creation_input_tokens": ex.knobs.cache_creation_input_tokens,
-        "cache_read_input_tokens": ex.knobs.cache_read_input_tokens,
+        "cache_creation_input_tokens": creation,
+        "cache_read_input_tokens": read,
         "output_tokens": output_tokens,
     }
 

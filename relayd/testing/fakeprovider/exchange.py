@@ -13,6 +13,7 @@ The endpoint handlers only build bodies and events and hand them to
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from typing import IO, TYPE_CHECKING, Any, Final, Protocol
@@ -82,10 +83,31 @@ class Clock(Protocol):
 Handler = Callable[["Exchange"], None]
 
 
+#: The size of the prompt prefix the ``prompt_cache`` knob writes and reads.
+PROMPT_PREFIX_TOKENS = 1000
+
+
+def prompt_prefix(body: bytes) -> str:
+    """What a prompt cache keys on: the digest of the system prompt, tools and first
+    message of a Messages request body."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict):
+        return ""
+    messages = payload.get("messages")
+    first = messages[0] if isinstance(messages, list) and messages else None
+    canonical = json.dumps([payload.get("system"), payload.get("tools"), first],
+                           sort_keys=True, default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 class Exchange:
     """The life of one API request: timers, response writing and bookkeeping."""
 
     __slots__ = (
+        "_cache_counts",
         "_end",
         "_events",
         "_handler",
@@ -125,6 +147,7 @@ class Exchange:
         self._index = 0
         self._limit = 0
         self._end = "finish"
+        self._cache_counts: tuple[int, int] | None = None
         request.notifyFinish().addCallbacks(self._finished, self._lost)
 
     # -- lifecycle
@@ -301,6 +324,23 @@ class Exchange:
             self.send_error(400, "model: Field required")
             return None
         return obj, model if isinstance(model, str) else ""
+
+    def cache_counts(self) -> tuple[int, int]:
+        """(cache creation, cache read) input tokens: the knobs' counts, or with the
+        ``prompt_cache`` knob what this upstream's prompt cache would say (fixed per
+        request: asked again, the same answer)."""
+        knobs = self.knobs
+        if not knobs.prompt_cache:
+            return knobs.cache_creation_input_tokens, knobs.cache_read_input_tokens
+        if self._cache_counts is None:
+            prefix = prompt_prefix(self.body)
+            seen = self.provider.prompts_seen
+            if prefix in seen:
+                self._cache_counts = (0, PROMPT_PREFIX_TOKENS)
+            else:
+                seen.add(prefix)
+                self._cache_counts = (PROMPT_PREFIX_TOKENS, 0)
+        return self._cache_counts
 
     @property
     def base_input(self) -> int:

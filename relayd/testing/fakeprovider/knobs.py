@@ -56,6 +56,10 @@ class Knobs:
     cache_creation_input_tokens: int = 7
     #: Anthropic ``cache_read_input_tokens`` / OpenAI ``cached_tokens``.
     cache_read_input_tokens: int = 11
+    #: Anthropic: act as a prompt cache instead of the two counts above: the prompt's
+    #: prefix (system, tools, first message) is written on its first request to this
+    #: upstream (``PROMPT_PREFIX_TOKENS`` cache creation tokens) and read on later ones.
+    prompt_cache: bool = False
     #: Hostile answers: this many extra ``x-flood-N`` response headers.
     flood_headers: int = 0
     #: Hostile answers: JSON bodies replaced by gzip of this many MiB of zeros (a bomb).
@@ -94,6 +98,7 @@ _KNOB_SPECS: Final[dict[str, tuple[type, bool, float, float]]] = {
     "ping": (bool, False, 0, 1),
     "cache_creation_input_tokens": (int, False, 0, math.inf),
     "cache_read_input_tokens": (int, False, 0, math.inf),
+    "prompt_cache": (bool, False, 0, 1),
     "flood_headers": (int, False, 0, 100_000),
     "gzip_bomb_mib": (int, False, 0, 4096),
 }

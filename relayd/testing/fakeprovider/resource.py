@@ -57,6 +57,8 @@ class FakeProvider(Resource):
         self.config = self.baseline
         #: The Anthropic message batches created so far.
         self.batches = BatchStore()
+        #: Prompt prefixes seen (the ``prompt_cache`` knob).
+        self.prompts_seen: set[str] = set()
         self._log: deque[RecordedRequest] = deque(maxlen=max_log)
         self._next_id = 1
         self._waiters: list[tuple[Callable[[FakeProvider], bool], Deferred[None]]] = []
