@@ -156,6 +156,12 @@ def test_two_instances_share_pins_through_redis(
     assert len(keys) == 4
     ttl = int(redis_server.command("PTTL", keys[0]).strip().lstrip(b":"))
     assert 0 < ttl <= 300_000
+    # Redis goes away: pins are read from each instance's memory, and no request fails.
+    redis_server.kill()
+    for turn in range(2):
+        for index in range(4):
+            ask(clients[turn], session=f"shared-{index}")
+    assert all(len(where) == 1 for where in sessions_by_backend(a1, a2).values())
 
 
 def regional_setup(

@@ -440,3 +440,83 @@ def test_coalesced_requests_with_hang_ups_at_every_stage(
     finally:
         relay.stop()
         upstream.stop()
+
+
+# -- sessions -------------------------------------------------------------------------------
+
+
+def test_pinned_sessions_under_load_survive_a_dead_backend_reloads_and_hang_ups(
+    tmp_path: Path, report: dict[str, Any]
+) -> None:
+    """Session affinity is on by default. 150 concurrent sessions (Claude Code's session
+    header) stream against two backends; then one backend dies and the relay reloads
+    while the sessions go on, clients hanging up mid-stream throughout. Every request a
+    client did not cut completes (a pin never makes a request fail), the dead backend's
+    sessions move, and nothing is left in flight."""
+    ups = [FakeUpstreamProcess(tmp_path / name, name).start() for name in ("u1", "u2")]
+    relay: RelaydProcess | None = None
+    try:
+        config = default_config(ups[0])
+        config["providers"][0]["backends"] = [
+            {"name": f"a{i}", "url": up.url, "api_key": f"sk-up-{i}"}
+            for i, up in enumerate(ups, 1)
+        ]
+        for up in ups:
+            up.configure(chunk_delay=0.02, chunks=10)
+        relay = RelaydProcess(tmp_path / "relayd", config).start(1)
+        stack = Stack(ups[0], relay)
+        port = stack.port
+        sessions = [stack.request(message_body(True),
+                                  headers={"x-claude-code-session-id": f"session-{i}"})
+                    for i in range(150)]
+
+        async def after(delay: float, request: Coroutine[Any, Any, Any]) -> Any:
+            await asyncio.sleep(delay)
+            return await request
+
+        async def turn(hang_up_every: int) -> tuple[list[Any], list[Any]]:
+            # Sessions are not in lockstep: their turns start spread over 0.45 s (still
+            # ~100 streams at once). A burst of 150 in the same millisecond onto a backend
+            # that just died would meet the retry budget, pins or not (docs/operations.md).
+            kept = [after(i * 0.003, send_once(port, s, 60)) for i, s in enumerate(sessions)
+                    if i % hang_up_every]
+            cut = [after(i * 0.003, hang_up_mid_answer(port, s, 30))
+                   for i, s in enumerate(sessions) if not i % hang_up_every]
+            results = await asyncio.gather(*kept, *cut, return_exceptions=True)
+            return list(results[:len(kept)]), list(results[len(kept):])
+
+        async def scenario() -> dict[str, Any]:
+            first = await turn(5)  # the sessions are pinned, 30 clients hang up
+            await asyncio.sleep(0.2)
+            ups[1].stop()  # a2 dies: its sessions must move
+            reload = asyncio.get_running_loop().call_later(0.3, relay.signal, signal.SIGHUP)
+            second = await turn(7)
+            third = await turn(6)
+            reload.cancel()
+            return {"first": first, "second": second, "third": third}
+
+        results = asyncio.run(scenario())
+        for name, (kept, cut) in results.items():
+            problems = failures(kept, stream=True)
+            assert not problems, (name, len(problems), problems[:5])
+            assert all(not isinstance(r, BaseException) for r in cut), (name, cut[:3])
+        assert stack.counter("relayd_affinity_hits_total") > 0
+        moved = (stack.counter("relayd_affinity_repins_total", reason="failed")
+                 + stack.counter("relayd_affinity_repins_total", reason="breaker")
+                 + stack.counter("relayd_affinity_repins_total", reason="unhealthy"))
+        assert moved > 0
+        assert not stack.bad_log_lines(), stack.bad_log_lines()[:10]
+        odd = [line for line in relay.log_text().splitlines() if "[relayd.access#" in line
+               and " outcome=ok " not in line and " outcome=client_gone " not in line]
+        refused = {r: stack.counter("relayd_retries_refused_total", reason=r)
+                   for r in ("budget", "attempts", "body_too_large", "no_backend")}
+        assert not odd, (refused, "\n".join(odd[:5]))
+        assert all(b["in_flight"] == 0 for b in stack.backends())
+        report.update(sessions=150, moved=moved,
+                      hits=stack.counter("relayd_affinity_hits_total"),
+                      outcomes=stack.access_outcomes())
+    finally:
+        if relay is not None:
+            relay.stop()
+        for up in ups:
+            up.stop()
