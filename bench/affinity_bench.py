@@ -6,9 +6,9 @@ upstream behind two backends.
 
 The relay has two Anthropic routes over the same provider (two backends, weight 1:1):
 ``affinity: {key: none}`` for model ``claude-bench-off`` and the default
-``affinity: {key: session}`` for ``claude-bench-on``, whose requests carry an
-``X-Claude-Code-Session-Id`` (one session per connection, so every request after a
-connection's first reads its pin and is sent to its pinned backend and key). Phases of
+``affinity: {key: session}`` for ``claude-bench-on``. Both requests carry the same
+``X-Claude-Code-Session-Id`` (one session, so every ``on`` request after the first reads
+its pin and is sent to its pinned backend and key; the ``off`` route ignores it). Phases of
 ``N`` requests over ``C`` keep-alive connections alternate off, on, off, on, ...
 (``R`` rounds) so that drift on a noisy machine hits both alike; relayd's CPU is read from
 /proc around each phase. Figures go to docs/performance.md ("Session affinity").
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=6)
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="relayd-affinity-bench-") as tmp:
         work = Path(tmp)
@@ -85,8 +85,9 @@ async def run(relay: RelaydProcess, requests: int, concurrency: int, rounds: int
     assert relay.process is not None
     pid = relay.process.pid
     off_body, on_body = _body("claude-bench-off"), _body("claude-bench-on")
-    off = Target("off", port, build_request(port, KEY, off_body), b"", True)
+    # The same header on both: what differs is only whether the route reads it.
     session = {"X-Claude-Code-Session-Id": "0b6f1c2e-bench-session"}
+    off = Target("off", port, build_request(port, KEY, off_body, headers=session), b"", True)
     on = Target("on", port, build_request(port, KEY, on_body, headers=session), b"", True)
     tally = Tally("warmup")
     await concurrent_batch(off, 500, concurrency, False, tally)

@@ -71,13 +71,7 @@ class CacheHost(Protocol):
 
     def finish(self) -> None: ...
 
-    def begin_joined(
-        self, joiner: FlightJoiner, headers: tuple[tuple[bytes, bytes], ...]
-    ) -> None: ...
-
-    def write_joined(self, data: bytes) -> None: ...
-
-    def end_joined(self, entry: CachedAnswer | None, finished: bool) -> None: ...
+    def stream_opened(self) -> None: ...
 
     def on_unexpected(self, failure: Failure) -> None: ...
 
@@ -512,7 +506,10 @@ class FlightJoiner:
         if host.done:
             return
         self.live = True
-        host.begin_joined(self, headers)
+        host.from_cache(None)
+        self.stage.write_head(headers, "hit", 0.0)
+        host.request.registerProducer(self, True)
+        host.stream_opened()
 
     def flight_data(self, data: bytes) -> None:
         host = self._host
@@ -528,7 +525,7 @@ class FlightJoiner:
                 self.paused = False
                 self._end()
             return
-        host.write_joined(data)
+        host.request.write(data)
 
     def flight_ended(self, entry: CachedAnswer | None, finished: bool) -> None:
         host = self._host
@@ -548,9 +545,20 @@ class FlightJoiner:
             return
         pending, self.pending = self.pending, []
         self.pending_size = 0
+        request = host.request
         for chunk in pending:
-            host.write_joined(chunk)
-        host.end_joined(*ending)
+            request.write(chunk)
+        request.unregisterProducer()
+        entry, finished = ending
+        if entry is not None:
+            host.usage = entry.usage
+        elif not finished:
+            host.outcome = Outcome.UPSTREAM_BROKEN
+            request.write(b"\n\n" + host.family.stream_error_event(
+                "the upstream stream this request shared with an identical one ended early",
+                host.request_id,
+            ))
+        host.finish()
 
     # -- IPushProducer -----------------------------------------------------------------------
 
@@ -565,7 +573,7 @@ class FlightJoiner:
         for chunk in pending:
             if host.done:
                 return
-            host.write_joined(chunk)
+            host.request.write(chunk)
         if self.ending is not None:
             self._end()
 

@@ -2,11 +2,14 @@
 
 The :class:`Exchange` coordinates the stages of the request path, in order:
 
-``start -> intake -> [objects] -> plan -> [wait] -> [gate] -> attempt -> sink -> complete``
+``start -> intake -> [objects] -> route -> [cache] -> plan -> [wait] -> [gate] -> attempt
+-> sink -> complete``
 
-* intake (:mod:`relayd.http.intake`): the endpoint, the caller's key, body and model;
-* objects (:mod:`relayd.http.objects`): a call on an upstream object goes to its owner;
-* plan (:mod:`relayd.http.planner`): the route, its targets, each attempt's backend;
+* intake, objects, route, cache, plan (:mod:`relayd.http.dispatch`): the endpoint, the
+  caller's key, body and model; the owner of an upstream object; the route, its limits
+  gate and its response cache (:mod:`relayd.http.caching`); the session's pin, the
+  client's region, and the planner (:mod:`relayd.http.planner`), whose picks are each
+  attempt's target, backend and key;
 * wait (:mod:`relayd.http.waiting`): for a slot when every backend is at its cap;
 * gate (:mod:`relayd.limits.gate`): the client's limits and the upstream quotas;
 * attempt (:mod:`relayd.http.attempt`): one try, its timers and its verdict;
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
@@ -32,21 +34,20 @@ from twisted.web.iweb import IResponse
 from relayd.affinity import SessionAffinity
 from relayd.cache import CACHE_PROVIDER, CachedAnswer
 from relayd.errors import Outcome, Refusal, Result
-from relayd.geoip import NOWHERE, Location
+from relayd.http import dispatch
 from relayd.http.accesslog import record_exchange
 from relayd.http.attempt import UpstreamAttempt, discard
 from relayd.http.bodies import BodySink, choose_sink
-from relayd.http.caching import CacheStage, FlightJoiner
-from relayd.http.headers import replace_header, write_answer_head
-from relayd.http.intake import ClientCall, parse_client_call, printable
-from relayd.http.models import ModelCatalog
+from relayd.http.caching import CacheStage
+from relayd.http.headers import write_answer_head
+from relayd.http.intake import ClientCall
 from relayd.http.objects import ObjectKeeper
-from relayd.http.planner import AttemptPlanner, Pick, choose_route
+from relayd.http.planner import AttemptPlanner, Pick
 from relayd.http.replies import refusal_body, send_json
 from relayd.http.waiting import SlotWait
 from relayd.limits.checks import Decision
 from relayd.limits.gate import LimitGate
-from relayd.providers import DEFAULT_FAMILY, PROVIDERS, Endpoint, ModelIn, Usage, family_of
+from relayd.providers import DEFAULT_FAMILY, PROVIDERS, Endpoint, Usage
 from relayd.routing import ProviderRoute, Route
 from relayd.runtime import RelayRuntime
 from relayd.upstream import Backend
@@ -61,8 +62,6 @@ REQUEST_ID_HEADER = b"x-relayd-request-id"
 # Request ids correlate log lines: unique, not secret (no system call per request).
 _ids = random.Random(os.urandom(32))
 
-# An origin-form request target: what relayd can pass on (relayd.pool.PoolSender).
-_TARGET = re.compile(rb"/[\x21-\x7e]*")
 
 
 
@@ -123,125 +122,15 @@ class Exchange:
         request.responseHeaders.removeHeader(b"server")
         request.notifyFinish().addErrback(self._client_went_away)
         try:
-            self._intake()
+            dispatch.intake(self)
         except Refusal as refusal:
             self.refuse(refusal)
 
-    def _intake(self) -> None:
-        request = self.request
-        endpoint = self.endpoint = self._find_endpoint()
+    def first_attempt(self, planner: AttemptPlanner) -> None:
+        """The request is planned (:mod:`relayd.http.dispatch`): send its first attempt,
+        or wait for a backend slot."""
         runtime = self.runtime
-        call = self.call = parse_client_call(
-            request, endpoint, runtime.clients, runtime.max_body_bytes
-        )
-        if endpoint.local:
-            catalog = ModelCatalog(runtime, self.family, call.client, self.clock, self.request_id)
-            d = catalog.model_list(request.requestHeaders)
-            d.addCallback(self._answered).addErrback(self.on_unexpected)
-            return
-        role = endpoint.object_role(request.method)
-        if role is not None:
-            keeper = self.objects = ObjectKeeper(runtime.store, endpoint, role, call.client.name)
-            reference = keeper.reference(request.path, call.payload)
-            if reference is not None:
-                located = keeper.locate(reference, runtime)
-                located.addCallback(self._located).addErrback(self.on_unexpected)
-                return
-        self._plan()
-
-    def _find_endpoint(self) -> Endpoint:
-        request = self.request
-        if _TARGET.fullmatch(request.uri) is None:
-            raise Refusal(400, "request target must be an absolute path (visible ASCII)")
-        path = request.path
-        found = self.resource.endpoints.lookup(request, path)
-        if found is None:
-            self.family = family_of(request.requestHeaders)
-            raise Refusal(404, f"no such endpoint: {printable(path)}")
-        self.family, endpoint = found
-        return endpoint
-
-    def _located(self, where: tuple[ProviderRoute, Backend]) -> None:
-        if not self.done:
-            self.pinned = where
-            self._plan()
-
-    def _plan(self) -> None:
-        runtime = self.runtime
-        endpoint = self.endpoint
-        call = self.call
-        assert endpoint is not None and call is not None
-        family = self.family
-        route = choose_route(runtime, family, endpoint, call, self.pinned is not None)
-        if call.model is not None and endpoint.model_in == ModelIn.PATH:
-            catalog = ModelCatalog(runtime, family, call.client, self.clock, self.request_id)
-            alias = catalog.alias(route, call.model)
-            if alias is not None:
-                self.route = route
-                self._reply(200, alias)
-                return
-        self.route = route
-        gate = self.gate = LimitGate.for_request(
-            runtime, call.client, call.payload, family, self.clock, self.metrics, self.request_id
-        )
-        stage = CacheStage.for_request(
-            runtime.response_cache, route, endpoint, family, call, self.request
-        )
-        if stage is None:
-            self._plan_attempts()
-            return
-        self.cache = stage
-        stage.start(self, gate)
-
-    def _plan_attempts(self) -> None:
-        """Find the session's pin (if it has one), then plan the attempts."""
-        call = self.call
-        route = self.route
-        assert self.endpoint is not None and call is not None and route is not None
-        if self.pinned is None:
-            affinity = self.affinity = SessionAffinity.for_request(
-                self.runtime.pins, route.affinity, self.endpoint, self.family,
-                call.client.name, route.label, self.request.requestHeaders, call.payload,
-            )
-            found = affinity.find() if affinity is not None else None
-            if found is not None:  # in Redis
-                found.addCallback(self._pin_found).addErrback(self.on_unexpected)
-                return
-        self._plan_first()
-
-    def _pin_found(self, _: object) -> None:
-        if not self.done:
-            self._plan_first()
-
-    def _location(self) -> Location | None:
-        """Where the client is, for region routing (None: no backend has a region)."""
-        runtime = self.runtime
-        if not runtime.regional:
-            return None
-        assert self.call is not None
-        region = self.call.client.region
-        if region is not None:
-            return Location(None, None, region)
-        geoip = runtime.geoip
-        return geoip.locate(self.client_ip) if geoip is not None else NOWHERE
-
-    def _plan_first(self) -> None:
-        """Plan the upstream attempts of a routed request and send the first."""
-        runtime = self.runtime
-        endpoint = self.endpoint
-        call = self.call
-        route = self.route
-        assert endpoint is not None and call is not None and route is not None
-        family = self.family
-        request = self.request
-        headers = runtime.header_policy.upstream_headers(family.name, request.requestHeaders)
-        if call.stream:
-            headers = replace_header(headers, b"accept-encoding", b"identity")
-        planner = self.planner = AttemptPlanner(
-            runtime, self.clock, self.metrics, family, endpoint, route, call,
-            uri=request.uri, upstream_headers=headers, pinned=self.pinned,
-            request_id=self.request_id, affinity=self.affinity, location=self._location(),
-        )
+        self.planner = planner
         self.provider_name = planner.provider_name
         runtime.retry_budget.record_request()
         pick = planner.next()
@@ -381,8 +270,12 @@ class Exchange:
             max_retry_after=self.runtime.config.failover.max_retry_after,
         )
         if sink.streaming:
-            self.metrics.stream_opened()
-            self.stream_open = True
+            self.stream_opened()
+
+    def stream_opened(self) -> None:
+        """An SSE answer began (relayed, or shared with an identical request)."""
+        self.metrics.stream_opened()
+        self.stream_open = True
 
     def upstream_finished(self) -> None:
         self.upstream_done_at = self.clock.seconds()
@@ -411,7 +304,7 @@ class Exchange:
 
     def cache_missed(self) -> None:
         if not self.done:
-            self._plan_attempts()
+            dispatch.plan(self)
 
     def from_cache(self, usage: Usage | None) -> None:
         """The answer comes from the cache: stored, or shared with an identical request."""
@@ -428,31 +321,6 @@ class Exchange:
     def _serve_stale(self, entry: CachedAnswer) -> None:
         assert self.cache is not None
         self.cache.serve(entry, "stale")
-
-    def begin_joined(self, joiner: FlightJoiner, headers: tuple[tuple[bytes, bytes], ...]) -> None:
-        """The head of an identical request's stream, which this one shares."""
-        assert self.cache is not None
-        self.from_cache(None)
-        self.cache.write_head(headers, "hit", 0.0)
-        self.request.registerProducer(joiner, True)
-        self.metrics.stream_opened()
-        self.stream_open = True
-
-    def write_joined(self, data: bytes) -> None:
-        self.request.write(data)
-
-    def end_joined(self, entry: CachedAnswer | None, finished: bool) -> None:
-        request = self.request
-        request.unregisterProducer()
-        if entry is not None:
-            self.usage = entry.usage
-        elif not finished:
-            self.outcome = Outcome.UPSTREAM_BROKEN
-            request.write(b"\n\n" + self.family.stream_error_event(
-                "the upstream stream this request shared with an identical one ended early",
-                self.request_id,
-            ))
-        self.finish()
 
     # -- replies and the end ------------------------------------------------------------------
 
@@ -475,16 +343,16 @@ class Exchange:
                       request_id=self.request_id, message=refusal.message)
             self.fail_unexpectedly()
             return
-        self._reply(status, refusal_body(
+        self.reply(status, refusal_body(
             request, refusal, self.family, self.request_id,
             self.runtime.config.failover.max_retry_after,
         ))
 
-    def _answered(self, body: bytes) -> None:
+    def answered(self, body: bytes) -> None:
         if not self.done:
-            self._reply(200, body)
+            self.reply(200, body)
 
-    def _reply(self, status: int, body: bytes) -> None:
+    def reply(self, status: int, body: bytes) -> None:
         self.status = status
         send_json(self.request, status, body)
         self._complete()

@@ -10,6 +10,8 @@ back. It never sends anything: the exchange does, with what it picks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
@@ -250,21 +252,23 @@ class AttemptPlanner:
         assert pin is not None
         family, endpoint = self.family, self.endpoint
         targets = self.route.targets
-        index = next((i for i, t in enumerate(targets) if t.provider.name == pin.provider
-                      and serves(t, family, endpoint)), None)
-        target = targets[index] if index is not None else None
+        index = 0
+        target: RouteTarget | None = None
+        for index, candidate in enumerate(targets):  # noqa: B007 (used after the loop)
+            if candidate.provider.name == pin.provider and serves(candidate, family, endpoint):
+                target = candidate
+                break
         backend = target.provider.backend_named(pin.backend) if target is not None else None
         if target is None or backend is None or not 0 <= pin.key < len(backend.keys.keys):
             affinity.moved("gone")
             return None
         reason = _unfit(backend, pin.key, self._clock.seconds())
-        if reason is None and any(
-            _serves_now(b) for b in target.provider.balancer.backends
-            if b.priority < backend.priority
+        if reason is None and backend.priority > 0 and _any_serves(
+            b for b in target.provider.balancer.backends if b.priority < backend.priority
         ):
             reason = "priority"
-        if reason is None and not self.route.weighted and any(
-            _serves_now(b) for t in targets[:index] if serves(t, family, endpoint)
+        if reason is None and index and not self.route.weighted and _any_serves(
+            b for t in targets[:index] if serves(t, family, endpoint)
             for b in t.provider.balancer.backends
         ):
             reason = "order"  # an earlier target of an ordered route can serve
@@ -456,9 +460,9 @@ class AttemptPlanner:
         )
 
 
-def _serves_now(backend: Backend) -> bool:
-    """Whether the balancer's first pass could choose ``backend`` now."""
-    return backend.is_available() and backend.health.healthy
+def _any_serves(backends: Iterable[Backend]) -> bool:
+    """Whether the balancer's first pass could choose one of ``backends`` now."""
+    return any(backend.is_available() and backend.health.healthy for backend in backends)
 
 
 def _unfit(backend: Backend, key_index: int, now: float) -> str | None:

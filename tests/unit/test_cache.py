@@ -18,7 +18,7 @@ from relayd.cache.entry import kept_headers
 from relayd.cache.flights import KEEPALIVE, Capture
 from relayd.cache.memory import MemoryCache
 from relayd.config import ConfigErrors, parse_config
-from relayd.providers import Usage
+from relayd.providers import PROVIDERS, Usage
 
 MESSAGE = {"model": "claude-sonnet-4-5", "max_tokens": 16, "temperature": 0,
            "messages": [{"role": "user", "content": "hi"}]}
@@ -550,20 +550,40 @@ class JoinedHost:
     """The exchange as a joiner sees it: what reached its client."""
 
     done = False
+    usage: Any = None
+    outcome = "ok"
+    request_id = "req_test"
+    family = PROVIDERS["anthropic"]
 
     def __init__(self) -> None:
         self.written: list[bytes] = []
         self.ended: list[tuple[bool, bool]] = []
         self.head = False
+        host = self
 
-    def begin_joined(self, joiner: Any, headers: Any) -> None:
+        class Request:
+            def write(self, data: bytes) -> None:
+                host.written.append(data)
+
+            def registerProducer(self, producer: Any, streaming: bool) -> None:
+                pass
+
+            def unregisterProducer(self) -> None:
+                pass
+
+        self.request = Request()
+
+    def from_cache(self, usage: Any) -> None:
         self.head = True
 
-    def write_joined(self, data: bytes) -> None:
-        self.written.append(data)
+    def stream_opened(self) -> None:
+        pass
 
-    def end_joined(self, entry: CachedAnswer | None, finished: bool) -> None:
-        self.ended.append((entry is not None, finished))
+    def finish(self) -> None:
+        broken = self.outcome != "ok"
+        if broken:
+            self.written.pop()  # the error event
+        self.ended.append((self.usage is not None, not broken))
         self.done = True
 
 
@@ -576,6 +596,9 @@ def joiner_with_limit(limit: int) -> tuple[Any, JoinedHost]:
         class cache:  # noqa: N801 - stands for the ResponseCache's config
             class config:  # noqa: N801
                 max_entry_bytes = limit
+
+        def write_head(self, headers: Any, state: str, age: float) -> None:
+            pass
 
     stage = Stage()
     return FlightJoiner(stage), stage.host  # type: ignore[arg-type]

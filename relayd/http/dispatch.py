@@ -1,0 +1,173 @@
+"""Before the first attempt: which endpoint was called, by whom, and where it goes.
+
+The first stages of an :class:`~relayd.http.exchange.Exchange`, in order:
+
+* intake: the endpoint, the caller's key, body and model (:mod:`relayd.http.intake`);
+  the model list is answered here (:mod:`relayd.http.models`);
+* objects: a call on an upstream object goes where the object lives
+  (:mod:`relayd.http.objects`; the lookup may wait for the state store);
+* route: the route (:func:`~relayd.http.planner.choose_route`), a model alias answered
+  by relayd itself, the client's limits gate, and the response cache stage, which may
+  answer or hand the request back (``cache_missed``);
+* plan: the session's pin (:mod:`relayd.affinity`; may wait for Redis), the client's
+  location for region routing, and the :class:`~relayd.http.planner.AttemptPlanner`,
+  handed to :meth:`Exchange.first_attempt`.
+
+Each stage records what it found on the exchange (the access record reads it there) and
+raises :class:`~relayd.errors.Refusal` when the request cannot go on; the exchange
+renders it. A stage resumed after a wait does nothing once the exchange is done (its
+client left meanwhile).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING
+
+from relayd.affinity import SessionAffinity
+from relayd.errors import Refusal
+from relayd.geoip import NOWHERE, Location
+from relayd.http.caching import CacheStage
+from relayd.http.headers import replace_header
+from relayd.http.intake import parse_client_call, printable
+from relayd.http.models import ModelCatalog
+from relayd.http.objects import ObjectKeeper
+from relayd.http.planner import AttemptPlanner, choose_route
+from relayd.limits.gate import LimitGate
+from relayd.providers import Endpoint, ModelIn, family_of
+from relayd.routing import ProviderRoute
+from relayd.upstream import Backend
+
+if TYPE_CHECKING:
+    from relayd.http.exchange import Exchange
+
+__all__ = ["intake", "plan"]
+
+# An origin-form request target: what relayd can pass on (relayd.pool.PoolSender).
+_TARGET = re.compile(rb"/[\x21-\x7e]*")
+
+
+def intake(exchange: Exchange) -> None:
+    """Identify the call; answer the model list, or go on to the object's owner and the
+    route."""
+    request = exchange.request
+    runtime = exchange.runtime
+    endpoint = exchange.endpoint = _endpoint(exchange)
+    call = exchange.call = parse_client_call(
+        request, endpoint, runtime.clients, runtime.max_body_bytes
+    )
+    if endpoint.local:
+        catalog = ModelCatalog(runtime, exchange.family, call.client, exchange.clock,
+                               exchange.request_id)
+        d = catalog.model_list(request.requestHeaders)
+        d.addCallback(exchange.answered).addErrback(exchange.on_unexpected)
+        return
+    role = endpoint.object_role(request.method)
+    if role is not None:
+        keeper = exchange.objects = ObjectKeeper(runtime.store, endpoint, role,
+                                                 call.client.name)
+        reference = keeper.reference(request.path, call.payload)
+        if reference is not None:
+            located = keeper.locate(reference, runtime)
+            located.addCallback(_located, exchange).addErrback(exchange.on_unexpected)
+            return
+    route(exchange)
+
+
+def _endpoint(exchange: Exchange) -> Endpoint:
+    request = exchange.request
+    if _TARGET.fullmatch(request.uri) is None:
+        raise Refusal(400, "request target must be an absolute path (visible ASCII)")
+    path = request.path
+    found = exchange.resource.endpoints.lookup(request, path)
+    if found is None:
+        exchange.family = family_of(request.requestHeaders)
+        raise Refusal(404, f"no such endpoint: {printable(path)}")
+    exchange.family, endpoint = found
+    return endpoint
+
+
+def _located(where: tuple[ProviderRoute, Backend], exchange: Exchange) -> None:
+    if not exchange.done:
+        exchange.pinned = where
+        route(exchange)
+
+
+def route(exchange: Exchange) -> None:
+    """The route; a model alias, the limits gate and the response cache on it."""
+    runtime = exchange.runtime
+    endpoint, call, family = exchange.endpoint, exchange.call, exchange.family
+    assert endpoint is not None and call is not None
+    found = exchange.route = choose_route(
+        runtime, family, endpoint, call, exchange.pinned is not None
+    )
+    if call.model is not None and endpoint.model_in == ModelIn.PATH:
+        catalog = ModelCatalog(runtime, family, call.client, exchange.clock,
+                               exchange.request_id)
+        alias = catalog.alias(found, call.model)
+        if alias is not None:
+            exchange.reply(200, alias)
+            return
+    gate = exchange.gate = LimitGate.for_request(
+        runtime, call.client, call.payload, family, exchange.clock, exchange.metrics,
+        exchange.request_id,
+    )
+    stage = CacheStage.for_request(
+        runtime.response_cache, found, endpoint, family, call, exchange.request
+    )
+    if stage is None:
+        plan(exchange)
+        return
+    exchange.cache = stage
+    stage.start(exchange, gate)  # answers from the cache, or calls cache_missed
+
+
+def plan(exchange: Exchange) -> None:
+    """Find the session's pin (when it has one), then plan the attempts."""
+    call, found = exchange.call, exchange.route
+    assert exchange.endpoint is not None and call is not None and found is not None
+    if exchange.pinned is None:
+        affinity = exchange.affinity = SessionAffinity.for_request(
+            exchange.runtime.pins, found.affinity, exchange.endpoint, exchange.family,
+            call.client.name, found.label, exchange.request.requestHeaders, call.payload,
+        )
+        looked_up = affinity.find() if affinity is not None else None
+        if looked_up is not None:  # in Redis
+            looked_up.addCallback(_pin_found, exchange).addErrback(exchange.on_unexpected)
+            return
+    _planned(exchange)
+
+
+def _pin_found(_: object, exchange: Exchange) -> None:
+    if not exchange.done:
+        _planned(exchange)
+
+
+def _planned(exchange: Exchange) -> None:
+    runtime = exchange.runtime
+    endpoint, call, found = exchange.endpoint, exchange.call, exchange.route
+    assert endpoint is not None and call is not None and found is not None
+    family = exchange.family
+    request = exchange.request
+    headers = runtime.header_policy.upstream_headers(family.name, request.requestHeaders)
+    if call.stream:
+        headers = replace_header(headers, b"accept-encoding", b"identity")
+    exchange.first_attempt(AttemptPlanner(
+        runtime, exchange.clock, exchange.metrics, family, endpoint, found, call,
+        uri=request.uri, upstream_headers=headers, pinned=exchange.pinned,
+        request_id=exchange.request_id, affinity=exchange.affinity,
+        location=location(exchange),
+    ))
+
+
+def location(exchange: Exchange) -> Location | None:
+    """Where the client is, for region routing (None: no backend has a region)."""
+    runtime = exchange.runtime
+    if not runtime.regional:
+        return None
+    assert exchange.call is not None
+    region = exchange.call.client.region
+    if region is not None:
+        return Location(None, None, region)
+    geoip = runtime.geoip
+    return geoip.locate(exchange.client_ip) if geoip is not None else NOWHERE
