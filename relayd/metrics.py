@@ -210,6 +210,12 @@ class RelayMetrics:
             "1 while the shared state store answers; 0 while relayd decides without it.",
             ["store"], registry=r,
         )
+        edge_rejections = Counter(
+            "relayd_edge_rejections_total",
+            "Requests refused at the edge, before any upstream contact, by reason "
+            "(signature_*, allow_from, per_address, auth_failures).",
+            ["reason"], registry=r,
+        )
         self._reloads = Counter(
             "relayd_config_reloads_total", "Configuration reloads, by result.", ["result"],
             registry=r,
@@ -232,6 +238,7 @@ class RelayMetrics:
         self._refused = _Children(refused)
         self._limit_rejections = _Children(limit_rejections)
         self._quota_skips = _Children(quota_skips)
+        self._edge_rejections = _Children(edge_rejections)
         self._client_disconnects = _Children(client_disconnects)
         self._queue_refusals = _Children(queue_refusals)
         self._connections_closed = _Children(connections_closed)
@@ -319,6 +326,10 @@ class RelayMetrics:
     def limit_rejected(self, client: str, limit: str) -> None:
         """Count a request refused by the client's ``limit`` (e.g. requests_per_minute)."""
         self._limit_rejections.get((client, limit)).inc()
+
+    def edge_rejected(self, reason: str) -> None:
+        """Count a request refused by an edge check (a signature, an address rule)."""
+        self._edge_rejections.get((reason,)).inc()
 
     def quota_skip(self, provider: str, backend: str) -> None:
         """Count an upstream key skipped because its quota was used up."""

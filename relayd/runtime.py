@@ -19,12 +19,13 @@ from twisted.web.iweb import IAgent
 from relayd.affinity import SessionPins
 from relayd.cache import ResponseCache
 from relayd.client_address import TrustedProxies
-from relayd.config.model import BackendConfig, Config
+from relayd.config.model import BackendConfig, ClientSigningConfig, Config
 from relayd.geoip import GeoDatabase, RegionMap
 from relayd.http.headers import RequestHeaderPolicy
 from relayd.labels import ModelLabels
 from relayd.limits import LimitStore, StoreEvent, build_store
 from relayd.limits.policy import ClientPolicy, UpstreamPolicy
+from relayd.nonces import NonceStore
 from relayd.providers import PROVIDERS
 from relayd.retry_budget import RetryBudget
 from relayd.routing import (
@@ -52,7 +53,7 @@ class Client:
     """A relay client at run time: its name, compiled model allowlist and limits, and
     the region it pins (None: its address decides)."""
 
-    __slots__ = ("allows", "name", "policy", "region")
+    __slots__ = ("allows", "name", "policy", "region", "signing")
 
     def __init__(
         self,
@@ -60,11 +61,13 @@ class Client:
         allows: ModelMatcher,
         policy: ClientPolicy | None = None,
         region: str | None = None,
+        signing: ClientSigningConfig | None = None,
     ) -> None:
         self.name = name
         self.allows = allows
         self.policy = policy
         self.region = region
+        self.signing = signing
 
 
 class RelayRuntime:
@@ -115,6 +118,7 @@ class RelayRuntime:
                 ModelMatcher(c.models),
                 ClientPolicy(c.name, c.limits, prefix, lease_ttl) if c.limits else None,
                 c.region,
+                c.signing,
             )
             for c in config.clients
         }
@@ -179,6 +183,12 @@ class RelayRuntime:
             self.pins.bind(self.store)
         else:
             self.pins = SessionPins(reactor, self.store)
+        self.nonces: NonceStore
+        if carry is not None:
+            self.nonces = carry.nonces
+            self.nonces.bind(self.store)
+        else:
+            self.nonces = NonceStore(reactor, self.store)
         self.trusted_proxies = TrustedProxies(config.trusted_proxies)
         # Region routing is on when some backend has a region: a request's location is
         # then worked out (its client's region, else its address in the geoip database).

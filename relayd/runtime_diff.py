@@ -35,6 +35,7 @@ from relayd.cache import ResponseCache
 from relayd.config.model import Config
 from relayd.labels import ModelLabels
 from relayd.limits import LimitStore
+from relayd.nonces import NonceStore
 from relayd.providers import PROVIDERS
 from relayd.retry_budget import RetryBudget
 from relayd.upstream import Backend
@@ -72,6 +73,7 @@ class RuntimeChange:
     model_labels: ModelLabels
     response_cache: ResponseCache
     pins: SessionPins
+    nonces: NonceStore
 
     def built_anew(self, runtime: RelayRuntime) -> list[Backend]:
         """The backends of ``runtime`` (built from this change) that were not carried over:
@@ -116,4 +118,5 @@ def plan_reload(old: RelayRuntime, config: Config) -> RuntimeChange:
         model_labels=old.model_labels,
         response_cache=old.response_cache,
         pins=old.pins,
+        nonces=old.nonces,
     )

@@ -31,12 +31,13 @@ from relayd.config.model import (
     AdminConfig,
     BackendConfig,
     ClientConfig,
+    ClientSigningConfig,
     Config,
     ListenerConfig,
 )
 from relayd.config.routes import Routes
 from relayd.config.schema import Section, read_section
-from relayd.config.secrets import secret_file
+from relayd.config.secrets import read_signing_secret, secret_file
 from relayd.config.state import read_state
 from relayd.config.upstreams import INHERITED, Providers
 
@@ -279,7 +280,14 @@ class _Document:
             else:
                 self.context.error(client.key_path("key_sha256"), f"same key digest as {first}")
 
-        hooks = {"name": unique_name, "key_sha256": unique_digest}
+        def signing(client: Section) -> None:
+            if "signing" in client.fields:
+                client.values["signing"] = read_section(
+                    ClientSigningConfig, client.fields["signing"], client.key_path("signing"),
+                    self.context, hooks={"secret": read_signing_secret},
+                )
+
+        hooks = {"name": unique_name, "key_sha256": unique_digest, "signing": signing}
         pairs = items(section.fields.get("clients", []), "clients", self.context, empty=None)
         clients = [
             read_section(ClientConfig, item, each_path, self.context, hooks=hooks)

@@ -17,7 +17,7 @@ from relayd.config import checks
 from relayd.config.addresses import backend_url
 from relayd.config.regions import Network, affinity_key, mmdb_file, networks, region_map
 from relayd.config.schema import checked, hooked, nested
-from relayd.config.secrets import BACKEND_KEY_SOURCES, key_digest
+from relayd.config.secrets import BACKEND_KEY_SOURCES, SIGNING_SECRET_SOURCES, key_digest
 
 # An API family is the name of a provider module registered in relayd.providers.
 ApiFamily = str
@@ -114,6 +114,22 @@ class ClientLimitsConfig:
         )
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ClientSigningConfig:
+    """``clients[].signing``: the client signs its requests (relayd.signing).
+
+    ``secret`` is read from ``secret_file`` or ``secret_env``. A timestamp is accepted
+    from ``window`` seconds in the past to ``future`` seconds ahead; each nonce once.
+    ``required: false`` accepts unsigned requests too (while a client rolls it out);
+    signed ones are checked all the same.
+    """
+
+    secret: str = field(repr=False, default="", metadata=hooked(*SIGNING_SECRET_SOURCES))
+    window: float = field(default=300.0, metadata=checked(checks.positive_number))
+    future: float = field(default=30.0, metadata=checked(checks.non_negative_number))
+    required: bool = field(default=True, metadata=checked(checks.boolean))
+
+
 @dataclass(frozen=True, slots=True)
 class ClientConfig:
     """A relay client: who may call, identified by the SHA-256 digest of its relay key."""
@@ -128,6 +144,7 @@ class ClientConfig:
     )
     # The region this client's requests prefer, whatever its address (docs/routing.md).
     region: str | None = field(default=None, metadata=checked(checks.name))
+    signing: ClientSigningConfig | None = field(default=None, metadata=hooked())
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,8 +26,10 @@ __all__ = [
     "BACKEND_KEY_SOURCES",
     "KEY_SOURCES",
     "MAX_SECRET_FILE_BYTES",
+    "SIGNING_SECRET_SOURCES",
     "key_digest",
     "read_api_keys",
+    "read_signing_secret",
     "secret_file",
 ]
 
@@ -37,6 +39,7 @@ MAX_SECRET_FILE_BYTES = 64 * 1024
 
 KEY_SOURCES = ("api_key", "api_key_env", "api_key_file")  # one key (also in api_keys items)
 BACKEND_KEY_SOURCES = (*KEY_SOURCES, "api_keys")  # a backend gives exactly one of these
+SIGNING_SECRET_SOURCES = ("secret_file", "secret_env")  # clients[].signing: one of them
 _HEX_DIGEST_RE = re.compile(r"[0-9A-Fa-f]{64}")
 
 
@@ -54,6 +57,27 @@ def read_api_keys(section: Section) -> None:
         keys = None if key is None else (key,)
     if keys is not None:
         section.values["api_keys"] = keys
+
+
+def read_signing_secret(section: Section) -> None:
+    """A client's signing secret: exactly one of ``secret_file`` (a file, relative to
+    the configuration's directory) or ``secret_env`` (an environment variable)."""
+    given = _one_source(section.fields, section.path, SIGNING_SECRET_SOURCES, section.context)
+    if given is None:
+        return
+    path, value = section.key_path(given), section.fields[given]
+    if given == "secret_env":
+        secret = _env_key(value, path, section.context)
+    else:
+        where = local_path(value, path, section.context)
+        secret = None if where is None else secret_file(
+            where, path, "signing secret", "a signing secret", section.context
+        )
+    if secret is not None:
+        if len(secret) < 16:
+            section.context.error(path, "the signing secret must be at least 16 characters")
+            return
+        section.values["secret"] = secret
 
 
 def _one_source(

@@ -2,8 +2,9 @@
 
 The first stages of an :class:`~relayd.http.exchange.Exchange`, in order:
 
-* intake: the endpoint, the caller's key, body and model (:mod:`relayd.http.intake`);
-  the model list is answered here (:mod:`relayd.http.models`);
+* intake: the endpoint, the caller's key, body and model (:mod:`relayd.http.intake`),
+  and a signing client's signature (:mod:`relayd.http.signed`; its nonce may wait for
+  Redis); the model list is answered here (:mod:`relayd.http.models`);
 * objects: a call on an upstream object goes where the object lives
   (:mod:`relayd.http.objects`; the lookup may wait for the state store);
 * route: the route (:func:`~relayd.http.planner.choose_route`), a model alias answered
@@ -33,6 +34,7 @@ from relayd.http.intake import parse_client_call, printable
 from relayd.http.models import ModelCatalog
 from relayd.http.objects import ObjectKeeper
 from relayd.http.planner import AttemptPlanner, choose_route
+from relayd.http.signed import check_signed
 from relayd.limits.gate import LimitGate
 from relayd.providers import Endpoint, ModelIn, family_of
 from relayd.routing import ProviderRoute
@@ -56,6 +58,23 @@ def intake(exchange: Exchange) -> None:
     call = exchange.call = parse_client_call(
         request, endpoint, runtime.clients, runtime.max_body_bytes
     )
+    signed = check_signed(request, call, runtime.nonces, exchange.clock, exchange.metrics)
+    if signed is not None:  # the nonce goes to Redis
+        signed.addCallback(_signed, exchange).addErrback(exchange.on_unexpected)
+        return
+    _identified(exchange)
+
+
+def _signed(_: object, exchange: Exchange) -> None:
+    if not exchange.done:
+        _identified(exchange)
+
+
+def _identified(exchange: Exchange) -> None:
+    """The caller is who it says: answer the model list, or find where the call goes."""
+    request, runtime = exchange.request, exchange.runtime
+    endpoint, call = exchange.endpoint, exchange.call
+    assert endpoint is not None and call is not None
     if endpoint.local:
         catalog = ModelCatalog(runtime, exchange.family, call.client, exchange.clock,
                                exchange.request_id)
