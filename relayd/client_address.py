@@ -21,7 +21,7 @@ from twisted.web.http import Request
 
 from relayd.config.regions import Network
 
-__all__ = ["TrustedProxies", "peer_host"]
+__all__ = ["Networks", "TrustedProxies", "peer_host"]
 
 _FORWARDED_FOR = b"x-forwarded-for"
 
@@ -32,8 +32,8 @@ def peer_host(request: Request) -> str:
     return getattr(peer, "host", "") or ""
 
 
-class TrustedProxies:
-    """``trusted_proxies``: which peers may say where a request came from."""
+class Networks:
+    """A set of IP networks, asked whether an address is in it (answers memoised)."""
 
     __slots__ = ("_memo", "_networks")
 
@@ -44,7 +44,9 @@ class TrustedProxies:
     def __bool__(self) -> bool:
         return bool(self._networks)
 
-    def trusts(self, address: str) -> bool:
+    def __contains__(self, address: object) -> bool:
+        if not isinstance(address, str):
+            return False
         memo = self._memo
         found = memo.get(address)
         if found is None:
@@ -59,6 +61,21 @@ class TrustedProxies:
             if len(memo) < 4096:
                 memo[address] = found
         return found
+
+
+class TrustedProxies:
+    """``trusted_proxies``: which peers may say where a request came from."""
+
+    __slots__ = ("_networks",)
+
+    def __init__(self, networks: Sequence[Network]) -> None:
+        self._networks = Networks(networks)
+
+    def __bool__(self) -> bool:
+        return bool(self._networks)
+
+    def trusts(self, address: str) -> bool:
+        return address in self._networks
 
     def client_address(self, request: Request) -> str:
         """The address the request came from (see the module's docstring)."""

@@ -18,8 +18,9 @@ from twisted.web.iweb import IAgent
 
 from relayd.affinity import SessionPins
 from relayd.cache import ResponseCache
-from relayd.client_address import TrustedProxies
+from relayd.client_address import Networks, TrustedProxies
 from relayd.config.model import BackendConfig, ClientSigningConfig, Config
+from relayd.edge import AddressRules
 from relayd.geoip import GeoDatabase, RegionMap
 from relayd.http.headers import RequestHeaderPolicy
 from relayd.labels import ModelLabels
@@ -53,7 +54,7 @@ class Client:
     """A relay client at run time: its name, compiled model allowlist and limits, and
     the region it pins (None: its address decides)."""
 
-    __slots__ = ("allows", "name", "policy", "region", "signing")
+    __slots__ = ("allow_from", "allows", "name", "policy", "region", "signing")
 
     def __init__(
         self,
@@ -62,12 +63,14 @@ class Client:
         policy: ClientPolicy | None = None,
         region: str | None = None,
         signing: ClientSigningConfig | None = None,
+        allow_from: Networks | None = None,
     ) -> None:
         self.name = name
         self.allows = allows
         self.policy = policy
         self.region = region
         self.signing = signing
+        self.allow_from = allow_from
 
 
 class RelayRuntime:
@@ -119,6 +122,7 @@ class RelayRuntime:
                 ClientPolicy(c.name, c.limits, prefix, lease_ttl) if c.limits else None,
                 c.region,
                 c.signing,
+                Networks(c.allow_from) if c.allow_from is not None else None,
             )
             for c in config.clients
         }
@@ -189,6 +193,12 @@ class RelayRuntime:
             self.nonces.bind(self.store)
         else:
             self.nonces = NonceStore(reactor, self.store)
+        self.address_rules: AddressRules
+        if carry is not None:
+            self.address_rules = carry.address_rules
+            self.address_rules.reconfigure(config.edge, self.store)
+        else:
+            self.address_rules = AddressRules(reactor, self.store, config.edge)
         self.trusted_proxies = TrustedProxies(config.trusted_proxies)
         # Region routing is on when some backend has a region: a request's location is
         # then worked out (its client's region, else its address in the geoip database).

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from relayd.affinity import SessionPins
 from relayd.cache import ResponseCache
 from relayd.config.model import Config
+from relayd.edge import AddressRules
 from relayd.labels import ModelLabels
 from relayd.limits import LimitStore
 from relayd.nonces import NonceStore
@@ -74,6 +75,7 @@ class RuntimeChange:
     response_cache: ResponseCache
     pins: SessionPins
     nonces: NonceStore
+    address_rules: AddressRules
 
     def built_anew(self, runtime: RelayRuntime) -> list[Backend]:
         """The backends of ``runtime`` (built from this change) that were not carried over:
@@ -119,4 +121,5 @@ def plan_reload(old: RelayRuntime, config: Config) -> RuntimeChange:
         response_cache=old.response_cache,
         pins=old.pins,
         nonces=old.nonces,
+        address_rules=old.address_rules,
     )

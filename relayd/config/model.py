@@ -15,7 +15,14 @@ from dataclasses import dataclass, field
 
 from relayd.config import checks
 from relayd.config.addresses import backend_url
-from relayd.config.regions import Network, affinity_key, mmdb_file, networks, region_map
+from relayd.config.regions import (
+    Network,
+    affinity_key,
+    allow_list,
+    mmdb_file,
+    networks,
+    region_map,
+)
 from relayd.config.schema import checked, hooked, nested
 from relayd.config.secrets import BACKEND_KEY_SOURCES, SIGNING_SECRET_SOURCES, key_digest
 
@@ -145,6 +152,8 @@ class ClientConfig:
     # The region this client's requests prefer, whatever its address (docs/routing.md).
     region: str | None = field(default=None, metadata=checked(checks.name))
     signing: ClientSigningConfig | None = field(default=None, metadata=hooked())
+    # Client addresses this client's requests may come from (None: any); others get 403.
+    allow_from: tuple[Network, ...] | None = field(default=None, metadata=checked(allow_list))
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,6 +435,38 @@ class RouteAffinityConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PerAddressConfig:
+    """``edge.per_address``: a leaky bucket per client address, as nginx ``limit_req``
+    with ``nodelay``: ``rate`` requests per second, ``burst`` more at once."""
+
+    rate: float = field(metadata=checked(checks.positive_number))
+    burst: int = field(default=0, metadata=checked(checks.non_negative_int))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthFailuresConfig:
+    """``edge.auth_failures``: an address with ``limit`` failed authentications within
+    ``window`` seconds gets 429 for ``cooldown`` seconds."""
+
+    limit: int = field(metadata=checked(checks.positive_int))
+    window: float = field(default=60.0, metadata=checked(checks.positive_number))
+    cooldown: float = field(default=300.0, metadata=checked(checks.positive_number))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EdgeConfig:
+    """``edge``: rules on client addresses, checked before authentication."""
+
+    per_address: PerAddressConfig | None = field(
+        default=None, metadata=nested(PerAddressConfig)
+    )
+    exempt: tuple[Network, ...] = field(default=(), metadata=checked(networks))
+    auth_failures: AuthFailuresConfig | None = field(
+        default=None, metadata=nested(AuthFailuresConfig)
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GeoIpConfig:
     """``geoip``: the MaxMind DB file client addresses are located with."""
 
@@ -518,6 +559,7 @@ class Config:
     # Peers whose X-Forwarded-For is believed (relayd.client_address); default none.
     trusted_proxies: tuple[Network, ...] = field(default=(), metadata=checked(networks))
     geoip: GeoIpConfig | None = field(default=None, metadata=nested(GeoIpConfig))
+    edge: EdgeConfig = field(default=EdgeConfig(), metadata=nested(EdgeConfig))
     # The top level of the settings providers and backends inherit.
     timeouts: TimeoutsConfig = field(default=TimeoutsConfig(), metadata=nested(TimeoutsConfig))
     pool: PoolConfig = field(default=PoolConfig(), metadata=nested(PoolConfig))

@@ -19,6 +19,7 @@ __all__ = [
     "CONTINENTS",
     "Network",
     "affinity_key",
+    "allow_list",
     "mmdb_file",
     "networks",
     "region_map",
@@ -48,6 +49,14 @@ def networks(value: object, path: str, context: Context) -> tuple[Network, ...] 
         except ValueError:
             context.error(each_path, f"must be an IP address or network (CIDR), got {text!r}")
     return tuple(found)
+
+
+def allow_list(value: object, path: str, context: Context) -> tuple[Network, ...] | None:
+    """A non-empty list of networks (``clients[].allow_from``)."""
+    if isinstance(value, list) and not value:
+        context.error(path, "must list at least one network (leave the key out to allow all)")
+        return None
+    return networks(value, path, context)
 
 
 def region_map(value: object, path: str, context: Context) -> tuple[tuple[str, str], ...] | None:

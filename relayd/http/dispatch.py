@@ -25,8 +25,10 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING
 
+from twisted.internet.defer import Deferred
+
 from relayd.affinity import SessionAffinity
-from relayd.errors import Refusal
+from relayd.errors import Outcome, Refusal
 from relayd.geoip import NOWHERE, Location
 from relayd.http.caching import CacheStage
 from relayd.http.headers import replace_header
@@ -52,12 +54,61 @@ _TARGET = re.compile(rb"/[\x21-\x7e]*")
 def intake(exchange: Exchange) -> None:
     """Identify the call; answer the model list, or go on to the object's owner and the
     route."""
-    request = exchange.request
-    runtime = exchange.runtime
-    endpoint = exchange.endpoint = _endpoint(exchange)
-    call = exchange.call = parse_client_call(
-        request, endpoint, runtime.clients, runtime.max_body_bytes
-    )
+    unknown: Refusal | None = None
+    try:
+        exchange.endpoint = _endpoint(exchange)
+    except Refusal as refusal:  # answered after the address rules: floods of 404s count
+        unknown = refusal
+    rules = exchange.runtime.address_rules
+    if rules.active:  # before authentication: a flood of bad keys is cut cheaply
+        verdict = rules.admit(exchange.client_ip)
+        if isinstance(verdict, Deferred):  # the bucket is in Redis
+            verdict.addCallback(_address_checked, exchange, unknown)
+            verdict.addErrback(exchange.on_unexpected)
+            return
+        _check_address(verdict, exchange)
+    if unknown is not None:
+        raise unknown
+    _authenticate(exchange)
+
+
+def _address_checked(
+    verdict: tuple[str, float] | None, exchange: Exchange, unknown: Refusal | None
+) -> None:
+    if not exchange.done:
+        _check_address(verdict, exchange)
+        if unknown is not None:
+            raise unknown
+        _authenticate(exchange)
+
+
+def _check_address(verdict: tuple[str, float] | None, exchange: Exchange) -> None:
+    if verdict is None:
+        return
+    reason, wait = verdict
+    exchange.metrics.edge_rejected(reason)
+    what = ("requests" if reason == "per_address" else "failed authentications")
+    raise Refusal(429, f"too many {what} from this address; retry after the "
+                       "retry-after header's seconds", outcome=Outcome.RATE_LIMITED,
+                  retry_after=wait)
+
+
+def _authenticate(exchange: Exchange) -> None:
+    request, runtime = exchange.request, exchange.runtime
+    endpoint = exchange.endpoint
+    assert endpoint is not None
+    try:
+        call = exchange.call = parse_client_call(
+            request, endpoint, runtime.clients, runtime.max_body_bytes
+        )
+    except Refusal as refusal:
+        if refusal.status == 401:
+            runtime.address_rules.auth_failed(exchange.client_ip)
+        raise
+    allowed = call.client.allow_from
+    if allowed is not None and exchange.client_ip not in allowed:
+        exchange.metrics.edge_rejected("allow_from")
+        raise Refusal(403, f"client {call.client.name!r} may not call from this address")
     signed = check_signed(request, call, runtime.nonces, exchange.clock, exchange.metrics)
     if signed is not None:  # the nonce goes to Redis
         signed.addCallback(_signed, exchange).addErrback(exchange.on_unexpected)

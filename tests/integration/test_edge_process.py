@@ -1,0 +1,57 @@
+"""Per-address limits through real processes: two relayd instances sharing their
+buckets through Redis; clients on 127.0.0.x addresses of their own. Counts only."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx2
+from support import CLIENT_KEY, backend, relay_config
+
+from relayd.testing.certs import TestCertificates
+from relayd.testing.processes import FakeUpstreamProcess, RedisServerProcess, RelaydProcess
+
+UpstreamFactory = Callable[[str], FakeUpstreamProcess]
+RelaydFactory = Callable[..., RelaydProcess]
+BODY = json.dumps({"model": "claude-x", "max_tokens": 16,
+                   "messages": [{"role": "user", "content": "hi"}]}).encode()
+
+
+def client_from(address: str) -> httpx2.Client:
+    return httpx2.Client(transport=httpx2.HTTPTransport(local_address=address), timeout=10)
+
+
+def post(client: httpx2.Client, relay: RelaydProcess, key: str = CLIENT_KEY) -> Any:
+    return client.post(relay.url("http") + "/v1/messages", content=BODY,
+                       headers={"x-api-key": key, "anthropic-version": "2023-06-01",
+                                "content-type": "application/json"})
+
+
+def test_a_flood_from_one_address_is_cut_across_instances_while_another_is_served(
+    certs: TestCertificates, upstream_factory: UpstreamFactory, relayd_factory: RelaydFactory,
+    redis_server: RedisServerProcess,
+) -> None:
+    upstream = upstream_factory("a1")
+    config = relay_config(
+        certs, [backend("a1", upstream)], [], health={"enabled": False},
+        state={"store": "redis", "url": redis_server.url, "timeout": 0.5},
+        # A slow rate, so that the test's own pace cannot refill the bucket.
+        edge={"per_address": {"rate": 0.01, "burst": 4}},
+    )
+    config["providers"] = config["providers"][:1]
+    config["routes"] = config["routes"][:1]
+    relays = [relayd_factory(config, name="first"), relayd_factory(config, name="second")]
+    flood = client_from("127.0.0.2")
+    statuses = [post(flood, relays[i % 2]).status_code for i in range(12)]
+    # One bucket for both instances: burst + 1 = 5 pass, wherever they land.
+    assert statuses.count(200) == 5 and statuses.count(429) == 7, statuses
+    refused = post(flood, relays[0])
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    # A flood of bad keys from that address is cut before authentication too.
+    assert post(flood, relays[1], key="sk-guess").status_code == 429
+    calm = client_from("127.0.0.3")
+    assert [post(calm, relays[i % 2]).status_code for i in range(4)] == [200] * 4
+    assert len([r for r in upstream.requests() if r["path"] == "/v1/messages"]) == 9
