@@ -216,6 +216,11 @@ class RelayMetrics:
             "(signature_*, allow_from, per_address, auth_failures).",
             ["reason"], registry=r,
         )
+        rule_matches = Counter(
+            "relayd_rule_matches_total",
+            "Requests a content rule matched, by rule and action (deny, flag).",
+            ["rule", "action"], registry=r,
+        )
         self._reloads = Counter(
             "relayd_config_reloads_total", "Configuration reloads, by result.", ["result"],
             registry=r,
@@ -239,6 +244,7 @@ class RelayMetrics:
         self._limit_rejections = _Children(limit_rejections)
         self._quota_skips = _Children(quota_skips)
         self._edge_rejections = _Children(edge_rejections)
+        self._rule_matches = _Children(rule_matches)
         self._client_disconnects = _Children(client_disconnects)
         self._queue_refusals = _Children(queue_refusals)
         self._connections_closed = _Children(connections_closed)
@@ -330,6 +336,10 @@ class RelayMetrics:
     def edge_rejected(self, reason: str) -> None:
         """Count a request refused by an edge check (a signature, an address rule)."""
         self._edge_rejections.get((reason,)).inc()
+
+    def rule_matched(self, rule: str, action: str) -> None:
+        """Count a request a content rule matched (rule names come from the config)."""
+        self._rule_matches.get((rule, action)).inc()
 
     def quota_skip(self, provider: str, backend: str) -> None:
         """Count an upstream key skipped because its quota was used up."""

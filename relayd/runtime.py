@@ -38,6 +38,7 @@ from relayd.routing import (
     RouteTarget,
     WeightedBalancer,
 )
+from relayd.rules import ContentRules
 from relayd.runtime_diff import BackendKey, RuntimeChange
 from relayd.upstream import Backend
 
@@ -199,6 +200,7 @@ class RelayRuntime:
             self.address_rules.reconfigure(config.edge, self.store)
         else:
             self.address_rules = AddressRules(reactor, self.store, config.edge)
+        self.content_rules = ContentRules(config.rules)
         self.trusted_proxies = TrustedProxies(config.trusted_proxies)
         # Region routing is on when some backend has a region: a request's location is
         # then worked out (its client's region, else its address in the geoip database).

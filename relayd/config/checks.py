@@ -310,6 +310,22 @@ def globs(value: object, path: str, context: Context) -> tuple[str, ...] | None:
     return tuple(valid) if len(valid) == len(patterns) else None
 
 
+def names(value: object, path: str, context: Context) -> tuple[str, ...] | None:
+    """A non-empty list of names (letters, digits, ``_ . -``; ``[`` ``]`` for the
+    default ``routes[INDEX]`` names)."""
+    pairs = items(value, path, context, empty="must list at least one name (leave it out "
+                                               "for all)")
+    found = []
+    for each_path, item in pairs:
+        text = string(item, each_path, context)
+        if text is not None and not re.fullmatch(r"[A-Za-z0-9_.\[\]-]+", text):
+            context.error(each_path, "must be a name (letters, digits, '_', '.', '-')")
+            text = None
+        if text is not None:
+            found.append(text)
+    return tuple(found) if pairs and len(found) == len(pairs) else None
+
+
 def header_globs(value: object, path: str, context: Context) -> tuple[str, ...] | None:
     """A list of header names or globs (``x-fake-*``), lower-cased."""
     result = []

@@ -34,6 +34,7 @@ from relayd.config.model import (
     ClientSigningConfig,
     Config,
     ListenerConfig,
+    RuleConfig,
 )
 from relayd.config.routes import Routes
 from relayd.config.schema import Section, read_section
@@ -159,6 +160,7 @@ class _Document:
                 "clients": self._clients,
                 "providers": self._providers,
                 "routes": self._routes,
+                "rules": self._rules,
             },
         )
         if config is None:
@@ -300,6 +302,27 @@ class _Document:
         top = BackendConfig(name="", url="", **{key: section.get(key) for key in INHERITED})
         value = section.fields.get("providers", [])
         section.values["providers"] = self.providers.read(value, "providers", top)
+
+    def _rules(self, section: Section) -> None:
+        """The ``rules`` list: unique names, and clients and routes that exist."""
+        clients = {c.name for c in section.get("clients") or ()}
+        routes = {r.name or f"routes[{i}]" for i, r in enumerate(section.get("routes") or ())}
+        names: dict[str, str] = {}
+        found = []
+        for each_path, item in items(section.fields.get("rules", []), "rules", self.context,
+                                      empty=None):
+            rule = read_section(RuleConfig, item, each_path, self.context)
+            if rule is None:
+                continue
+            check_unique(rule.name, f"{each_path}.name", names, "rule", self.context)
+            for kind, known, given in (("client", clients, rule.clients),
+                                       ("route", routes, rule.routes)):
+                for index, name in enumerate(given or ()):
+                    if name not in known:
+                        self.context.error(f"{each_path}.{kind}s[{index}]",
+                                           f"no {kind} is named {name!r}")
+            found.append(rule)
+        section.values["rules"] = tuple(found)
 
     def _routes(self, section: Section) -> None:
         """The ``routes`` list, checked against the providers read before it."""

@@ -23,6 +23,7 @@ from relayd.config.regions import (
     networks,
     region_map,
 )
+from relayd.config.rules import rule_pattern
 from relayd.config.schema import checked, hooked, nested
 from relayd.config.secrets import BACKEND_KEY_SOURCES, SIGNING_SECRET_SOURCES, key_digest
 
@@ -532,6 +533,32 @@ class RouteConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RuleMatchConfig:
+    """``rules[].match``: a regular expression searched in the request's text."""
+
+    pattern: str = field(metadata=checked(rule_pattern))
+    # prompt: the conversation's messages; system: the system prompt; any: both.
+    where: str = field(default="any", metadata=checked(checks.choice("prompt", "system", "any")))
+    case: str = field(
+        default="insensitive", metadata=checked(checks.choice("insensitive", "sensitive"))
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuleConfig:
+    """A content rule (``rules[]``): see docs/security.md. ``deny`` refuses a matching
+    request with 403 before any upstream contact; ``flag`` lets it through marked.
+    ``clients`` and ``routes`` (names; a route without ``name`` is ``routes[INDEX]``)
+    narrow where it applies; absent, everywhere."""
+
+    name: str = field(metadata=checked(checks.name))
+    match: RuleMatchConfig = field(metadata=nested(RuleMatchConfig))
+    action: str = field(default="deny", metadata=checked(checks.choice("deny", "flag")))
+    clients: tuple[str, ...] | None = field(default=None, metadata=checked(checks.names))
+    routes: tuple[str, ...] | None = field(default=None, metadata=checked(checks.names))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Config:
     """A whole validated configuration file."""
 
@@ -573,4 +600,5 @@ class Config:
     clients: tuple[ClientConfig, ...] = field(default=(), metadata=hooked())
     providers: tuple[ProviderConfig, ...] = field(default=(), metadata=hooked())
     routes: tuple[RouteConfig, ...] = field(default=(), metadata=hooked())  # after providers
+    rules: tuple[RuleConfig, ...] = field(default=(), metadata=hooked())  # after routes
     source: str = "<defaults>"

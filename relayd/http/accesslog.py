@@ -120,6 +120,7 @@ def report(exchange: Exchange, status: int | None, model: str, now: float) -> No
             "backend": backend.name if backend else None,
             "cache": exchange.cache.state if exchange.cache is not None else None,
             "affinity": exchange.affinity.state if exchange.affinity is not None else None,
+            "flagged": exchange.flagged,
             "model": client_model,
             "upstream_api": attempt.call.family.name if attempt else None,
             "upstream_model": (attempt.target.model or client_model) if attempt else None,

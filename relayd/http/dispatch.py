@@ -40,6 +40,7 @@ from relayd.http.signed import check_signed
 from relayd.limits.gate import LimitGate
 from relayd.providers import Endpoint, ModelIn, family_of
 from relayd.routing import ProviderRoute
+from relayd.rules import RuleVerdict
 from relayd.upstream import Backend
 
 if TYPE_CHECKING:
@@ -108,7 +109,8 @@ def _authenticate(exchange: Exchange) -> None:
     allowed = call.client.allow_from
     if allowed is not None and exchange.client_ip not in allowed:
         exchange.metrics.edge_rejected("allow_from")
-        raise Refusal(403, f"client {call.client.name!r} may not call from this address")
+        raise Refusal(403, f"client {call.client.name!r} may not call from this address",
+                      code="address_not_allowed")
     signed = check_signed(request, call, runtime.nonces, exchange.clock, exchange.metrics)
     if signed is not None:  # the nonce goes to Redis
         signed.addCallback(_signed, exchange).addErrback(exchange.on_unexpected)
@@ -178,6 +180,10 @@ def route(exchange: Exchange) -> None:
         if alias is not None:
             exchange.reply(200, alias)
             return
+    rules = runtime.content_rules
+    if rules and call.payload is not None:
+        _check_content(exchange, rules.check(family, call.payload, call.client.name,
+                                             found.label))
     gate = exchange.gate = LimitGate.for_request(
         runtime, call.client, call.payload, family, exchange.clock, exchange.metrics,
         exchange.request_id,
@@ -190,6 +196,23 @@ def route(exchange: Exchange) -> None:
         return
     exchange.cache = stage
     stage.start(exchange, gate)  # answers from the cache, or calls cache_missed
+
+
+def _check_content(exchange: Exchange, verdict: RuleVerdict | None) -> None:
+    """Refuse a request a ``deny`` rule matched; mark one a ``flag`` rule matched."""
+    if verdict is None:
+        return
+    metrics = exchange.metrics
+    if verdict.denied is not None:
+        metrics.rule_matched(verdict.denied, "deny")
+        raise Refusal(403, f"the request was refused by the relay's content rule "
+                           f"{verdict.denied!r}", code="content_rule",
+                      headers=((b"x-should-retry", b"false"),))
+    if verdict.flagged:
+        for name in verdict.flagged:
+            metrics.rule_matched(name, "flag")
+        exchange.flagged = ",".join(verdict.flagged)
+        exchange.request.setHeader(b"x-relayd-flagged", exchange.flagged.encode())
 
 
 def plan(exchange: Exchange) -> None:

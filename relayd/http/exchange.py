@@ -69,12 +69,11 @@ class Exchange:
     """One client request, through the stages of the request path."""
 
     __slots__ = (
-        "affinity", "attempt", "attempts", "backend", "cache", "call", "client_gone",
-        "client_ip", "clock", "deadline", "done",
-        "endpoint", "family", "first_byte_at", "first_sent_at", "gate", "metrics", "objects",
-        "outcome", "pinned", "planner", "provider_name", "request", "request_id", "resource",
-        "response", "route", "runtime", "sink", "started", "status", "stream_open",
-        "upstream_done_at", "usage", "wait",
+        "affinity", "attempt", "attempts", "backend", "cache", "call", "client_gone", "client_ip",
+        "clock", "deadline", "done", "endpoint", "family", "first_byte_at", "first_sent_at",
+        "flagged", "gate", "metrics", "objects", "outcome", "pinned", "planner", "provider_name",
+        "request", "request_id", "resource", "response", "route", "runtime", "sink", "started",
+        "status", "stream_open", "upstream_done_at", "usage", "wait",
     )
 
     def __init__(self, resource: RelayResource, request: Request, runtime: RelayRuntime) -> None:
@@ -97,6 +96,7 @@ class Exchange:
         self.cache: CacheStage | None = None  # a route that caches answers
         self.affinity: SessionAffinity | None = None  # a request of a pinned session
         self.client_ip = runtime.trusted_proxies.client_address(request)
+        self.flagged: str | None = None  # the content rules that flagged it
         self.attempt: UpstreamAttempt | None = None  # the current (or last) try
         self.attempts = 0
         self.backend: Backend | None = None  # of the current (or last) try

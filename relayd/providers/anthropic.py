@@ -22,6 +22,7 @@ from relayd.providers.base import (
     canonical,
     endpoint,
     first_of_role,
+    text_parts,
 )
 
 _ERROR_TYPES = {
@@ -225,6 +226,16 @@ class AnthropicProvider:
         metadata = payload.get("metadata")
         user = metadata.get("user_id") if isinstance(metadata, dict) else None
         return user if isinstance(user, str) and user else None
+
+    def texts_of(self, payload: dict[str, Any]) -> tuple[list[str], list[str]]:
+        system: list[str] = []
+        prompt: list[str] = []
+        text_parts(payload.get("system"), system)
+        messages = payload.get("messages")
+        for message in messages if isinstance(messages, list) else ():
+            if isinstance(message, dict):
+                text_parts(message.get("content"), prompt)
+        return system, prompt
 
     def conversation_of(self, payload: dict[str, Any]) -> bytes | None:
         first = first_of_role(payload.get("messages"), ("user",))

@@ -252,6 +252,10 @@ class IProvider(Interface):
     def session_of(payload: dict[str, Any]) -> str | None:
         """The session a request body names explicitly (for affinity), or None."""
 
+    def texts_of(payload: dict[str, Any]) -> tuple[list[str], list[str]]:
+        """The request's text for content rules: (system prompt parts, conversation
+        parts: messages, prompts, inputs), as the client sent them."""
+
     def conversation_of(payload: dict[str, Any]) -> bytes | None:
         """What identifies the conversation a request continues when it names no
         session: its system prompt, tools and first user message (canonical JSON), or
@@ -264,6 +268,24 @@ def canonical(parts: Sequence[object]) -> bytes | None:
         return json.dumps(parts, sort_keys=True, separators=(",", ":")).encode()
     except (TypeError, ValueError, RecursionError):
         return None
+
+
+def text_parts(content: object, into: list[str], depth: int = 0) -> None:
+    """The text of a message's content: a string, or blocks/parts whose ``text`` (and
+    nested ``content``, as in tool results) are strings; append them to ``into``."""
+    if isinstance(content, str):
+        into.append(content)
+    elif isinstance(content, list) and depth < 8:
+        for block in content:
+            if isinstance(block, str):
+                into.append(block)
+            elif isinstance(block, dict):
+                text = block.get("text")
+                if isinstance(text, str):
+                    into.append(text)
+                nested = block.get("content")
+                if nested is not None:
+                    text_parts(nested, into, depth + 1)
 
 
 def first_of_role(messages: object, roles: Sequence[str]) -> object | None:

@@ -22,6 +22,7 @@ from relayd.providers.base import (
     canonical,
     endpoint,
     first_of_role,
+    text_parts,
 )
 
 # (type, code) per status, as the OpenAI API reports them.
@@ -282,6 +283,24 @@ class OpenAIProvider:
             if isinstance(value, str) and value:
                 return value
         return None
+
+    def texts_of(self, payload: dict[str, Any]) -> tuple[list[str], list[str]]:
+        system: list[str] = []
+        prompt: list[str] = []
+        text_parts(payload.get("instructions"), system)  # Responses
+        for field in ("messages", "input"):  # Chat Completions; Responses and Embeddings
+            given = payload.get(field)
+            if not isinstance(given, list):
+                text_parts(given, prompt)
+                continue
+            for item in given:
+                if isinstance(item, dict) and ("role" in item or "content" in item):
+                    into = system if item.get("role") in ("system", "developer") else prompt
+                    text_parts(item.get("content"), into)
+                else:
+                    text_parts([item], prompt)
+        text_parts(payload.get("prompt"), prompt)  # Completions
+        return system, prompt
 
     def conversation_of(self, payload: dict[str, Any]) -> bytes | None:
         messages = payload.get("messages")

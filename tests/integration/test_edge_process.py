@@ -1,5 +1,6 @@
-"""Per-address limits through real processes: two relayd instances sharing their
-buckets through Redis; clients on 127.0.0.x addresses of their own. Counts only."""
+"""Edge rules through real processes: per-address limits shared by two relayd instances
+through Redis (clients on 127.0.0.x addresses of their own), and content rules with the
+official SDKs. Counts only."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import anthropic
 import httpx2
+import openai
+import pytest
 from support import CLIENT_KEY, backend, relay_config
 
 from relayd.testing.certs import TestCertificates
@@ -55,3 +59,33 @@ def test_a_flood_from_one_address_is_cut_across_instances_while_another_is_serve
     calm = client_from("127.0.0.3")
     assert [post(calm, relays[i % 2]).status_code for i in range(4)] == [200] * 4
     assert len([r for r in upstream.requests() if r["path"] == "/v1/messages"]) == 9
+
+
+def test_a_denied_prompt_never_reaches_the_upstream_streaming_or_not(
+    certs: TestCertificates, upstream_factory: UpstreamFactory, relayd_factory: RelaydFactory,
+) -> None:
+    anthropic_up, openai_up = upstream_factory("a1"), upstream_factory("o1")
+    config = relay_config(
+        certs, [backend("a1", anthropic_up)], [backend("o1", openai_up)],
+        health={"enabled": False},
+        rules=[{"name": "cloud-keys", "match": {"pattern": r"AKIA[0-9A-Z]{16}"}}],
+    )
+    relay = relayd_factory(config)
+    leaked = "my key is AKIAABCDEFGHIJKLMNOP"
+    claude = anthropic.Anthropic(base_url=relay.url("http"), api_key=CLIENT_KEY, max_retries=0)
+    with pytest.raises(anthropic.PermissionDeniedError) as refused:
+        claude.messages.create(model="claude-x", max_tokens=16,
+                               messages=[{"role": "user", "content": leaked}])
+    assert "cloud-keys" in str(refused.value) and "AKIA" not in str(refused.value)
+    with pytest.raises(anthropic.PermissionDeniedError):
+        with claude.messages.stream(model="claude-x", max_tokens=16,
+                                    messages=[{"role": "user", "content": leaked}]) as stream:
+            stream.until_done()
+    gpt = openai.OpenAI(base_url=relay.url("http") + "/v1", api_key=CLIENT_KEY, max_retries=0)
+    with pytest.raises(openai.PermissionDeniedError):
+        gpt.chat.completions.create(model="gpt-x", stream=True,
+                                    messages=[{"role": "user", "content": leaked}])
+    assert anthropic_up.requests() == [] and openai_up.requests() == []
+    # An innocent prompt goes through.
+    assert claude.messages.create(model="claude-x", max_tokens=16,
+                                  messages=[{"role": "user", "content": "hi"}]).content
