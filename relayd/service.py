@@ -125,7 +125,10 @@ class RelayService(MultiService):
         super().privilegedStartService()
 
     def _open(self, key: str, listener: ListenerConfig) -> _OpenListener:
-        context = ReloadableServerContext(listener.tls) if listener.tls is not None else None
+        context = (
+            ReloadableServerContext(listener.tls, self.reactor)
+            if listener.tls is not None else None
+        )
         port = listen(self.reactor, listener, self.site, context)
         log.info("relayd listening on {url}", url=describe(listener, port))
         return _OpenListener(key, listener, port, context)

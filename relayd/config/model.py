@@ -54,6 +54,8 @@ class TlsConfig:
 
     certificate: str = field(metadata=checked(checks.local_path))
     private_key: str = field(metadata=checked(checks.local_path))
+    # Seconds a client may resume its TLS session (ticket or session id) after it.
+    session_timeout: float = field(default=3600.0, metadata=checked(checks.positive_number))
 
 
 @dataclass(frozen=True, slots=True)

@@ -83,3 +83,29 @@ def test_bounded_body_drops_bytes_past_the_limit() -> None:
     assert body.overflowed and body.getvalue() == b""
     body.write(b"more")
     assert body.tell() == 15
+
+
+def test_session_resumption_is_on_and_ticket_keys_rotate_daily(tmp_path: Path) -> None:
+    from OpenSSL import SSL
+    from twisted.internet.task import Clock
+
+    from relayd.tls import TICKET_KEY_LIFETIME, ReloadableServerContext
+
+    certs = make_certificates(tmp_path)
+    clock = Clock()
+    context = ReloadableServerContext(
+        TlsConfig(str(certs.chain), str(certs.key), session_timeout=600), clock
+    )
+    first = context.getContext()
+    assert first.get_timeout() == 600
+    assert first.get_session_cache_mode() & SSL.SESS_CACHE_SERVER
+    assert not first.set_options(0) & SSL.OP_NO_TICKET  # set_options(0) reads them
+    clock.advance(TICKET_KEY_LIFETIME - 1)
+    assert context.getContext() is first
+    clock.advance(1)
+    second = context.getContext()
+    assert second is not first  # a new context: new ticket keys
+    # Files gone bad by the next rotation: the running context stays in service.
+    certs.key.write_text("not a key")
+    clock.advance(TICKET_KEY_LIFETIME)
+    assert context.getContext() is second
