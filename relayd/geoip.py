@@ -10,6 +10,7 @@ are memoised per address (a bounded table): a client sends many requests.
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any, NamedTuple
@@ -50,19 +51,15 @@ class GeoDatabase:
 
     @classmethod
     def open(cls, path: str) -> GeoDatabase:
-        try:
-            reader = maxminddb.open_database(path, maxminddb.MODE_MEMORY)
-        except FileNotFoundError:
-            raise GeoDatabaseError(f"no such file: {path}") from None
-        except PermissionError:
-            raise GeoDatabaseError(f"cannot be read (permission denied): {path}") from None
-        except IsADirectoryError:
-            raise GeoDatabaseError(f"is a directory, not a MaxMind DB file: {path}") from None
-        except (maxminddb.InvalidDatabaseError, ValueError, OSError) as exc:
-            raise GeoDatabaseError(
-                f"not a MaxMind DB file ({type(exc).__name__}): {path}"
-            ) from None
-        return cls(reader, path)
+        """The database at ``path``, read whole into memory."""
+        return cls(_reader(path, maxminddb.MODE_MEMORY), path)
+
+    @staticmethod
+    def check(path: str) -> None:
+        """Raise :class:`GeoDatabaseError` unless ``path`` opens as a MaxMind DB. For the
+        configuration check: the file is mapped, not read (only its metadata is parsed),
+        so a 70 MB database is not read twice on every start and reload."""
+        _reader(path, maxminddb.MODE_AUTO).close()
 
     def locate(self, address: str) -> Location:
         """The country and continent of ``address`` (NOWHERE when the database has no
@@ -92,6 +89,21 @@ class GeoDatabase:
 
     def close(self) -> None:
         self._reader.close()
+
+
+def _reader(path: str, mode: int) -> Any:
+    if os.path.isdir(path):  # the mapped modes would call it an invalid database
+        raise GeoDatabaseError(f"is a directory, not a MaxMind DB file: {path}")
+    try:
+        return maxminddb.open_database(path, mode)
+    except FileNotFoundError:
+        raise GeoDatabaseError(f"no such file: {path}") from None
+    except PermissionError:
+        raise GeoDatabaseError(f"cannot be read (permission denied): {path}") from None
+    except (maxminddb.InvalidDatabaseError, ValueError, OSError) as exc:
+        raise GeoDatabaseError(
+            f"not a MaxMind DB file ({type(exc).__name__}): {path}"
+        ) from None
 
 
 def _location(record: object) -> Location:

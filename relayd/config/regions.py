@@ -128,7 +128,7 @@ def mmdb_file(value: object, path: str, context: Context) -> str | None:
     if where is None:
         return None
     try:
-        GeoDatabase.open(where).close()
+        GeoDatabase.check(where)
     except GeoDatabaseError as exc:
         context.error(path, str(exc))
         return None
