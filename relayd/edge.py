@@ -70,7 +70,6 @@ class AddressRules:
         self._redis: RedisStore | None = None
         self._base = ""
         self.config = config
-        self._exempt = Networks(config.exempt)
         self.reconfigure(config, store)
 
     def reconfigure(self, config: EdgeConfig, store: LimitStore) -> None:

@@ -182,23 +182,19 @@ class RelayRuntime:
             self.response_cache.reconfigure(config.cache, self.store)
         else:
             self.response_cache = ResponseCache(config.cache, self.store, reactor)
+        # State that outlives a configuration: session pins, nonces seen, address buckets.
         self.pins: SessionPins
-        if carry is not None:
-            self.pins = carry.pins
-            self.pins.bind(self.store)
-        else:
-            self.pins = SessionPins(reactor, self.store)
         self.nonces: NonceStore
-        if carry is not None:
-            self.nonces = carry.nonces
-            self.nonces.bind(self.store)
-        else:
-            self.nonces = NonceStore(reactor, self.store)
         self.address_rules: AddressRules
         if carry is not None:
+            self.pins, self.nonces = carry.pins, carry.nonces
             self.address_rules = carry.address_rules
+            self.pins.bind(self.store)
+            self.nonces.bind(self.store)
             self.address_rules.reconfigure(config.edge, self.store)
         else:
+            self.pins = SessionPins(reactor, self.store)
+            self.nonces = NonceStore(reactor, self.store)
             self.address_rules = AddressRules(reactor, self.store, config.edge)
         self.content_rules = ContentRules(config.rules)
         self.trusted_proxies = TrustedProxies(config.trusted_proxies)

@@ -23,7 +23,8 @@ client left meanwhile).
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from twisted.internet.defer import Deferred
 
@@ -113,14 +114,9 @@ def _authenticate(exchange: Exchange) -> None:
                       code="address_not_allowed")
     signed = check_signed(request, call, runtime.nonces, exchange.clock, exchange.metrics)
     if signed is not None:  # the nonce goes to Redis
-        signed.addCallback(_signed, exchange).addErrback(exchange.on_unexpected)
+        _resume(signed, exchange, _identified)
         return
     _identified(exchange)
-
-
-def _signed(_: object, exchange: Exchange) -> None:
-    if not exchange.done:
-        _identified(exchange)
 
 
 def _identified(exchange: Exchange) -> None:
@@ -144,6 +140,17 @@ def _identified(exchange: Exchange) -> None:
             located.addCallback(_located, exchange).addErrback(exchange.on_unexpected)
             return
     route(exchange)
+
+
+def _resume(waited: Deferred[Any], exchange: Exchange, step: Callable[[Exchange], None]) -> None:
+    """Go on with ``step`` once the state store answered ``waited``, unless the exchange
+    ended meanwhile (its client left); a refusal or a bug goes to the exchange."""
+
+    def resumed(_: object) -> None:
+        if not exchange.done:
+            step(exchange)
+
+    waited.addCallback(resumed).addErrback(exchange.on_unexpected)
 
 
 def _endpoint(exchange: Exchange) -> Endpoint:
@@ -226,14 +233,9 @@ def plan(exchange: Exchange) -> None:
         )
         looked_up = affinity.find() if affinity is not None else None
         if looked_up is not None:  # in Redis
-            looked_up.addCallback(_pin_found, exchange).addErrback(exchange.on_unexpected)
+            _resume(looked_up, exchange, _planned)
             return
     _planned(exchange)
-
-
-def _pin_found(_: object, exchange: Exchange) -> None:
-    if not exchange.done:
-        _planned(exchange)
 
 
 def _planned(exchange: Exchange) -> None:
