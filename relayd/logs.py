@@ -89,6 +89,11 @@ def journal_observer() -> ILogObserver:
 _journal_observers: list[JournalObserver] = []
 
 
+def journal_in_use() -> bool:
+    """Whether twistd was given :func:`journal_observer` (workers then log alike)."""
+    return bool(_journal_observers)
+
+
 def batch_access_lines(reactor: Any) -> None:
     """Let the journal observers made so far batch their access lines on ``reactor``
     (called once the relay service exists; everything is flushed at shutdown)."""

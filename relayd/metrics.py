@@ -56,6 +56,28 @@ BREAKER_STATES: tuple[str, ...] = ("closed", "open", "half_open")
 RELOAD_RESULTS: tuple[str, ...] = ("ok", "invalid", "refused")
 
 
+class ReloadMetrics:
+    """The reload figures: one process's, or with workers the daemon's alone."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._reloads = Counter(
+            "relayd_config_reloads_total", "Configuration reloads, by result.", ["result"],
+            registry=registry,
+        )
+        for result in RELOAD_RESULTS:
+            self._reloads.labels(result)
+        self._last_reload = Gauge(
+            "relayd_config_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration reload.", registry=registry,
+        )
+
+    def count(self, result: str) -> None:
+        """Count a reload; on ``ok`` also stamp the last-success time."""
+        self._reloads.labels(result).inc()
+        if result == "ok":
+            self._last_reload.set_to_current_time()
+
+
 class _Labelled(Protocol):
     """What :class:`_Children` needs of a prometheus-client metric."""
 
@@ -188,6 +210,11 @@ class RelayMetrics:
             "relayd_client_connections",
             "Client connections open on the relay listeners.", registry=r,
         )
+        self._connections_accepted = Counter(
+            "relayd_client_connections_accepted_total",
+            "Client connections accepted on the relay listeners (with workers, per worker: "
+            "how evenly they share the listening sockets).", registry=r,
+        )
         connections_closed = Counter(
             "relayd_client_connections_closed_total",
             "Client connections relayd closed or refused itself, by reason (head_timeout, "
@@ -221,16 +248,7 @@ class RelayMetrics:
             "Requests a content rule matched, by rule and action (deny, flag).",
             ["rule", "action"], registry=r,
         )
-        self._reloads = Counter(
-            "relayd_config_reloads_total", "Configuration reloads, by result.", ["result"],
-            registry=r,
-        )
-        for result in RELOAD_RESULTS:
-            self._reloads.labels(result)
-        self._last_reload = Gauge(
-            "relayd_config_last_reload_success_timestamp_seconds",
-            "Unix time of the last successful configuration reload.", registry=r,
-        )
+        self.reloads = ReloadMetrics(r)
 
         self._requests_total = _Children(requests_total)
         self._duration = _Children(duration)
@@ -349,6 +367,11 @@ class RelayMetrics:
         """The number of open client connections changed."""
         self._client_connections.set(count)
 
+    def client_connection_opened(self, count: int) -> None:
+        """A client connection was accepted; ``count`` are open now."""
+        self._connections_accepted.inc()
+        self._client_connections.set(count)
+
     def client_connection_closed(self, reason: str) -> None:
         """relayd closed or refused a client connection itself."""
         self._connections_closed.get((reason,)).inc()
@@ -381,9 +404,7 @@ class RelayMetrics:
 
     def config_reload(self, result: str) -> None:
         """Count a configuration reload; on ``ok`` also stamp the last-success time."""
-        self._reloads.labels(result).inc()
-        if result == "ok":
-            self._last_reload.set_to_current_time()
+        self.reloads.count(result)
 
     def set_runtime_source(self, get_runtime: Callable[[], Any], clock: IReactorTime) -> None:
         """Export backend state read from ``get_runtime()`` at each scrape.

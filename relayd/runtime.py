@@ -24,7 +24,7 @@ from relayd.edge import AddressRules
 from relayd.geoip import GeoDatabase, RegionMap
 from relayd.http.headers import RequestHeaderPolicy
 from relayd.labels import ModelLabels
-from relayd.limits import LimitStore, StoreEvent, build_store
+from relayd.limits import LimitStore, StoreEvent, StoreFactory, build_store
 from relayd.limits.policy import ClientPolicy, UpstreamPolicy
 from relayd.nonces import NonceStore
 from relayd.providers import PROVIDERS
@@ -92,6 +92,7 @@ class RelayRuntime:
         reactor: Any,
         agent_factory: AgentFactory | None = None,
         on_store_event: StoreEvent | None = None,
+        store_factory: StoreFactory | None = None,
         carry: RuntimeChange | None = None,
     ) -> None:
         if carry is not None and carry.config is not config:
@@ -105,7 +106,7 @@ class RelayRuntime:
         self.store: LimitStore = (
             carried_store
             if carried_store is not None
-            else build_store(config.state, reactor, on_store_event)
+            else (store_factory or build_store)(config.state, reactor, on_store_event)
         )
         kept = carry.kept if carry is not None else {}
         try:

@@ -37,7 +37,14 @@ from relayd.config import ConfigErrors, load_config
 from relayd.config.model import Config, ListenerConfig
 from relayd.http.admin import AdminResource, admin_site
 from relayd.http.site import RelaySite
-from relayd.listeners import describe, listen
+from relayd.limits import StoreFactory
+from relayd.listeners import (
+    BoundPorts,
+    ListenerPorts,
+    ReloadRefusedError,
+    listener_keys,
+    plan_listeners,
+)
 from relayd.metrics import RelayMetrics
 from relayd.oslimits import raise_open_file_limit
 from relayd.runtime import AgentFactory, RelayRuntime
@@ -46,33 +53,48 @@ from relayd.sdnotify import Notifier
 from relayd.tls import ReloadableServerContext, TlsSetupError, certificate_options
 from relayd.upstream import Backend
 
+__all__ = ["RelayService", "ReloadRefusedError"]
+
 log = Logger(namespace="relayd.service")
 
 
 @dataclass
 class _OpenListener:
-    key: str  # identity across reloads, see _listener_keys
+    key: str  # identity across reloads, see listener_keys
     config: ListenerConfig
     port: IListeningPort
     context: ReloadableServerContext | None
 
 
-class ReloadRefusedError(Exception):
-    """A valid configuration that cannot be applied to the running process."""
+def stop_reactor(reactor: Any) -> None:
+    """SIGTERM's work: stop the reactor, whose shutdown runs the services' drain."""
+    log.info("received SIGTERM, shutting down")
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # a SIGTERM during the drain: it is already under way
 
 
-def _listener_keys(listeners: list[ListenerConfig]) -> list[str]:
-    """Identities of listeners across reloads: host:port, or for ephemeral (port 0)
-    listeners host:0 with their position among that host's port-0 listeners."""
-    keys = []
-    ephemeral: dict[str, int] = {}
-    for listener in listeners:
-        key = f"{listener.host}:{listener.port}"
-        if listener.port == 0:
-            ephemeral[listener.host] = ephemeral.get(listener.host, -1) + 1
-            key += f"#{ephemeral[listener.host]}"
-        keys.append(key)
-    return keys
+def report_reload_failure(failure: Failure, path: str | None) -> str:
+    """Log why a reload did not apply; the result to count (``invalid``, ``refused``)."""
+    if failure.check(ConfigErrors):
+        errors = failure.value.errors  # type: ignore[union-attr]
+        for error in errors:
+            log.error("reload rejected: {error}", error=str(error))
+        log.error(
+            "invalid configuration {path} ({n} errors); still running the previous one",
+            path=path,
+            n=len(errors),
+        )
+        return "invalid"
+    if failure.check(ReloadRefusedError, TlsSetupError):
+        log.error(
+            "reload refused: {why}; still running the previous configuration",
+            why=str(failure.value),
+        )
+    else:
+        log.failure("reload failed; still running the previous configuration", failure)
+    return "refused"
 
 
 class RelayService(MultiService):
@@ -87,16 +109,25 @@ class RelayService(MultiService):
         notifier: Notifier | None = None,
         install_signal_handlers: bool = False,
         agent_factory: AgentFactory | None = None,
+        ports: ListenerPorts | None = None,
+        standalone: bool = True,
+        store_factory: StoreFactory | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
         self.agent_factory = agent_factory
+        # standalone: the one relayd process. A worker (relayd.workers) adopts the
+        # daemon's sockets and leaves the admin listener and the memory store to it.
+        self.ports: ListenerPorts = ports if ports is not None else BoundPorts(reactor)
+        self.standalone = standalone
+        self.store_factory = store_factory
         self.config_path = config_path
         self.notifier = notifier or Notifier()
         self.install_signal_handlers = install_signal_handlers
         self.metrics = RelayMetrics()
         self.runtime = RelayRuntime(
-            config, reactor, agent_factory=agent_factory, on_store_event=self.metrics.store_event
+            config, reactor, agent_factory=agent_factory, on_store_event=self.metrics.store_event,
+            store_factory=store_factory,
         )
         self.metrics.set_runtime_source(self.current_runtime, reactor)
         self.site = RelaySite(self.current_runtime, reactor, self.metrics)
@@ -119,7 +150,7 @@ class RelayService(MultiService):
         if after > before:
             log.info("open file limit raised from {before} to {after}", before=before, after=after)
         config = self.runtime.config
-        for key, listener in zip(_listener_keys(list(config.listen)), config.listen, strict=True):
+        for key, listener in zip(listener_keys(list(config.listen)), config.listen, strict=True):
             self.listeners.append(self._open(key, listener))
         self._open_admin(config)
         super().privilegedStartService()
@@ -129,8 +160,7 @@ class RelayService(MultiService):
             ReloadableServerContext(listener.tls, self.reactor)
             if listener.tls is not None else None
         )
-        port = listen(self.reactor, listener, self.site, context)
-        log.info("relayd listening on {url}", url=describe(listener, port))
+        port = self.ports.open(key, listener, self.site, context)
         return _OpenListener(key, listener, port, context)
 
     @staticmethod
@@ -149,7 +179,7 @@ class RelayService(MultiService):
     def _bind_admin(self, config: Config) -> IListeningPort | None:
         """Bind the admin listener of ``config`` if it is new or moved (may raise)."""
         admin = config.admin
-        if admin is None or admin.address == self.admin_address:
+        if not self.standalone or admin is None or admin.address == self.admin_address:
             return None
         resource = AdminResource(
             self.metrics,
@@ -228,15 +258,7 @@ class RelayService(MultiService):
     # -- SIGTERM --------------------------------------------------------------------------------
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
-        self.reactor.callFromThread(self._stop_reactor)
-
-    def _stop_reactor(self) -> None:
-        """Stop the reactor: its shutdown runs :meth:`stopService`, the drain."""
-        log.info("received SIGTERM, shutting down")
-        try:
-            self.reactor.stop()
-        except ReactorNotRunning:
-            pass  # a SIGTERM during the drain: it is already under way
+        self.reactor.callFromThread(stop_reactor, self.reactor)
 
     def request_reload(self) -> None:
         """Reload the config file; coalesces requests that arrive during a reload."""
@@ -257,25 +279,7 @@ class RelayService(MultiService):
         d.addBoth(self._reload_done)
 
     def _reload_failed(self, failure: Failure) -> None:
-        if failure.check(ConfigErrors):
-            errors = failure.value.errors  # type: ignore[union-attr]
-            for error in errors:
-                log.error("reload rejected: {error}", error=str(error))
-            log.error(
-                "invalid configuration {path} ({n} errors); still running the previous one",
-                path=self.config_path,
-                n=len(errors),
-            )
-            self.metrics.config_reload("invalid")
-        elif failure.check(ReloadRefusedError, TlsSetupError):
-            log.error(
-                "reload refused: {why}; still running the previous configuration",
-                why=str(failure.value),
-            )
-            self.metrics.config_reload("refused")
-        else:
-            log.failure("reload failed; still running the previous configuration", failure)
-            self.metrics.config_reload("refused")
+        self.metrics.config_reload(report_reload_failure(failure, self.config_path))
 
     def _reload_done(self, _: object) -> None:
         self.reloading = False
@@ -288,16 +292,13 @@ class RelayService(MultiService):
         """Switch to ``config``, or raise (changing nothing) when it can't be applied live."""
         if self.draining:
             raise ReloadRefusedError("relayd is shutting down")
+        if self.standalone and config.workers != 1:
+            raise ReloadRefusedError(
+                "relayd runs as one process (workers: 1 when it started); starting workers "
+                "needs a restart (systemctl restart relayd)"
+            )
         current = {o.key: o for o in self.listeners}
-        wanted: dict[str, ListenerConfig] = {}
-        for key, listener in zip(_listener_keys(list(config.listen)), config.listen, strict=True):
-            existing = current.get(key)
-            if existing is not None and (existing.config.tls is None) != (listener.tls is None):
-                raise ReloadRefusedError(
-                    f"listener {listener.address} would switch between plain HTTP and TLS; "
-                    "that needs a restart"
-                )
-            wanted[key] = listener
+        wanted = plan_listeners({k: o.config for k, o in current.items()}, config.listen)
         # Step 1: everything that can fail.
         new_contexts = {
             key: certificate_options(listener.tls)
@@ -323,6 +324,7 @@ class RelayService(MultiService):
                 self.reactor,
                 agent_factory=self.agent_factory,
                 on_store_event=self.metrics.store_event,
+                store_factory=self.store_factory,
                 carry=change,
             )
         except Exception:
@@ -358,8 +360,9 @@ class RelayService(MultiService):
         self.reload_count += 1
         self.metrics.config_reload("ok")
         log.info(
-            "configuration reloaded: {clients} clients, {providers} providers, "
-            "{backends} backends, {routes} routes",
+            # A worker applies what its daemon reloaded (and reports once).
+            ("configuration reloaded: " if self.standalone else "configuration applied: ")
+            + "{clients} clients, {providers} providers, {backends} backends, {routes} routes",
             clients=len(config.clients),
             providers=len(config.providers),
             backends=len(runtime.backends),

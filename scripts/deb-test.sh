@@ -483,6 +483,15 @@ stop_container() {
     NSPAWN_PID=""
 }
 
+# A Messages call over HTTP/2 and TLS on port 443, in the container: "2 200" when relayed.
+h2_message_over_tls() {
+    in_ct curl -s --http2 --cacert /etc/relayd/tls/ca.pem -o /dev/null \
+        -w '%{http_version} %{http_code}' -H "x-api-key: $CLIENT_KEY" \
+        -H 'anthropic-version: 2023-06-01' -H 'content-type: application/json' \
+        -d '{"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "Hi"}]}' \
+        https://127.0.0.1:443/v1/messages
+}
+
 systemd_checks() {
     local deb_in_root fake mainpid exposure
     deb_in_root=/root/$(basename "$DEB")
@@ -526,16 +535,34 @@ make_certificates(Path("/etc/relayd/tls"))' >>"$WORK/checks.log" 2>&1
     check "[systemd] same main process after the reload" \
         test "$(in_ct systemctl show -P MainPID relayd)" = "$mainpid"
     same "[systemd] HTTP/2 over TLS on port 443 relays to the upstream" "2 200" \
-        "$(in_ct curl -s --http2 --cacert /etc/relayd/tls/ca.pem -o /dev/null \
-            -w '%{http_version} %{http_code}' -H "x-api-key: $CLIENT_KEY" \
-            -H 'anthropic-version: 2023-06-01' -H 'content-type: application/json' \
-            -d '{"model": "claude-sonnet-4-5", "max_tokens": 16, "messages": [{"role": "user", "content": "Hi"}]}' \
-            https://127.0.0.1:443/v1/messages)"
+        "$(h2_message_over_tls)"
     same "[systemd] an OpenAI chat completion relays to the upstream" "200" \
         "$(in_ct curl -s -o /dev/null -w '%{http_code}' -H "authorization: Bearer $CLIENT_KEY" \
             -H 'content-type: application/json' \
             -d '{"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}' \
             http://127.0.0.1:8080/v1/chat/completions)"
+
+    # workers: auto. One process cannot become a daemon by reload: a restart. Then the
+    # daemon is the main process, with one worker per CPU, and reloads keep it.
+    local ncpu
+    ncpu=$(in_ct nproc)
+    write_config "$ROOT/etc/relayd.yaml" yes "workers: auto"
+    check "[systemd] systemctl restart relayd (workers: auto)" in_ct systemctl restart relayd
+    check "[systemd] relayd.service is active with workers" in_ct systemctl is-active relayd
+    mainpid=$(in_ct systemctl show -P MainPID relayd)
+    same "[systemd] STATUS once every worker serves" "serving with $ncpu workers" \
+        "$(in_ct systemctl show -P StatusText relayd)"
+    same "[systemd] the main process has one worker per CPU" "$ncpu" \
+        "$(in_ct pgrep -c -P "$mainpid")"
+    same "[systemd] the workers relay HTTP/2 over TLS on port 443" "2 200" \
+        "$(h2_message_over_tls)"
+    check "[systemd] systemctl reload relayd (workers)" in_ct systemctl reload relayd
+    check "[systemd] the daemon reports the reload once" wait_for 30 bash -c \
+        "nsenter -t $CT_INIT -a journalctl -u relayd -o cat --no-pager | grep -q '^\[relayd.workers#info\] configuration reloaded: 1 clients, 2 providers, 2 routes, $ncpu workers\$'"
+    check "[systemd] same main process after the reload (workers)" \
+        test "$(in_ct systemctl show -P MainPID relayd)" = "$mainpid"
+    check "[systemd] worker lines carry their index" bash -c \
+        "nsenter -t $CT_INIT -a journalctl -u relayd -o cat --no-pager | grep -q '^\[relayd.service#info worker=0\] configuration applied:'"
 
     # The upgrade path with a stream in flight: dpkg -i over the installed package restarts
     # the service (dh_installsystemd), and the restart's stop drains the stream. The

@@ -4,8 +4,10 @@ from relayd.config.loader import (
     DEFAULT_CONFIG_PATH,
     ConfigError,
     ConfigErrors,
+    config_from_bytes,
     load_config,
     parse_config,
+    read_config_file,
 )
 from relayd.config.model import (
     DEFAULT_LISTEN_ADDRESS,
@@ -54,6 +56,8 @@ __all__ = [
     "TimeoutsConfig",
     "TlsConfig",
     "UpstreamLimitsConfig",
+    "config_from_bytes",
     "load_config",
     "parse_config",
+    "read_config_file",
 ]

@@ -187,6 +187,21 @@ def connection_limit(value: object, path: str, context: Context) -> int | None:
     return value
 
 
+#: The most worker processes ``workers`` may ask for.
+MAX_WORKERS = 64
+
+
+def worker_count(value: object, path: str, context: Context) -> int | None:
+    """``auto`` (0: as many as the CPUs the process may use) or 1 to :data:`MAX_WORKERS`."""
+    if value == "auto":
+        return 0
+    if not _is_integer(value) or not 1 <= value <= MAX_WORKERS:
+        got = describe_number(value)
+        context.error(path, f"must be auto or an integer from 1 to {MAX_WORKERS}, got {got}")
+        return None
+    return value
+
+
 # -- words --------------------------------------------------------------------------
 
 

@@ -47,8 +47,10 @@ __all__ = [
     "ROOT_PATH",
     "ConfigError",
     "ConfigErrors",
+    "config_from_bytes",
     "load_config",
     "parse_config",
+    "read_config_file",
 ]
 
 DEFAULT_CONFIG_PATH = "/etc/relayd.yaml"
@@ -61,7 +63,23 @@ def load_config(path: str, *, environ: Mapping[str, str] | None = None) -> Confi
     file's own directory. Raises :class:`ConfigErrors` for an unreadable file, a YAML
     syntax error or any validation problem.
     """
-    data = _read_yaml(path)
+    return config_from_bytes(read_config_file(path), path, environ=environ)
+
+
+def read_config_file(path: str) -> bytes:
+    """The file's bytes, or :class:`ConfigErrors` when it cannot be read."""
+    try:
+        with open(path, "rb") as stream:
+            return stream.read()
+    except (OSError, ValueError) as exc:
+        raise ConfigErrors([ConfigError(path, f"cannot read file: {os_reason(exc)}")]) from exc
+
+
+def config_from_bytes(
+    raw: bytes, path: str, *, environ: Mapping[str, str] | None = None
+) -> Config:
+    """:func:`load_config` of bytes read from ``path`` already (workers get the daemon's)."""
+    data = _parse_yaml(raw, path)
     base_dir = os.path.dirname(os.path.abspath(path))
     return parse_config(data, source=path, environ=environ, base_dir=base_dir)
 
@@ -89,13 +107,8 @@ def parse_config(
     return config
 
 
-def _read_yaml(path: str) -> object:
-    """Load ``path`` with ``yaml.safe_load``, turning I/O and syntax errors into ConfigErrors."""
-    try:
-        with open(path, "rb") as stream:
-            raw = stream.read()
-    except (OSError, ValueError) as exc:
-        raise ConfigErrors([ConfigError(path, f"cannot read file: {os_reason(exc)}")]) from exc
+def _parse_yaml(raw: bytes, path: str) -> object:
+    """Load ``raw`` with ``yaml.safe_load``, turning syntax errors into ConfigErrors."""
     try:
         return yaml.safe_load(raw)
     except yaml.YAMLError as exc:
@@ -166,7 +179,35 @@ class _Document:
         if config is None:
             return base
         self._check_regions(config)
+        self._check_workers(config)
         return config
+
+    def _check_workers(self, config: Config) -> None:
+        """With several workers and the memory store, refuse what the daemon cannot share.
+
+        Limits, budgets, usage and object owners stay exact (the daemon process holds
+        the memory store for every worker), but signing nonces and ``edge.per_address``
+        buckets live in each worker: a replay could pass through another worker, and an
+        address would get the rate once per worker. ``auto`` counts as several, so the
+        file does not break when it moves to a bigger machine.
+        """
+        if config.workers == 1 or config.state.store != "memory":
+            return
+        why = "with workers other than 1 and state.store: memory, "
+        fix = "; set state.store: redis (shared by every worker), or workers: 1"
+        for index, client in enumerate(config.clients):
+            if client.signing is not None:
+                self.context.error(
+                    f"clients[{index}].signing",
+                    why + "each worker would keep its own nonces, so a signed request could "
+                    "be replayed through another worker" + fix,
+                )
+        if config.edge.per_address is not None:
+            self.context.error(
+                "edge.per_address",
+                why + "each worker would keep its own buckets, so an address would get the "
+                "rate once per worker" + fix,
+            )
 
     def _check_regions(self, config: Config) -> None:
         """Region names used by ``regions`` maps and clients must be backends' regions."""

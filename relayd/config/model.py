@@ -570,6 +570,8 @@ class Config:
         default=DEFAULT_MAX_BODY_BYTES, metadata=checked(checks.positive_int)
     )
     shutdown_timeout: float = field(default=30.0, metadata=checked(checks.positive_number))
+    # Worker processes serving the listeners (relayd.workers); 0 is auto (one per CPU).
+    workers: int = field(default=1, metadata=checked(checks.worker_count))
     # A request that finds every backend it may use at its max_concurrent waits up to
     # queue_timeout seconds for a free slot; at most max_queued requests wait at once.
     queue_timeout: float = field(default=30.0, metadata=checked(checks.non_negative_number))

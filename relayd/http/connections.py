@@ -130,7 +130,7 @@ class ConnectionTracker:
         address = channel.address
         if address is not None:
             self._per_address[address] = self._per_address.get(address, 0) + 1
-        self._metrics.client_connections(len(self.open))
+        self._metrics.client_connection_opened(len(self.open))
 
     def busy(self, channel: RelayChannel) -> None:
         self._idle.pop(channel, None)

@@ -7,6 +7,8 @@ checks, :mod:`.memory` and :mod:`.redis` are the two stores (one interface,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.interfaces import IReactorTime
 
 from relayd.config.model import StateConfig
@@ -20,9 +22,14 @@ __all__ = [
     "ObjectRecord",
     "RedisStore",
     "StoreEvent",
+    "StoreFactory",
     "UsageRecord",
     "build_store",
 ]
+
+
+#: What builds a runtime's store: :func:`build_store`, or a worker's (relayd.workers).
+StoreFactory = Callable[[StateConfig, IReactorTime, "StoreEvent | None"], LimitStore]
 
 
 def build_store(

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from relayd.testing.processes import ProcessGroup
+from relayd.testing.processes import ProcessGroup, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_KEY = "sk-relay-wheel-check"
@@ -90,7 +90,8 @@ def test_every_module_imports_from_the_installed_wheel(venv: Path, tmp_path: Pat
     assert sorted([*found["modules"], "relayd"]) == source
 
 
-def test_twistd_from_the_venv_relays_both_apis(venv: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_twistd_from_the_venv_relays_both_apis(venv: Path, tmp_path: Path, workers: int) -> None:
     python = str(venv / "bin" / "python")
     plugins = run([str(venv / "bin" / "twistd"), "--help"], cwd=tmp_path)
     assert "relayd" in plugins
@@ -108,8 +109,12 @@ def test_twistd_from_the_venv_relays_both_apis(venv: Path, tmp_path: Path) -> No
             ],
             "routes": [{"api": "anthropic", "provider": "anthropic"},
                        {"api": "openai", "provider": "openai"}],
+            "workers": workers,
         }
         relay = processes.relay(config, python=python)
+        if workers > 1:
+            wait_for(lambda: "relayd serving with 2 workers" in relay.log_text(), 30,
+                     "the workers to serve", relay.log_path)
         base = relay.url()
         anthropic = post(base + "/v1/messages",
                          {"model": "claude-x", "max_tokens": 8,
@@ -121,10 +126,14 @@ def test_twistd_from_the_venv_relays_both_apis(venv: Path, tmp_path: Path) -> No
                       {"authorization": f"Bearer {CLIENT_KEY}"})
         assert openai["object"] == "chat.completion"
         assert openai["choices"][0]["message"]["content"]
-        # The relay and the fake upstream that answered are the venv's.
-        for process in (relay.process, upstream.process):
-            assert process is not None
-            cmdline = Path(f"/proc/{process.pid}/cmdline").read_bytes()
+        # The relay (and its workers) and the fake upstream that answered are the venv's.
+        assert relay.process is not None and upstream.process is not None
+        pids = [relay.process.pid, upstream.process.pid]
+        children = Path(f"/proc/{relay.process.pid}/task/{relay.process.pid}/children")
+        workers_pids = [int(p) for p in children.read_text().split()]
+        assert len(workers_pids) == (workers if workers > 1 else 0)
+        for pid in pids + workers_pids:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
             assert str(venv).encode() in cmdline
 
 

@@ -414,6 +414,13 @@ def test_a_reload_during_the_drain_is_refused(tmp_path: Path) -> None:
         relay.service.apply_config(load_config(str(relay.path)))
 
 
+def test_one_process_refuses_a_reload_that_asks_for_workers(tmp_path: Path) -> None:
+    relay = Relay(tmp_path, config())
+    path = _write(tmp_path / "workers.yaml", {**config(), "workers": 2})
+    with pytest.raises(ReloadRefusedError, match="needs a restart"):
+        relay.service.apply_config(load_config(path))
+
+
 # -- helpers ----------------------------------------------------------------------------------
 
 
