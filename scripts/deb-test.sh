@@ -128,6 +128,7 @@ phase_main() {
     check "/opt/venvs is gone" test ! -e "$ROOT/opt/venvs"
     check "relayd-checkconfig is gone" test ! -e "$ROOT/usr/bin/relayd-checkconfig"
     check "the unit is gone" test ! -e "$ROOT$UNIT"
+    check "/usr/share/relayd (dashboard, rules) is gone" test ! -e "$ROOT/usr/share/relayd"
     check "the conffile stays until purge" test -f "$ROOT/etc/relayd.yaml"
     check "the relayd user stays until purge" in_root getent passwd relayd
 
@@ -153,6 +154,13 @@ check_installed() {
         test "$(readlink "$ROOT$VENV/bin/python3.11")" = /usr/bin/python3.11
     check "/usr/bin/relayd-checkconfig runs" in_root /usr/bin/relayd-checkconfig --help
     check "the unit is installed" test -f "$ROOT$UNIT"
+    check "the Grafana dashboard is installed" \
+        test -s "$ROOT/usr/share/relayd/grafana/relayd.json"
+    check "the Grafana dashboard is valid JSON" \
+        in_root /usr/bin/python3.11 -c 'import json, sys; json.load(open(sys.argv[1]))' \
+        /usr/share/relayd/grafana/relayd.json
+    check "the Prometheus rules are installed" \
+        test -s "$ROOT/usr/share/relayd/prometheus/relayd-rules.yml"
     stat=$(in_root stat -c '%U:%G %a' /etc/relayd.yaml)
     check "/etc/relayd.yaml is root:relayd 0640 (got $stat)" test "$stat" = "root:relayd 640"
     check "/etc/relayd.yaml is a conffile" \

@@ -67,11 +67,31 @@ def test_shipped_config_examples_are_valid_once_uncommented() -> None:
     assert len(raised.value.errors) == 4
 
 
+def install_entries() -> list[tuple[str, ...]]:
+    """debian/relayd.install as (SOURCE, DEST-DIR) pairs."""
+    return [tuple(line.split()) for line in (DEBIAN / "relayd.install").read_text().splitlines()]
+
+
 def test_conffile_is_installed_0640() -> None:
-    assert (DEBIAN / "relayd.install").read_text().split() == ["debian/relayd.yaml", "etc/"]
+    assert install_entries()[0] == ("debian/relayd.yaml", "etc/")
     assert "chmod 0640 debian/relayd/etc/relayd.yaml" in (DEBIAN / "rules").read_text()
     postinst = (DEBIAN / "postinst").read_text()
     assert 'dpkg-statoverride --update --add root relayd 0640 "$CONF"' in postinst
+
+
+def test_operators_kit_is_installed() -> None:
+    """The Grafana dashboard and the Prometheus rules go to /usr/share/relayd (deb-test
+    checks them in the installed root), and nothing else is installed."""
+    assert install_entries() == [
+        ("debian/relayd.yaml", "etc/"),
+        ("contrib/grafana/relayd.json", "usr/share/relayd/grafana/"),
+        ("contrib/prometheus/relayd-rules.yml", "usr/share/relayd/prometheus/"),
+    ]
+    for source, _dest in install_entries():
+        assert (REPO / source).is_file(), source
+    deb_test = (REPO / "scripts" / "deb-test.sh").read_text()
+    assert '"$ROOT/usr/share/relayd/grafana/relayd.json"' in deb_test
+    assert '"$ROOT/usr/share/relayd/prometheus/relayd-rules.yml"' in deb_test
 
 
 # -- version and lock -----------------------------------------------------------------------
