@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/relay_bench.py
 	$(BIN)/python bench/cache_bench.py
 	$(BIN)/python bench/affinity_bench.py
+	$(BIN)/python bench/workers_bench.py
 
 ## deb-lock: regenerate requirements-deb.txt (the Debian package's hash-pinned lock) from
 ## requirements-deb.in, with the versions of requirements.lock. Needs PyPI.
