@@ -102,15 +102,24 @@ def tree_cpu(pids: list[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
 
 
-async def timed_batch(target: Target, total: int, concurrency: int, tally: Tally) -> list[float]:
-    """``total`` requests on ``concurrency`` keep-alive connections; latencies in ms."""
+async def timed_batch(
+    target: Target, total: int, concurrency: int, tally: Tally, rate: float = 0.0
+) -> list[float]:
+    """``total`` requests on ``concurrency`` keep-alive connections, as fast as they go
+    or paced at ``rate`` requests/s in all; latencies in ms."""
     remaining = total
     latencies: list[float] = []
+    loop = asyncio.get_running_loop()
+    gap = concurrency / rate if rate else 0.0
 
     async def run(client: Client) -> None:
         nonlocal remaining
+        due = loop.time()
         while remaining > 0 and tally.failures < 50:
             remaining -= 1
+            if gap:
+                due += gap
+                await asyncio.sleep(max(due - loop.time(), 0.0))
             response = await client.send(target.plain, False)
             if response is not None:
                 latencies.append((response.done - response.sent) * 1000.0)
@@ -177,7 +186,9 @@ def measure(
         cpu0, up0 = tree_cpu(pids), cpu_seconds(upstream.process.pid)
         daemon0 = cpu_seconds(pids[0])
         start = time.perf_counter()
-        latencies = asyncio.run(timed_batch(target, args.requests, args.concurrency, tally))
+        latencies = asyncio.run(
+            timed_batch(target, args.requests, args.concurrency, tally, args.rate)
+        )
         seconds = time.perf_counter() - start
         cpu, up = tree_cpu(pids) - cpu0, cpu_seconds(upstream.process.pid) - up0
         daemon = cpu_seconds(pids[0]) - daemon0 if len(pids) > 1 else 0.0
@@ -213,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--burst", type=int, default=50)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="pace the CPU batch at this many requests/s (0: flat out)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
@@ -231,10 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             upstream.stop()
     cpus = len(os.sched_getaffinity(0))
+    paced = f" at {args.rate:g} req/s" if args.rate else ""
     print(f"\n{cpus} CPUs shared by the load generator, the fake upstream and relayd; per "
           f"setup and round {args.requests} requests on {args.concurrency} keep-alive "
-          f"connections, then {args.connections} each on a new connection (16 at a time), then "
-          f"5 bursts of {args.burst} connections at once; medians of {args.rounds} rounds.\n")
+          f"connections{paced}, then {args.connections} each on a new connection (16 at a "
+          f"time), then 5 bursts of {args.burst} connections at once; medians of "
+          f"{args.rounds} rounds.\n")
     print("| setup | processes | req/s | p50 ms | p99 ms | relay CPU ms/req | of which daemon | "
           "new connections per worker (all rounds) | busiest worker's share | "
           "bursts: busiest worker's share, median / worst |")
