@@ -41,7 +41,7 @@ class BoundPorts:
         context: ReloadableServerContext | None,
     ) -> IListeningPort:
         port = listen(self.reactor, listener, factory, context)
-        log.info("relayd listening on {url}", url=describe(listener, port))
+        announce(listener, getattr(port.getHost(), "port", listener.port))
         return port
 
 
@@ -117,9 +117,8 @@ def adopt(
 ) -> IListeningPort:
     """Serve ``listener`` on the listening socket ``descriptor`` bound by the daemon
     (:func:`bind_socket`); the reactor works on a duplicate, so the caller closes it."""
-    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
     port: IListeningPort = reactor.adoptStreamPort(
-        descriptor, family, _serving_factory(listener, factory, context)
+        descriptor, _family(listener), _serving_factory(listener, factory, context)
     )
     accept_one_at_a_time(port)
     return port
@@ -142,11 +141,14 @@ def accept_one_at_a_time(port: Any) -> None:
     port.doRead = doRead
 
 
+def _family(listener: ListenerConfig) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in listener.host else socket.AF_INET
+
+
 def bind_socket(listener: ListenerConfig) -> socket.socket:
     """A listening socket for ``listener``, outside any reactor (the daemon's, handed to
     every worker). Options as Twisted's ``listenTCP`` sets them."""
-    family = socket.AF_INET6 if ":" in listener.host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(listener), socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((listener.host, listener.port))
@@ -174,11 +176,9 @@ def effective_backlog(listener: ListenerConfig, cap: int | None = None) -> int:
     return cap
 
 
-def describe(listener: ListenerConfig, port: IListeningPort) -> str:
-    """``http://127.0.0.1:8080`` with the real bound port (useful when configured as 0)."""
+def announce(listener: ListenerConfig, bound_port: int) -> None:
+    """Log ``relayd listening on http://127.0.0.1:8080`` with the real bound port
+    (useful when configured as 0): the line operators and the tests look for."""
     scheme = "https" if listener.tls is not None else "http"
-    host = listener.host
-    if ":" in host:
-        host = f"[{host}]"
-    bound = port.getHost()
-    return f"{scheme}://{host}:{getattr(bound, 'port', listener.port)}"
+    host = f"[{listener.host}]" if ":" in listener.host else listener.host
+    log.info("relayd listening on {url}", url=f"{scheme}://{host}:{bound_port}")

@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 from relayd.config import ConfigErrors, load_config
 from relayd.config.model import Config, ListenerConfig
-from relayd.http.admin import AdminResource, admin_site
+from relayd.http.admin import AdminListener, AdminResource
 from relayd.http.site import RelaySite
 from relayd.limits import StoreFactory
 from relayd.listeners import (
@@ -132,8 +132,7 @@ class RelayService(MultiService):
         self.metrics.set_runtime_source(self.current_runtime, reactor)
         self.site = RelaySite(self.current_runtime, reactor, self.metrics)
         self.listeners: list[_OpenListener] = []
-        self.admin_port: IListeningPort | None = None
-        self.admin_address: str | None = None
+        self.admin = AdminListener(reactor, self._admin_resource)
         self.draining = False
         self.reloading = False
         self.reload_pending = False
@@ -174,46 +173,21 @@ class RelayService(MultiService):
     def _open_admin(self, config: Config) -> None:
         port = self._bind_admin(config)
         if port is not None:
-            self._switch_admin(port, config)
+            self.admin.switch(port, config)
 
     def _bind_admin(self, config: Config) -> IListeningPort | None:
-        """Bind the admin listener of ``config`` if it is new or moved (may raise)."""
-        admin = config.admin
-        if not self.standalone or admin is None or admin.address == self.admin_address:
-            return None
-        resource = AdminResource(
+        """Bind the admin listener of ``config`` if it is new or moved (may raise); a
+        worker has none (its daemon answers for it)."""
+        return self.admin.bind(config) if self.standalone else None
+
+    def _admin_resource(self) -> AdminResource:
+        return AdminResource(
             self.metrics,
             self.current_runtime,
             self.reactor,
             get_token=self._admin_token,
             is_draining=lambda: self.draining,
         )
-        port: IListeningPort = self.reactor.listenTCP(
-            admin.port, admin_site(resource), interface=admin.host
-        )
-        return port
-
-    def _switch_admin(self, port: IListeningPort | None, config: Config) -> None:
-        """Make ``port`` the admin listener (or close it when the config has none)."""
-        admin = config.admin
-        if port is None:
-            if admin is None and self.admin_port is not None:
-                self.admin_port.stopListening()
-                self.admin_port = None
-                self.admin_address = None
-            return
-        assert admin is not None
-        old = self.admin_port
-        self.admin_port = port
-        self.admin_address = admin.address
-        host = f"[{admin.host}]" if ":" in admin.host else admin.host
-        log.info(
-            "relayd admin listening on http://{host}:{port}",
-            host=host,
-            port=getattr(port.getHost(), "port", admin.port),
-        )
-        if old is not None:
-            old.stopListening()
 
     def _admin_token(self) -> str | None:
         admin = self.runtime.config.admin
@@ -344,7 +318,7 @@ class RelayService(MultiService):
                 log.info("closing listener {address}", address=open_listener.config.address)
                 open_listener.port.stopListening()
         self.listeners = kept + opened
-        self._switch_admin(admin_port, config)
+        self.admin.switch(admin_port, config)
         if change.replaced_store is not None:
             log.info(
                 "state store changed to {store}; the previous one is closed",
@@ -392,9 +366,7 @@ class RelayService(MultiService):
             if timer.active():
                 timer.cancel()
             closing: list[Deferred[Any] | None] = list(stopping)
-            if self.admin_port is not None:
-                closing.append(self.admin_port.stopListening())
-                self.admin_port = None
+            closing.append(self.admin.close())
             closing.append(self.runtime.close())
             return DeferredList([d for d in closing if d is not None], consumeErrors=True)
 

@@ -33,17 +33,18 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
+from relayd.config.model import Config
 from relayd.http.body import BoundedBody
 from relayd.metrics import RelayMetrics
 
@@ -58,14 +59,25 @@ ALLOWED_METHODS = (b"GET", b"HEAD")
 ADMIN_PREFIX = b"/admin/"
 
 
-def _json(status: int, document: object) -> tuple[int, bytes, bytes]:
+def json_response(status: int, document: object) -> tuple[int, bytes, bytes]:
     """A JSON response triple."""
     return status, JSON_TYPE, json.dumps(document, separators=(",", ":")).encode() + b"\n"
 
 
-def _error(status: int, message: str) -> tuple[int, bytes, bytes]:
+def error_response(status: int, message: str) -> tuple[int, bytes, bytes]:
     """A JSON error response triple: ``{"error": message}``."""
-    return _json(status, {"error": message})
+    return json_response(status, {"error": message})
+
+
+def readiness_response(
+    problems: Sequence[str], *, draining: bool = False
+) -> tuple[int, bytes, bytes]:
+    """``/readyz``'s answer: draining, or ready when there is no problem."""
+    if draining:
+        return json_response(503, {"status": "draining"})
+    if not problems:
+        return json_response(200, {"status": "ready"})
+    return json_response(503, {"status": "not ready", "problems": list(problems)})
 
 
 class AdminResource(Resource):
@@ -108,7 +120,7 @@ class AdminResource(Resource):
             result = self._dispatch(request, path)
         except Exception:
             log.failure("relayd: admin request {path!r} failed", path=path)
-            result = _error(500, "internal error")
+            result = error_response(500, "internal error")
         if isinstance(result, Deferred):
             gone: list[Failure] = []  # the client's connection was lost meanwhile
             request.notifyFinish().addErrback(gone.append)
@@ -120,7 +132,7 @@ class AdminResource(Resource):
     @staticmethod
     def _failed(failure: Failure, path: bytes) -> Response:
         log.failure("relayd: admin request {path!r} failed", failure, path=path)
-        return _error(500, "internal error")
+        return error_response(500, "internal error")
 
     def _write_later(self, response: Response, request: Request, gone: list[Failure]) -> None:
         body = self._respond(request, response)
@@ -148,11 +160,11 @@ class AdminResource(Resource):
         else:
             handler = self.routes.get(path)
         if handler is None:
-            return _error(404, "not found")
+            return error_response(404, "not found")
         allowed = self.methods.get(path, ALLOWED_METHODS)
         if request.method not in allowed:
             request.setHeader(b"allow", b", ".join(allowed))
-            return _error(405, "method not allowed")
+            return error_response(405, "method not allowed")
         return handler(self, request)
 
     def _check_token(self, request: Request) -> tuple[int, bytes, bytes] | None:
@@ -167,13 +179,13 @@ class AdminResource(Resource):
         header = request.getHeader(b"authorization")
         if header is None:
             request.setHeader(b"www-authenticate", b"Bearer")
-            return _error(401, "admin token required")
+            return error_response(401, "admin token required")
         scheme, _, presented = header.strip().partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(
             presented.strip(), token.encode()
         ):
             request.setHeader(b"www-authenticate", b'Bearer error="invalid_token"')
-            return _error(401, "invalid admin token")
+            return error_response(401, "invalid admin token")
         return None
 
     # -- handlers ----------------------------------------------------------------------
@@ -184,21 +196,20 @@ class AdminResource(Resource):
 
     def render_healthz(self, request: Request) -> tuple[int, bytes, bytes]:
         """Liveness: answering at all means the reactor turns."""
-        return _json(200, {"status": "ok"})
+        return json_response(200, {"status": "ok"})
 
     def render_readyz(self, request: Request) -> tuple[int, bytes, bytes]:
         """Readiness: not while draining, else whatever the runtime says."""
         if self.is_draining():
-            return _json(503, {"status": "draining"})
-        ready, problems = self.get_runtime().readiness()
-        if ready:
-            return _json(200, {"status": "ready"})
-        return _json(503, {"status": "not ready", "problems": list(problems)})
+            return readiness_response((), draining=True)
+        _, problems = self.get_runtime().readiness()
+        return readiness_response(problems)
 
     def render_backends(self, request: Request) -> tuple[int, bytes, bytes]:
         """Every backend of the current runtime, as its ``describe(now)`` dict."""
         now = self.clock.seconds()
-        return _json(200, {"backends": [b.describe(now) for b in self.get_runtime().backends]})
+        backends = [b.describe(now) for b in self.get_runtime().backends]
+        return json_response(200, {"backends": backends})
 
     def render_usage(self, request: Request) -> Deferred[Response]:
         """Token totals per client, model and backend, from the state store: this
@@ -206,18 +217,18 @@ class AdminResource(Resource):
         store = self.get_runtime().store
 
         def answer(snapshot: dict[str, Any]) -> Response:
-            return _json(200, {**snapshot, "store": store.describe()})
+            return json_response(200, {**snapshot, "store": store.describe()})
 
         def unavailable(failure: Failure) -> Response:
             message = f"state store unavailable: {failure.getErrorMessage()}"
-            return _json(503, {"error": message, "store": store.describe()})
+            return json_response(503, {"error": message, "store": store.describe()})
 
         d: Deferred[dict[str, Any]] = store.usage_snapshot()
         return d.addCallbacks(answer, unavailable)
 
     def render_cache(self, request: Request) -> Response:
         """The response cache's figures (this instance's memory level and counters)."""
-        return _json(200, self.get_runtime().response_cache.stats())
+        return json_response(200, self.get_runtime().response_cache.stats())
 
     def render_cache_purge(self, request: Request) -> Deferred[Response]:
         """Drop cached answers: ``route`` and/or ``client`` from the query string."""
@@ -230,7 +241,7 @@ class AdminResource(Resource):
         route, client = one(b"route"), one(b"client")
         d = self.get_runtime().response_cache.purge(route, client)
         return d.addCallback(
-            lambda purged: _json(200, {"route": route, "client": client, "purged": purged})
+            lambda purged: json_response(200, {"route": route, "client": client, "purged": purged})
         )
 
     #: Methods of the paths that are not read-only (default: GET and HEAD).
@@ -274,3 +285,55 @@ def admin_site(resource: AdminResource) -> Site:
         reactor=resource.clock,
         parsePOSTFormSubmission=False,
     )
+
+
+class AdminListener:
+    """A process's admin listener across reloads (one relayd process, or the daemon of
+    its workers): bound when the configuration gives a new address, closed when it
+    gives none. ``make_resource`` builds the resource a new port serves.
+
+    :meth:`bind` may raise and touches nothing in use (step 1 of a reload);
+    :meth:`switch` then makes the result current.
+    """
+
+    _log = Logger(namespace="relayd.service")
+
+    def __init__(self, reactor: Any, make_resource: Callable[[], AdminResource]) -> None:
+        self.reactor = reactor
+        self.make_resource = make_resource
+        self.port: IListeningPort | None = None
+        self.address: str | None = None
+
+    def bind(self, config: Config) -> IListeningPort | None:
+        """Bind ``config``'s admin listener if it is new or moved (may raise)."""
+        admin = config.admin
+        if admin is None or admin.address == self.address:
+            return None
+        port: IListeningPort = self.reactor.listenTCP(
+            admin.port, admin_site(self.make_resource()), interface=admin.host
+        )
+        return port
+
+    def switch(self, port: IListeningPort | None, config: Config) -> None:
+        """Make ``port`` (from :meth:`bind`) current, or close the listener when
+        ``config`` has none."""
+        admin = config.admin
+        if port is None:
+            if admin is None:
+                self.close()
+            return
+        assert admin is not None
+        old, self.port, self.address = self.port, port, admin.address
+        host = f"[{admin.host}]" if ":" in admin.host else admin.host
+        self._log.info(
+            "relayd admin listening on http://{host}:{port}",
+            host=host,
+            port=getattr(port.getHost(), "port", admin.port),
+        )
+        if old is not None:
+            old.stopListening()
+
+    def close(self) -> Deferred[None] | None:
+        """Stop listening (the end of the drain, or a reload that removed it)."""
+        port, self.port, self.address = self.port, None, None
+        return port.stopListening() if port is not None else None

@@ -38,7 +38,14 @@ from prometheus_client import (
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.web.server import Request
 
-from relayd.http.admin import AdminResource, Handler, Response
+from relayd.http.admin import (
+    AdminResource,
+    Handler,
+    Response,
+    error_response,
+    json_response,
+    readiness_response,
+)
 from relayd.metrics import ReloadMetrics
 from relayd.workers.merge import Exposition, WorkerFamilies, sum_documents
 from relayd.workers.processes import WorkerProcess
@@ -93,10 +100,6 @@ def ask_workers(
     return DeferredList(calls, consumeErrors=True).addCallback(gathered)
 
 
-def _json(status: int, document: object) -> Response:
-    return status, b"application/json", json.dumps(document, separators=(",", ":")).encode() + b"\n"
-
-
 class DaemonAdmin(AdminResource):
     """The admin resource of the daemon (see the module's routes)."""
 
@@ -139,7 +142,7 @@ class DaemonAdmin(AdminResource):
 
     def render_readyz(self, request: Request) -> Any:
         if self.is_draining():
-            return _json(503, {"status": "draining"})
+            return readiness_response((), draining=True)
         workers = self.workers()
 
         def judge(answers: dict[int, Any]) -> Response:
@@ -155,9 +158,7 @@ class DaemonAdmin(AdminResource):
             present = {worker.index for worker in workers}
             problems += [f"worker {index}: not running (starting again)"
                          for index in range(self.wanted()) if index not in present]
-            if problems:
-                return _json(503, {"status": "not ready", "problems": problems})
-            return _json(200, {"status": "ready"})
+            return readiness_response(problems)
 
         return self._ask("readiness").addCallback(judge)
 
@@ -171,14 +172,14 @@ class DaemonAdmin(AdminResource):
             for index in sorted(answers):
                 for backend in json.loads(answers[index][2])["backends"]:
                     backends.append({"worker": index, **backend})
-            return _json(200, {"backends": backends})
+            return json_response(200, {"backends": backends})
 
         return self._view(b"/admin/backends", request).addCallback(merged)
 
     def render_usage(self, request: Request) -> Any:
         def first(answers: dict[int, Any]) -> Response:
             if not answers:
-                return _json(503, {"error": "no worker answered"})
+                return error_response(503, "no worker answered")
             answer: Response = answers[min(answers)]
             return answer
 
@@ -187,11 +188,11 @@ class DaemonAdmin(AdminResource):
     def _summed(self, path: bytes, request: Request) -> Any:
         def summed(answers: dict[int, Any]) -> Response:
             if not answers:
-                return _json(503, {"error": "no worker answered"})
+                return error_response(503, "no worker answered")
             ok = [json.loads(a[2]) for a in answers.values() if a[0] == 200]
             if not ok:
                 return cast(Response, answers[min(answers)])
-            return _json(200, sum_documents(ok))
+            return json_response(200, sum_documents(ok))
 
         return self._view(path, request).addCallback(summed)
 

@@ -31,7 +31,6 @@ from typing import Any
 from twisted.application.service import MultiService
 from twisted.internet import defer
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -39,10 +38,15 @@ from twisted.python.failure import Failure
 from relayd.backoff import doubled
 from relayd.config import config_from_bytes, read_config_file
 from relayd.config.model import Config, ListenerConfig
-from relayd.http.admin import admin_site
-from relayd.listeners import ReloadRefusedError, bind_socket, listener_keys, plan_listeners
+from relayd.http.admin import AdminListener
+from relayd.listeners import (
+    ReloadRefusedError,
+    announce,
+    bind_socket,
+    listener_keys,
+    plan_listeners,
+)
 from relayd.logs import journal_in_use
-from relayd.oslimits import raise_open_file_limit
 from relayd.sdnotify import Notifier
 from relayd.service import report_reload_failure, stop_reactor
 from relayd.tls import certificate_options
@@ -111,8 +115,7 @@ class WorkerDaemon(MultiService):
         self.spawned = 0
         self.families = WorkerFamilies()
         self.wanted = worker_count(config)
-        self.admin_port: IListeningPort | None = None
-        self.admin_address: str | None = None
+        self.admin = AdminListener(reactor, self._admin_resource)
         self.draining = False
         self.reloading = False
         self.reload_pending = False
@@ -121,24 +124,20 @@ class WorkerDaemon(MultiService):
     # -- start ----------------------------------------------------------------------------
 
     def privilegedStartService(self) -> None:
-        before, after = raise_open_file_limit()
-        if after > before:
-            log.info("open file limit raised from {before} to {after}", before=before, after=after)
+        # The open-file limit is each worker's to raise (its RelayService does, as one
+        # process does); the daemon holds a few descriptors only.
         for key, listener in zip(
             listener_keys(list(self.config.listen)), self.config.listen, strict=True
         ):
             self.sockets[key] = self._bind(listener)
-        self._switch_admin(self._bind_admin(self.config))
+        self.admin.switch(self.admin.bind(self.config), self.config)
         super().privilegedStartService()
 
     def _bind(self, listener: ListenerConfig) -> _Socket:
         if listener.tls is not None:
             certificate_options(listener.tls)  # refuse a bad certificate here, once
         sock = bind_socket(listener)
-        host, port = sock.getsockname()[:2]
-        scheme = "https" if listener.tls is not None else "http"
-        shown = f"[{host}]" if ":" in host else host
-        log.info("relayd listening on {url}", url=f"{scheme}://{shown}:{port}")
+        announce(listener, sock.getsockname()[1])
         return _Socket(listener, sock)
 
     def startService(self) -> None:
@@ -277,16 +276,16 @@ class WorkerDaemon(MultiService):
         if self.draining:
             raise ReloadRefusedError("relayd is shutting down")
         wanted = plan_listeners({k: s.config for k, s in self.sockets.items()}, config.listen)
-        for listener in wanted.values():
-            if listener.tls is not None:
-                certificate_options(listener.tls)
+        for key, listener in wanted.items():
+            if listener.tls is not None and key in self.sockets:
+                certificate_options(listener.tls)  # new listeners: checked as they are bound
         opened: dict[str, _Socket] = {}
         admin_port = None
         try:
             for key, listener in wanted.items():
                 if key not in self.sockets:
                     opened[key] = self._bind(listener)
-            admin_port = self._bind_admin(config)
+            admin_port = self.admin.bind(config)
         except Exception as exc:
             for new in opened.values():
                 new.sock.close()
@@ -302,7 +301,7 @@ class WorkerDaemon(MultiService):
             self.store.reset()
         self.config, self.raw = config, raw
         self.generation += 1
-        self._switch_admin(admin_port)
+        self.admin.switch(admin_port, config)
         workers = [w for w in self.workers.values() if w.state == "serving"]
         d = DeferredList([self._catch_up(w) for w in workers], consumeErrors=True)
 
@@ -377,35 +376,13 @@ class WorkerDaemon(MultiService):
 
     # -- the admin listener ---------------------------------------------------------------
 
-    def _bind_admin(self, config: Config) -> IListeningPort | None:
-        admin = config.admin
-        if admin is None or admin.address == self.admin_address:
-            return None
-        resource = DaemonAdmin(
+    def _admin_resource(self) -> DaemonAdmin:
+        return DaemonAdmin(
             self.metrics, lambda: list(self.workers.values()), self.reactor,
             families=self.families, wanted=lambda: self.wanted,
             get_token=lambda: self.config.admin.token if self.config.admin else None,
             is_draining=lambda: self.draining,
         )
-        port: IListeningPort = self.reactor.listenTCP(
-            admin.port, admin_site(resource), interface=admin.host
-        )
-        return port
-
-    def _switch_admin(self, port: IListeningPort | None) -> None:
-        admin = self.config.admin
-        if port is None:
-            if admin is None and self.admin_port is not None:
-                self.admin_port.stopListening()
-                self.admin_port, self.admin_address = None, None
-            return
-        assert admin is not None
-        old, self.admin_port, self.admin_address = self.admin_port, port, admin.address
-        host = f"[{admin.host}]" if ":" in admin.host else admin.host
-        log.info("relayd admin listening on http://{host}:{port}", host=host,
-                 port=getattr(port.getHost(), "port", admin.port))
-        if old is not None:
-            old.stopListening()
 
     # -- stop -----------------------------------------------------------------------------
 
@@ -433,9 +410,7 @@ class WorkerDaemon(MultiService):
         def finished(_: object) -> Any:
             if timer.active():
                 timer.cancel()
-            if self.admin_port is not None:
-                return self.admin_port.stopListening()
-            return None
+            return self.admin.close()
 
         return exited.addBoth(finished)
 
