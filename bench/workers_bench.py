@@ -43,7 +43,7 @@ from relayd.testing.loadgen import (
     Tally,
     Target,
     build_request,
-    connect,
+    concurrent_batch,
     cpu_seconds,
     message_body,
     percentile,
@@ -107,31 +107,9 @@ async def timed_batch(
 ) -> list[float]:
     """``total`` requests on ``concurrency`` keep-alive connections, as fast as they go
     or paced at ``rate`` requests/s in all; latencies in ms."""
-    remaining = total
     latencies: list[float] = []
-    loop = asyncio.get_running_loop()
-    gap = concurrency / rate if rate else 0.0
-
-    async def run(client: Client) -> None:
-        nonlocal remaining
-        due = loop.time()
-        while remaining > 0 and tally.failures < 50:
-            remaining -= 1
-            if gap:
-                due += gap
-                await asyncio.sleep(max(due - loop.time(), 0.0))
-            response = await client.send(target.plain, False)
-            if response is not None:
-                latencies.append((response.done - response.sent) * 1000.0)
-
-    clients = [Client(target, tally) for _ in range(concurrency)]
-    for client in clients:
-        client.conn = await connect(target.port)
-    try:
-        await asyncio.gather(*(run(c) for c in clients))
-    finally:
-        for client in clients:
-            client.close()
+    await concurrent_batch(target, total, concurrency, False, tally, rate=rate,
+                           latencies=latencies)
     return latencies
 
 

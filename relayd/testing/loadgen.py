@@ -477,19 +477,39 @@ async def sequential_interleaved(
 
 
 async def concurrent_batch(
-    target: Target, total: int, concurrency: int, stream: bool, tally: Tally
+    target: Target,
+    total: int,
+    concurrency: int,
+    stream: bool,
+    tally: Tally,
+    *,
+    rate: float = 0.0,
+    latencies: list[float] | None = None,
 ) -> int:
-    """``total`` requests over ``concurrency`` keep-alive connections; returns successes."""
+    """``total`` requests over ``concurrency`` keep-alive connections; returns successes.
+
+    ``rate`` (requests/s in all) paces them instead of sending flat out; ``latencies``
+    gets each success's whole-response time in ms.
+    """
     remaining = total
     ok = 0
     data = target.stream if stream else target.plain
+    loop = asyncio.get_running_loop()
+    gap = concurrency / rate if rate else 0.0
 
     async def worker(client: Client) -> None:
         nonlocal remaining, ok
+        due = loop.time()
         while remaining > 0 and tally.failures < MAX_FAILURES_PER_PHASE:
             remaining -= 1
-            if await client.send(data, stream) is not None:
+            if gap:
+                due += gap
+                await asyncio.sleep(max(due - loop.time(), 0.0))
+            response = await client.send(data, stream)
+            if response is not None:
                 ok += 1
+                if latencies is not None:
+                    latencies.append((response.done - response.sent) * 1000.0)
 
     clients = [Client(target, tally) for _ in range(concurrency)]
     try:

@@ -48,14 +48,7 @@ SHARED = frozenset({"relayd_build_info", "relayd_backend_weight", "relayd_backen
 
 def registry_families(registry: CollectorRegistry) -> list[Family]:
     """The registry's current samples, as plain data for the control channel."""
-    return [
-        (
-            family.name, family.type, family.documentation, family.unit,
-            [(s.name, dict(s.labels), float(s.value)) for s in family.samples],
-        )
-        for family in registry.collect()
-        if family.name not in DAEMON_OWNED
-    ]
+    return as_families(f for f in registry.collect() if f.name not in DAEMON_OWNED)
 
 
 #: Families whose samples only grow: kept after their worker exits.

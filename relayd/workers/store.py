@@ -38,9 +38,8 @@ CALL_TIMEOUT = 5.0
 #: The store operations a worker may ask of the daemon's memory store.
 OPERATIONS = frozenset({"admit", "usage_snapshot", "claim", "owners"})
 
-Settlement = tuple[
-    tuple[Adjustment, ...], tuple[ConcurrencyCheck, ...], "UsageRecord | None", bool
-]
+#: One settlement as queued and sent: adjustments, releases, usage.
+Settlement = tuple[tuple[Adjustment, ...], tuple[ConcurrencyCheck, ...], "UsageRecord | None"]
 
 
 class DaemonStore:
@@ -73,7 +72,7 @@ class DaemonStore:
 
     def _local(self) -> MemoryStore:
         if self._fallback is None:
-            self._fallback = MemoryStore(self._clock, label="memory")
+            self._fallback = MemoryStore(self._clock)
         return self._fallback
 
     def settle(
@@ -87,7 +86,7 @@ class DaemonStore:
         if local or not self._channel.open:
             self._local().settle(adjustments, releases, usage)
             return
-        self._queued.append((tuple(adjustments), tuple(releases), usage, local))
+        self._queued.append((tuple(adjustments), tuple(releases), usage))
         delay = 0.0 if releases else SETTLE_DELAY
         pending = self._flush_at
         if pending is None:
@@ -179,7 +178,7 @@ class StoreHost:
     def settle(self, queued: list[Settlement], worker: int = -1) -> None:
         store = self.store
         held = self.leases.get(worker, {})
-        for adjustments, releases, usage, _local in queued:
+        for adjustments, releases, usage in queued:
             store.settle(adjustments, releases, usage)
             for release in releases:
                 held.pop((release.key, release.lease), None)

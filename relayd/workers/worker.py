@@ -30,7 +30,6 @@ from twisted.logger import (
     ILogObserver,
     LogEvent,
     Logger,
-    LogLevel,
     globalLogBeginner,
     textFileLogObserver,
 )
@@ -41,7 +40,7 @@ from relayd.config.model import Config, ListenerConfig, StateConfig
 from relayd.http.admin import AdminResource
 from relayd.limits import LimitStore, StoreEvent, build_store
 from relayd.listeners import adopt
-from relayd.logs import JournalObserver
+from relayd.logs import batch_access_lines, journal_observer
 from relayd.sdnotify import Notifier
 from relayd.service import RelayService
 from relayd.tls import ReloadableServerContext
@@ -215,8 +214,7 @@ class _WorkerTag:
 
     def __call__(self, event: LogEvent) -> None:
         if event.get("log_namespace") != "relayd.access" and "log_system" not in event:
-            level = event.get("log_level")
-            name = level.name if isinstance(level, type(LogLevel.info)) else "-"
+            name = getattr(event.get("log_level"), "name", "-")
             event = {
                 **event,
                 "log_system": f"{event.get('log_namespace', '-')}#{name} worker={self.index}",
@@ -225,16 +223,10 @@ class _WorkerTag:
 
 
 def _begin_logging(style: str, index: int) -> None:
-    observer: ILogObserver = (
-        JournalObserver(sys.stdout) if style == "journal" else textFileLogObserver(sys.stdout)
-    )
+    """Log as the daemon does (its ``--logger``), to the standard output it shares."""
+    observer = journal_observer() if style == "journal" else textFileLogObserver(sys.stdout)
     # As twistd does: every event goes to the observer (relayd logs no debug events).
     globalLogBeginner.beginLoggingTo([_WorkerTag(observer, index)], redirectStandardIO=False)
-    if isinstance(observer, JournalObserver):
-        from twisted.internet import reactor
-
-        observer.batch_on(reactor)
-        reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     _begin_logging(args.log, args.index)
     from twisted.internet import reactor  # the process entry point owns the reactor
 
+    batch_access_lines(reactor)  # the journal observer's batching, as under twistd
     worker = Worker(reactor, args.index)
     adopt_channel(reactor, CONTROL_FD, worker.channel)
     reactor.run()
