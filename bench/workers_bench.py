@@ -14,10 +14,14 @@ admission a round trip to the daemon's memory store). For each it measures:
 The setups take turns for ``--rounds`` rounds (a fresh relayd each time) and the table
 shows each figure's median over the rounds, as this machine is noisy. The load
 generator, the fake upstream and relayd share its CPUs: the table says how many there
-were. Every phase is bounded in count; processes are stopped by PID.
+were. With ``--split-cpus``, relayd (the daemon and every worker) is pinned to the last
+CPU and the load generator and the fake upstream to the others, so that relayd's CPU per
+request is measured apart from theirs (2 workers then share one CPU: this measures what
+the worker design costs per request, not how it scales). Every phase is bounded in
+count; processes are stopped by PID.
 
 Usage: ``.venv/bin/python bench/workers_bench.py [--requests N] [--concurrency C]
-[--connections N] [--rounds R] [--json OUT]``.
+[--connections N] [--rounds R] [--split-cpus] [--json OUT]``.
 """
 
 from __future__ import annotations
@@ -98,6 +102,20 @@ def tree(pid: int) -> list[int]:
         return [pid]
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Keep every thread of ``pid`` on ``cpus`` (threads it starts later inherit it)."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), cpus)
+
+
+def split_cpus() -> tuple[set[int], set[int]]:
+    """(relayd's CPU, the load's CPUs): the last CPU for relayd, the others for the load."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--split-cpus needs 2 CPUs at least")
+    return {cpus[-1]}, set(cpus[:-1])
+
+
 def tree_cpu(pids: list[int]) -> float:
     return sum(cpu_seconds(p) for p in pids)
 
@@ -160,6 +178,9 @@ def measure(
         asyncio.run(timed_batch(target, WARMUP, args.concurrency, tally))
         assert relay.process is not None
         pids = tree(relay.process.pid)
+        if args.cpu_split is not None:
+            for pid in pids:
+                pin(pid, args.cpu_split[0])
         assert upstream.process is not None
         cpu0, up0 = tree_cpu(pids), cpu_seconds(upstream.process.pid)
         daemon0 = cpu_seconds(pids[0])
@@ -205,8 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=0.0,
                         help="pace the CPU batch at this many requests/s (0: flat out)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--split-cpus", action="store_true",
+                        help="relayd on the last CPU, the load generator and upstream on the rest")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    cpus = len(os.sched_getaffinity(0))
+    args.cpu_split = split_cpus() if args.split_cpus else None
+    if args.cpu_split is not None:
+        pin(os.getpid(), args.cpu_split[1])
     setups = [("1 process", 1, False), ("2 workers", 2, False),
               ("2 workers, limited client", 2, True)]
     rounds: dict[str, list[Figures]] = {name: [] for name, _, _ in setups}
@@ -214,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         upstream = FakeUpstreamProcess(workdir, "upstream").start()
         try:
+            if args.cpu_split is not None:
+                assert upstream.process is not None
+                pin(upstream.process.pid, args.cpu_split[1])
             for round_number in range(args.rounds):
                 for name, workers, limits in setups:
                     rounds[name].append(measure(
@@ -221,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
                     ))
         finally:
             upstream.stop()
-    cpus = len(os.sched_getaffinity(0))
     paced = f" at {args.rate:g} req/s" if args.rate else ""
-    print(f"\n{cpus} CPUs shared by the load generator, the fake upstream and relayd; per "
+    where = (f"relayd pinned to 1 of {cpus} CPUs, the load generator and the fake upstream "
+             f"to the other {cpus - 1}" if args.split_cpus else
+             f"{cpus} CPUs shared by the load generator, the fake upstream and relayd")
+    print(f"\n{where}; per "
           f"setup and round {args.requests} requests on {args.concurrency} keep-alive "
           f"connections{paced}, then {args.connections} each on a new connection (16 at a "
           f"time), then 5 bursts of {args.burst} connections at once; medians of "

@@ -22,6 +22,7 @@ so the process would die of the signal it had answered.
 from __future__ import annotations
 
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,6 +113,7 @@ class RelayService(MultiService):
         ports: ListenerPorts | None = None,
         standalone: bool = True,
         store_factory: StoreFactory | None = None,
+        on_connections: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__()
         self.reactor = reactor
@@ -130,7 +132,9 @@ class RelayService(MultiService):
             store_factory=store_factory,
         )
         self.metrics.set_runtime_source(self.current_runtime, reactor)
-        self.site = RelaySite(self.current_runtime, reactor, self.metrics)
+        # on_connections: told the open client connections at each change (a worker
+        # writes them on the daemon's connection board, relayd.workers.board).
+        self.site = RelaySite(self.current_runtime, reactor, self.metrics, on_connections)
         self.listeners: list[_OpenListener] = []
         self.admin = AdminListener(reactor, self._admin_resource)
         self.draining = False

@@ -53,8 +53,11 @@ class ConnectionTracker:
         clock: IReactorTime,
         metrics: RelayMetrics,
         get_config: Callable[[], ConnectionsConfig],
+        on_count: Callable[[int], None] | None = None,
     ) -> None:
         self._clock = clock
+        # Told the count of open connections at each change (a worker's connection board).
+        self._on_count = on_count
         self._metrics = metrics
         self._get_config = get_config
         self.open: set[RelayChannel] = set()
@@ -131,6 +134,8 @@ class ConnectionTracker:
         if address is not None:
             self._per_address[address] = self._per_address.get(address, 0) + 1
         self._metrics.client_connection_opened(len(self.open))
+        if self._on_count is not None:
+            self._on_count(len(self.open))
 
     def busy(self, channel: RelayChannel) -> None:
         self._idle.pop(channel, None)
@@ -153,6 +158,8 @@ class ConnectionTracker:
             else:
                 self._per_address.pop(address, None)
         self._metrics.client_connections(len(self.open))
+        if self._on_count is not None:
+            self._on_count(len(self.open))
 
 
 class Refused(Protocol):

@@ -100,6 +100,7 @@ class RelaySite(Site):
         get_runtime: Callable[[], RelayRuntime],
         clock: IReactorTime,
         metrics: RelayMetrics | None = None,
+        on_connections: Callable[[int], None] | None = None,
     ) -> None:
         # Bodies are JSON relayed as bytes: never parse them as HTML form submissions
         # (that costs a MIME parse of Content-Type on every POST).
@@ -111,7 +112,8 @@ class RelaySite(Site):
         )
         self._get_runtime = get_runtime
         self.tracker = ConnectionTracker(
-            clock, self.resource.metrics, lambda: get_runtime().config.connections
+            clock, self.resource.metrics, lambda: get_runtime().config.connections,
+            on_connections,
         )
 
     def buildProtocol(self, addr: Any) -> Any:

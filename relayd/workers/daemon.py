@@ -51,6 +51,7 @@ from relayd.sdnotify import Notifier
 from relayd.service import report_reload_failure, stop_reactor
 from relayd.tls import certificate_options
 from relayd.workers.admin import DaemonAdmin, DaemonMetrics
+from relayd.workers.board import ConnectionBoard
 from relayd.workers.channel import Handler
 from relayd.workers.merge import WorkerFamilies
 from relayd.workers.processes import WorkerProcess, describe_exit
@@ -108,6 +109,7 @@ class WorkerDaemon(MultiService):
         self.install_signal_handlers = install_signal_handlers
         self.metrics = DaemonMetrics()
         self.store = StoreHost(reactor)
+        self.board = ConnectionBoard.create()
         self.sockets: dict[str, _Socket] = {}
         self.workers: dict[int, WorkerProcess] = {}
         self.retiring: set[WorkerProcess] = set()  # scaled down, draining
@@ -164,6 +166,7 @@ class WorkerDaemon(MultiService):
                 log.info("worker {index} (pid {pid}) is no longer wanted; it drains",
                          index=index, pid=worker.pid)
                 self.retiring.add(worker)
+                self.board.serving(index, False)
                 worker.stop()
 
     def _spawn(self, index: int) -> None:
@@ -173,7 +176,7 @@ class WorkerDaemon(MultiService):
         # Read now: twistd starts its log observer after it made this service.
         log_style = "journal" if journal_in_use() else "text"
         try:
-            channel = worker.spawn(self.reactor, handlers, log_style)
+            channel = worker.spawn(self.reactor, handlers, log_style, self.board.fileno())
         except OSError as exc:  # fork or socketpair failed (EAGAIN, ENOMEM, EMFILE)
             failures = self.failures.get(index, 0) + 1
             self.failures[index] = failures
@@ -198,6 +201,7 @@ class WorkerDaemon(MultiService):
         if worker.state != "starting":
             return
         worker.state = "serving"
+        self.board.serving(worker.index, True)
         log.info("worker {index} (pid {pid}) serving", index=worker.index, pid=worker.pid)
         if worker.generation != self.generation:  # a reload came while it started
             self._catch_up(worker).addErrback(
@@ -224,6 +228,8 @@ class WorkerDaemon(MultiService):
     def _worker_exited(self, worker: WorkerProcess, reason: Failure) -> None:
         how = describe_exit(reason)
         self.retiring.discard(worker)
+        if self.workers.get(worker.index) is worker:
+            self.board.serving(worker.index, False)
         self.families.worker_gone(worker.serial)
         self.store.worker_gone(worker.serial)
         if self.workers.get(worker.index) is not worker:

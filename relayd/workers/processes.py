@@ -42,9 +42,10 @@ class WorkerProcess(ProcessProtocol):
         self.exited: Deferred[None] = Deferred()
 
     def spawn(
-        self, reactor: Any, handlers: Mapping[str, Handler], log_style: str
+        self, reactor: Any, handlers: Mapping[str, Handler], log_style: str, board: int
     ) -> ControlChannel:
-        """Start the process with its end of a fresh socket pair as descriptor 3."""
+        """Start the process with its end of a fresh socket pair as descriptor 3 and the
+        connection board ``board`` as descriptor 4."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
@@ -52,7 +53,7 @@ class WorkerProcess(ProcessProtocol):
                     "--log", log_style]
             reactor.spawnProcess(
                 self, sys.executable, argv, env=env,
-                childFDs={1: 1, 2: 2, 3: theirs.fileno()},
+                childFDs={1: 1, 2: 2, 3: theirs.fileno(), 4: board},
             )
         finally:
             theirs.close()

@@ -1,7 +1,8 @@
 """A worker process: ``python -m relayd.workers.worker``, started by the daemon only.
 
 The daemon (:mod:`relayd.workers.daemon`) passes the worker's end of a control
-channel as file descriptor 3. Over it the worker gets the configuration (the bytes the
+channel as file descriptor 3, and the connection board (:mod:`relayd.workers.board`)
+as descriptor 4. Over it the worker gets the configuration (the bytes the
 daemon validated) and the listening sockets, serves them with the same
 :class:`~relayd.service.RelayService` one process runs, and answers the daemon's
 questions (metrics, admin views, readiness). It never binds a port, never reads the
@@ -44,6 +45,7 @@ from relayd.logs import batch_access_lines, journal_observer
 from relayd.sdnotify import Notifier
 from relayd.service import RelayService
 from relayd.tls import ReloadableServerContext
+from relayd.workers.board import BOARD_FD, AcceptGate, ConnectionBoard
 from relayd.workers.channel import ControlChannel, adopt_channel
 from relayd.workers.merge import Family, registry_families
 from relayd.workers.store import DaemonStore
@@ -55,11 +57,13 @@ CONTROL_FD = 3
 
 
 class AdoptedPorts:
-    """A worker's :class:`~relayd.listeners.ListenerPorts`: the daemon's sockets."""
+    """A worker's :class:`~relayd.listeners.ListenerPorts`: the daemon's sockets, each
+    accepting through an :class:`~relayd.workers.board.AcceptGate`."""
 
-    def __init__(self, reactor: Any, index: int) -> None:
+    def __init__(self, reactor: Any, index: int, board: ConnectionBoard) -> None:
         self.reactor = reactor
         self.index = index
+        self.board = board
         self.descriptors: dict[str, int] = {}
 
     def hand_over(self, keys: Iterable[str], descriptors: Iterable[int]) -> None:
@@ -77,9 +81,11 @@ class AdoptedPorts:
         if fd is None:
             raise RuntimeError(f"the daemon sent no socket for listener {listener.address}")
         try:
-            return adopt(self.reactor, listener, fd, factory, context)
+            port = adopt(self.reactor, listener, fd, factory, context)
         finally:
             os.close(fd)
+        AcceptGate(port, self.board, self.index, self.reactor)
+        return port
 
 
 class _Query:
@@ -92,10 +98,11 @@ class _Query:
 class Worker:
     """The worker's side of the control channel, and its relay service."""
 
-    def __init__(self, reactor: Any, index: int) -> None:
+    def __init__(self, reactor: Any, index: int, board: ConnectionBoard) -> None:
         self.reactor = reactor
         self.index = index
-        self.ports = AdoptedPorts(reactor, index)
+        self.board = board
+        self.ports = AdoptedPorts(reactor, index, board)
         self.service: RelayService | None = None
         self.admin: AdminResource | None = None
         self.stopping = False
@@ -129,7 +136,9 @@ class Worker:
             ports=self.ports,
             standalone=False,
             store_factory=self._store_factory,
+            on_connections=self._count_connections,
         )
+        self.board.set_open(self.index, 0)  # not what an earlier worker of this index left
         self.service = service
         service.privilegedStartService()
         service.startService()
@@ -139,6 +148,12 @@ class Worker:
         )
         self.reactor.addSystemEventTrigger("before", "shutdown", self._drain)
         return "serving"
+
+    def _count_connections(self, count: int) -> None:
+        # A draining worker no longer counts (the daemon took it off the board): a new
+        # worker of the same index may be writing this slot.
+        if not self.stopping:
+            self.board.set_open(self.index, count)
 
     def _drain(self) -> Deferred[Any]:
         """The drain, then one round trip so the daemon has every settlement (the
@@ -240,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet import reactor  # the process entry point owns the reactor
 
     batch_access_lines(reactor)  # the journal observer's batching, as under twistd
-    worker = Worker(reactor, args.index)
+    worker = Worker(reactor, args.index, ConnectionBoard(BOARD_FD))
     adopt_channel(reactor, CONTROL_FD, worker.channel)
     reactor.run()
     return 0

@@ -138,6 +138,20 @@ def test_two_workers_serve_one_port_with_one_view(
     purged = httpx2.post(relay.admin_url() + "/admin/cache/purge", timeout=10)
     assert purged.status_code == 200 and purged.json()["purged"]["memory"] == 0
 
+    # A burst of connections opened at once is shared out (the connection board): no
+    # worker takes more than 1.5 times its fair share.
+    before = accepted(relay)
+    port = int(url.rsplit(":", 1)[1])
+    burst = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+    try:
+        wait_for(lambda: sum(accepted(relay).values()) - sum(before.values()) >= 40, 30,
+                 "the burst to be accepted")
+        took = [value - before[worker] for worker, value in accepted(relay).items()]
+        assert max(took) <= 0.75 * 40, took
+    finally:
+        for sock in burst:
+            sock.close()
+
     exposition = admin_get(relay, "/metrics").text
     assert exposition.count("# TYPE relayd_requests_total counter") == 1
     promtool = shutil.which("promtool")
