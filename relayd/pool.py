@@ -18,8 +18,8 @@ the differences a relay needs:
 * Counters (connections opened, reused, requests retried on a fresh connection) and the
   idle count, read by the metrics without touching private attributes.
 
-The client protocol and the failures it raises are twisted.web's private ones, reached
-only through :mod:`relayd.client_protocol`. ``tests/unit/test_pool.py`` exercises the
+The client protocol is relayd's own (:mod:`relayd.client_protocol`, which also bounds an
+answer's head); the failures it raises are twisted.web's. ``tests/unit/test_pool.py`` exercises the
 pool against the installed Twisted.
 """
 
@@ -37,20 +37,25 @@ from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
 from relayd.client_protocol import (
+    MAX_RESPONSE_HEAD,
     ClientProtocol,
     PreparedRequest,
     Request,
     RequestNotSent,
     RequestTransmissionFailed,
     ResponseFailed,
+    ResponseHeadTooLargeError,
     ResponseNeverReceived,
 )
 
-#: An upstream answer's status line and headers must fit in this many bytes, else the
-#: connection is dropped as a failed response (the parser would keep header lines in
-#: memory without end). Counted as received while the head is incomplete; a read holds
-#: at most 64 KiB, so a head of 192 KiB always fits.
-MAX_RESPONSE_HEAD = 256 * 1024
+__all__ = [
+    "MAX_RESPONSE_HEAD",
+    "BytesProducer",
+    "ConnectionPool",
+    "PoolSender",
+    "ResponseHeadTooLargeError",
+    "head_too_large",
+]
 
 # Failures that mean no byte of an answer was received (and for the first two, that the
 # request was not even wholly sent).
@@ -88,10 +93,6 @@ class BytesProducer:
         pass
 
 
-class ResponseHeadTooLargeError(Exception):
-    """The upstream's status line and headers exceeded :data:`MAX_RESPONSE_HEAD`."""
-
-
 def head_too_large(failure: Failure) -> bool:
     """Whether a request failed because the answer's head was too large."""
     if not failure.check(ResponseFailed):
@@ -102,25 +103,12 @@ def head_too_large(failure: Failure) -> bool:
 
 class _PooledProtocol(ClientProtocol):
     """The client protocol of one pooled connection: tells the pool when it goes idle
-    (quiescent) and when its connection is lost, and bounds the answer's head."""
+    (quiescent) and when its connection is lost."""
 
     def __init__(self, pool: ConnectionPool, key: Hashable) -> None:
         super().__init__(self._quiescent)
         self._pool = pool
         self._key = key
-        self._head_bytes = 0
-
-    def request(self, request: Request) -> Deferred[IResponse]:
-        self._head_bytes = 0
-        return super().request(request)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.receiving_head():
-            self._head_bytes += len(data)
-            if self._head_bytes > MAX_RESPONSE_HEAD:
-                self.fail_response(Failure(ResponseHeadTooLargeError(MAX_RESPONSE_HEAD)))
-                return
-        super().dataReceived(data)
 
     def _quiescent(self, protocol: ClientProtocol) -> None:
         self._pool._put(self._key, self)
@@ -215,14 +203,21 @@ class ConnectionPool:
 
     def getConnection(self, key: Hashable, endpoint: IStreamClientEndpoint) -> Deferred[Any]:
         """A connection for one request: the most recently idle one, or a new one."""
+        reused = self.take_idle(key, endpoint)
+        if reused is not None:
+            return succeed(reused)
+        return self._connect(key, endpoint)
+
+    def take_idle(self, key: Hashable, endpoint: IStreamClientEndpoint) -> _ReusedConnection | None:
+        """The most recently idle connection, taken out of the pool; None if none is."""
         idle = self._idle.get(key)
         while idle:
             connection = idle.pop()
             self._expiry.pop(connection).cancel()
             if connection.state == "QUIESCENT":
                 self.reused += 1
-                return succeed(_ReusedConnection(self, connection, key, endpoint))
-        return self._connect(key, endpoint)
+                return _ReusedConnection(self, connection, key, endpoint)
+        return None
 
     def idle_connections(self) -> int:
         """Idle connections held now."""
@@ -319,7 +314,10 @@ class PoolSender:
         else:
             lines.append(b"\r\n")
         request = PreparedRequest(method, target, b"".join(lines))
-        d = self._pool.getConnection(self._key, self._endpoint)
+        reused = self._pool.take_idle(self._key, self._endpoint)
+        if reused is not None:
+            return reused.request(request)  # (no Deferred for the connection itself)
+        d = self._pool._connect(self._key, self._endpoint)
         return d.addCallback(_send_on, request)
 
 

@@ -1,28 +1,26 @@
-"""An HTTP head that arrives whole, given to a twisted line receiver in one pass.
+"""An HTTP request head that arrives whole, given to twisted's line receiver in one pass.
 
-twisted.web parses a head, on the server (``HTTPChannel``) and on the client
-(``HTTPClientParser``), as a ``LineReceiver``: for every line the receiver splits its
-buffer, copying everything after the line, the body included. A 64 KiB request body (a
-Claude Code request), or a large answer, that arrives in the head's read is copied once
-per header. Here the head is split once and each line handed to the receiver's own
-``lineReceived``, in order, exactly as the receiver would (all checks, limits, folding
-and errors stay Twisted's); the blank line that ends the head, and what follows, go
-through the receiver as ever, so body framing, pipelining and the switch to the body are
-Twisted's too.
+twisted.web parses a request head (``HTTPChannel``) as a ``LineReceiver``: for every
+line the receiver splits its buffer, copying everything after the line, the body
+included. A 64 KiB request body (a Claude Code request) that arrives in the head's read
+is copied once per header. Here the head is split once and each line handed to the
+receiver's own ``lineReceived``, in order, exactly as the receiver would (all checks,
+limits, folding and errors stay Twisted's); the blank line that ends the head, and what
+follows, go through the receiver as ever, so body framing, pipelining and the switch to
+the body are Twisted's too. (Upstream answers are read by relayd's own client protocol,
+:mod:`relayd.client_protocol`.)
 
 Only non-empty lines are handed over, each as the receiver would hand it (in line mode,
 with nothing buffered, a non-empty head line never changes the receiver's mode), so the
 data may start a head or continue one. Left to the receiver: a partial line already
-buffered, a receiver paused or busy, a bare LF or CR in the head (the client parser
-splits on LF and strips one CR), an empty line before the end (a blank line before a
-request, or data that is not a head at all), and a line over ``MAX_LENGTH``. If a line
-makes the receiver drop the connection (a bad request), the rest stays in its buffer,
-as it would.
+buffered, a receiver paused or busy, a bare LF or CR in the head, an empty line before
+the end (a blank line before a request, or data that is not a head at all), and a line
+over ``MAX_LENGTH``. If a line makes the receiver drop the connection (a bad request),
+the rest stays in its buffer, as it would.
 
 The one place that touches ``LineReceiver``'s buffer state (``_buffer``,
-``_busyReceiving``); ``tests/unit/test_request_head.py`` and
-``tests/unit/test_client_protocol.py`` compare the outcome with Twisted's own channel and
-client protocol on the same bytes.
+``_busyReceiving``); ``tests/unit/test_request_head.py`` compares the outcome with
+Twisted's own channel on the same bytes.
 """
 
 from __future__ import annotations

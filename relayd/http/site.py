@@ -18,6 +18,18 @@ from relayd.http.relay import RelayResource
 from relayd.metrics import RelayMetrics
 from relayd.runtime import RelayRuntime
 
+_date: list[Any] = [-1, b""]  # the second and its Date value, made once per second
+
+
+def http_date(now: float) -> bytes:
+    """The ``Date`` header value for ``now`` (seconds since the epoch)."""
+    second = int(now)
+    if _date[0] != second:
+        _date[0] = second
+        _date[1] = datetimeToString(second)
+    value: bytes = _date[1]
+    return value
+
 
 class RelayRequest(Request):
     """A twisted.web request handed straight to the relay resource.
@@ -75,7 +87,7 @@ class RelayRequest(Request):
 
     def process(self) -> None:
         site = self.site = self.channel.site  # type: ignore[attr-defined]
-        self.setHeader(b"date", datetimeToString())
+        self.setHeader(b"date", http_date(site.reactor.seconds()))
         try:
             site.resource.render(self)
         except BaseException:

@@ -15,7 +15,12 @@ import pytest
 from support import CLIENT_KEY, backend, relay_config
 
 from relayd.testing.certs import TestCertificates
-from relayd.testing.processes import FakeUpstreamProcess, RedisServerProcess, RelaydProcess
+from relayd.testing.processes import (
+    FakeUpstreamProcess,
+    RedisServerProcess,
+    RelaydProcess,
+    wait_for,
+)
 
 UpstreamFactory = Callable[[str], FakeUpstreamProcess]
 RelaydFactory = Callable[..., RelaydProcess]
@@ -33,6 +38,12 @@ def post(client: httpx2.Client, relay: RelaydProcess, key: str = CLIENT_KEY) -> 
                                 "content-type": "application/json"})
 
 
+def _store_up(relay: RelaydProcess) -> bool:
+    text = httpx2.get(relay.admin_url() + "/metrics", timeout=5).text
+    return any(line.startswith("relayd_state_store_up{") and line.endswith(" 1.0")
+               for line in text.splitlines())
+
+
 def test_a_flood_from_one_address_is_cut_across_instances_while_another_is_served(
     certs: TestCertificates, upstream_factory: UpstreamFactory, relayd_factory: RelaydFactory,
     redis_server: RedisServerProcess,
@@ -46,7 +57,12 @@ def test_a_flood_from_one_address_is_cut_across_instances_while_another_is_serve
     )
     config["providers"] = config["providers"][:1]
     config["routes"] = config["routes"][:1]
+    config["admin"] = {"address": "127.0.0.1:0"}
     relays = [relayd_factory(config, name="first"), relayd_factory(config, name="second")]
+    # Until an instance's Redis connection is up it keeps the bucket in memory: wait,
+    # or a loaded machine lets the first requests pass on two buckets.
+    for relay in relays:
+        wait_for(lambda relay=relay: _store_up(relay), 15, "Redis up for both instances")
     flood = client_from("127.0.0.2")
     statuses = [post(flood, relays[i % 2]).status_code for i in range(12)]
     # One bucket for both instances: burst + 1 = 5 pass, wherever they land.
