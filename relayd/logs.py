@@ -67,8 +67,18 @@ def format_access_line(fields: dict[str, object]) -> str:
 
 
 def log_access(fields: dict[str, object]) -> None:
-    """Emit one access-log event; ``fields`` stay on the event for structured observers."""
-    access_log.info("access {line}", line=format_access_line(fields), access=fields)
+    """Emit one access-log event; ``fields`` stay on the event for structured observers.
+
+    Once :func:`batch_access_lines` has run with twistd's journal observer, the line goes
+    to that observer directly (the same text, without an event through twisted.logger).
+    """
+    line = format_access_line(fields)
+    direct = _direct_observers
+    if direct:
+        for observer in direct:
+            observer.access_line(line)
+        return
+    access_log.info("access {line}", line=line, access=fields)
 
 
 def journal_observer() -> ILogObserver:
@@ -87,6 +97,8 @@ def journal_observer() -> ILogObserver:
 
 
 _journal_observers: list[JournalObserver] = []
+# The journal observers that take access lines straight from log_access.
+_direct_observers: list[JournalObserver] = []
 
 
 def journal_in_use() -> bool:
@@ -96,10 +108,19 @@ def journal_in_use() -> bool:
 
 def batch_access_lines(reactor: Any) -> None:
     """Let the journal observers made so far batch their access lines on ``reactor``
-    (called once the relay service exists; everything is flushed at shutdown)."""
+    (called once the relay service exists; everything is flushed at shutdown).
+
+    From then on :func:`log_access` hands them the lines directly: a journal observer is
+    made by twistd's ``--logger`` (or a worker's logging, which passes access events
+    through untouched), so it is the one observer of every event, and an access event
+    through twisted.logger (event dict, publisher, observer wrappers) would only carry
+    the same line to it at more cost.
+    """
     for observer in _journal_observers:
         observer.batch_on(reactor)
         reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
+        if observer not in _direct_observers:
+            _direct_observers.append(observer)
 
 
 @implementer(ILogObserver)
@@ -130,17 +151,22 @@ class JournalObserver:
             "log_system" not in event
         ):
             # The line is made already: skip formatting the event (same text).
-            pending = self._pending
-            pending.append(_ACCESS_PREFIX + event["line"] + "\n")
-            if self._clock is None or len(pending) >= ACCESS_BATCH_LINES:
-                self.flush()
-            elif len(pending) == 1:
-                self._clock.callLater(ACCESS_FLUSH_SECONDS, self.flush)
+            self.access_line(event["line"])
             return
         text = eventAsText(event, includeTimestamp=False, includeSystem=True)
         if text:
             self._pending.append(text + "\n")
             self.flush()
+
+    def access_line(self, line: str) -> None:
+        """Write one access line (``line``: what follows ``access``), or keep it for the
+        batch."""
+        pending = self._pending
+        pending.append(_ACCESS_PREFIX + line + "\n")
+        if self._clock is None or len(pending) >= ACCESS_BATCH_LINES:
+            self.flush()
+        elif len(pending) == 1:
+            self._clock.callLater(ACCESS_FLUSH_SECONDS, self.flush)
 
     def flush(self) -> None:
         """Write (and flush) every pending line."""

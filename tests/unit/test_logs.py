@@ -100,6 +100,7 @@ def test_batch_access_lines_flushes_at_shutdown() -> None:
         relayd.logs.batch_access_lines(reactor)
     finally:
         relayd.logs._journal_observers.remove(observer)
+        relayd.logs._direct_observers.remove(observer)
     Logger(namespace="relayd.access", observer=observer).info(
         "access {line}", line="request_id=9", access={}
     )
@@ -126,3 +127,29 @@ def test_request_ids_do_not_fill_the_cache() -> None:
     before = len(relayd.logs._RENDERED)
     format_access_line({"request_id": "req_00ff", "outcome": "ok"})
     assert len(relayd.logs._RENDERED) == before
+
+
+def test_once_batching_access_lines_go_straight_to_the_journal_observer() -> None:
+    """After batch_access_lines, log_access hands the journal observer the same line it
+    would have got as an event, and twisted.logger's publisher sees none."""
+    events: list[dict[str, object]] = []
+    record: Any = events.append
+    stream = io.StringIO()
+    observer = JournalObserver(stream)
+    reactor = MemoryReactorClock()
+    globalLogPublisher.addObserver(record)
+    relayd.logs._journal_observers.append(observer)
+    try:
+        log_access({"request_id": "req_1", "status": 200})  # not batching yet: an event
+        relayd.logs.batch_access_lines(reactor)
+        log_access({"request_id": "req_2", "model": "a b", "status": 200})
+    finally:
+        globalLogPublisher.removeObserver(record)
+        relayd.logs._journal_observers.remove(observer)
+        relayd.logs._direct_observers.remove(observer)
+    assert [e["line"] for e in events if "access" in e] == ["request_id=req_1 status=200"]
+    assert stream.getvalue() == ""  # batched
+    reactor.advance(relayd.logs.ACCESS_FLUSH_SECONDS)
+    assert stream.getvalue() == (
+        '[relayd.access#info] access request_id=req_2 model="a b" status=200\n'
+    )
