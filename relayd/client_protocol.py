@@ -27,9 +27,12 @@ they drive ``HTTP11ClientProtocol``):
   and stops the connection until the answer is over, and nothing after. Body data that
   arrives before a protocol is attached is kept, and reading pauses until one is.
 * When an answer ends, the connection is handed back (the quiescent callback, before
-  the body's ``connectionLost``) unless the answer said ``Connection: close`` or the
-  request is not persistent. (An HTTP/1.0 answer without keep-alive is handed back as
-  twisted.web does: the upstream's close then takes it out of the pool.)
+  the body's ``connectionLost``) unless the answer said ``Connection: close``, the
+  request is not persistent, or bytes followed the answer in the same read (an upstream
+  out of step with its own framing: twisted.web drops those bytes and keeps the
+  connection; relayd closes it, so that the next request cannot read them as its
+  answer). An HTTP/1.0 answer without keep-alive is handed back as twisted.web does: the
+  upstream's close then takes it out of the pool.
 * A head larger than :data:`MAX_RESPONSE_HEAD`, or a line in it longer than
   :data:`MAX_LINE` (twisted's ``LineReceiver`` limit), fails the request and drops the
   connection.
@@ -549,8 +552,8 @@ class ClientProtocol(Protocol):
         self._body_transport = None
         if transport is not None:
             transport.detach()
-        # Bytes after the answer (``rest``) are dropped, as twisted.web drops them.
-        if self._state == "WAITING" and self._persistent:
+        # Bytes after the answer (``rest``): the upstream is out of step; not reused.
+        if self._state == "WAITING" and self._persistent and not rest:
             self._state = "QUIESCENT"
             self.transport.resumeProducing()
             callback = self._quiescent_callback
