@@ -100,6 +100,9 @@ _CONNECTION_HEADERS = frozenset({
     b"content-length", b"connection", b"keep-alive", b"te", b"trailers",
     b"transfer-encoding", b"upgrade", b"proxy-connection",
 })
+# In the answer to a HEAD request, Content-Length describes the entity (what a GET would
+# get), not this answer's body: it stays in ``response.headers``.
+_HEAD_CONNECTION_HEADERS = _CONNECTION_HEADERS - {b"content-length"}
 _NO_BODY_CODES = (204, 304)
 
 # Phases of the connection: no request; reading an answer's head; reading its body.
@@ -400,18 +403,18 @@ class ClientProtocol(Protocol):
         raw = headers._raw
         connection: dict[bytes, list[bytes]] = {}
         head_request = self._request.method == b"HEAD"
+        control = _HEAD_CONNECTION_HEADERS if head_request else _CONNECTION_HEADERS
         if not plain:
-            _parse_header_lines(lines, raw, connection, head_request)
+            _parse_header_lines(lines, raw, connection, control)
         else:
+            # (the per-line work of _add, inlined: values hold no CR or LF here)
             for line in lines[1:]:
                 name, colon, value = line.partition(b":")
                 if not colon:
                     raise UpstreamParseError(f"header line without a colon {line[:100]!r}")
                 name = name.lower()
                 value = value.strip()
-                if name in _CONNECTION_HEADERS and not (
-                    head_request and name == b"content-length"
-                ):
+                if name in control:
                     connection.setdefault(name, []).append(value)
                     continue
                 values = raw.get(name)
@@ -542,8 +545,9 @@ class ClientProtocol(Protocol):
                 return  # failed on the way
         self._chunk_state = state
 
-    def _end_answer(self, rest: bytes) -> None:
-        """The answer is whole: the connection goes back (or away), then the body ends."""
+    def _body_over(self) -> Response | None:
+        """The exchange of the answer being read is over: no request, the body's
+        transport detached. Returns that answer, for its body's end."""
         response = self._response
         self._response = None
         self._phase = _IDLE
@@ -552,6 +556,11 @@ class ClientProtocol(Protocol):
         self._body_transport = None
         if transport is not None:
             transport.detach()
+        return response
+
+    def _end_answer(self, rest: bytes) -> None:
+        """The answer is whole: the connection goes back (or away), then the body ends."""
+        response = self._body_over()
         # Bytes after the answer (``rest``): the upstream is out of step; not reused.
         if self._state == "WAITING" and self._persistent and not rest:
             self._state = "QUIESCENT"
@@ -592,14 +601,7 @@ class ClientProtocol(Protocol):
             answered.errback(Failure(kind([reason])))
 
     def _fail_body(self, reason: Failure) -> None:
-        response = self._response
-        self._response = None
-        self._phase = _IDLE
-        self._request = None
-        transport = self._body_transport
-        self._body_transport = None
-        if transport is not None:
-            transport.detach()
+        response = self._body_over()
         if response is None:
             return
         if self._framing == _UNTIL_CLOSE:
@@ -648,7 +650,7 @@ class AbortedByRelayError(Exception):
 
 
 def _parse_header_lines(lines: list[bytes], raw: dict[bytes, list[bytes]],
-                        connection: dict[bytes, list[bytes]], head_request: bool) -> None:
+                        connection: dict[bytes, list[bytes]], control: frozenset[bytes]) -> None:
     """The header lines of an unusual head (the status line first): bare LF line ends,
     folded lines, long lines; read as twisted.web reads them."""
     name = b""
@@ -664,7 +666,7 @@ def _parse_header_lines(lines: list[bytes], raw: dict[bytes, list[bytes]],
             value += line
             continue
         if name:
-            _add(raw, connection, name, value, head_request)
+            _add(raw, connection, name, value, control)
         if not line:
             name = b""
             continue
@@ -672,19 +674,18 @@ def _parse_header_lines(lines: list[bytes], raw: dict[bytes, list[bytes]],
         if not colon:
             raise UpstreamParseError(f"header line without a colon {line[:100]!r}")
     if name:
-        _add(raw, connection, name, value, head_request)
+        _add(raw, connection, name, value, control)
 
 
 def _add(raw: dict[bytes, list[bytes]], connection: dict[bytes, list[bytes]], name: bytes,
-         value: bytes, head_request: bool) -> None:
+         value: bytes, control: frozenset[bytes]) -> None:
+    """One header: its name in lower case, its value stripped and cleaned of CR and LF,
+    into ``connection`` if its name is in ``control``, else into ``raw``."""
     name = name.lower()
     value = value.strip()
     if b"\r" in value or b"\n" in value:
         value = b" ".join(value.splitlines())
-    if name in _CONNECTION_HEADERS and not (head_request and name == b"content-length"):
-        connection.setdefault(name, []).append(value)
-    else:
-        raw.setdefault(name, []).append(value)
+    (connection if name in control else raw).setdefault(name, []).append(value)
 
 
 def _line_start(buffer: bytes) -> int:

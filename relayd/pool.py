@@ -19,8 +19,8 @@ the differences a relay needs:
   idle count, read by the metrics without touching private attributes.
 
 The client protocol is relayd's own (:mod:`relayd.client_protocol`, which also bounds an
-answer's head); the failures it raises are twisted.web's. ``tests/unit/test_pool.py`` exercises the
-pool against the installed Twisted.
+answer's head); the failures it raises are twisted.web's. ``tests/unit/test_pool.py``
+exercises the pool against the installed Twisted.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import httpx2
 import openai
 import pytest
 from support import CLIENT_KEY, backend, relay_config
+from test_reload_drain import metric_samples
 
 from relayd.testing.certs import TestCertificates
 from relayd.testing.processes import (
@@ -38,12 +39,6 @@ def post(client: httpx2.Client, relay: RelaydProcess, key: str = CLIENT_KEY) -> 
                                 "content-type": "application/json"})
 
 
-def _store_up(relay: RelaydProcess) -> bool:
-    text = httpx2.get(relay.admin_url() + "/metrics", timeout=5).text
-    return any(line.startswith("relayd_state_store_up{") and line.endswith(" 1.0")
-               for line in text.splitlines())
-
-
 def test_a_flood_from_one_address_is_cut_across_instances_while_another_is_served(
     certs: TestCertificates, upstream_factory: UpstreamFactory, relayd_factory: RelaydFactory,
     redis_server: RedisServerProcess,
@@ -62,7 +57,8 @@ def test_a_flood_from_one_address_is_cut_across_instances_while_another_is_serve
     # Until an instance's Redis connection is up it keeps the bucket in memory: wait,
     # or a loaded machine lets the first requests pass on two buckets.
     for relay in relays:
-        wait_for(lambda relay=relay: _store_up(relay), 15, "Redis up for both instances")
+        wait_for(lambda relay=relay: [v for _, v in metric_samples(
+            relay, "relayd_state_store_up")] == [1.0], 15, "Redis up for both instances")
     flood = client_from("127.0.0.2")
     statuses = [post(flood, relays[i % 2]).status_code for i in range(12)]
     # One bucket for both instances: burst + 1 = 5 pass, wherever they land.
