@@ -16,6 +16,7 @@ _PLAIN = re.compile(r"^[A-Za-z0-9_.:/@*+\-]{1,200}$")
 
 _ACCESS_NAMESPACE = "relayd.access"
 access_log = Logger(namespace=_ACCESS_NAMESPACE)
+_log = Logger(namespace="relayd.logs")
 
 
 def logfmt_value(value: object) -> str:
@@ -108,7 +109,8 @@ def journal_in_use() -> bool:
 
 def batch_access_lines(reactor: Any) -> None:
     """Let the journal observers made so far batch their access lines on ``reactor``
-    (called once the relay service exists; everything is flushed at shutdown).
+    (called once they exist: under twistd, when the reactor runs; everything is flushed
+    at shutdown).
 
     From then on :func:`log_access` hands them the lines directly: a journal observer is
     made by twistd's ``--logger`` (or a worker's logging, which passes access events
@@ -117,10 +119,15 @@ def batch_access_lines(reactor: Any) -> None:
     the same line to it at more cost.
     """
     for observer in _journal_observers:
+        if observer in _direct_observers:
+            continue
         observer.batch_on(reactor)
         reactor.addSystemEventTrigger("after", "shutdown", observer.flush)
-        if observer not in _direct_observers:
-            _direct_observers.append(observer)
+        _direct_observers.append(observer)
+        _log.info(
+            "access lines are written in batches: at most {seconds:g} s late, or every "
+            "{lines} lines", seconds=ACCESS_FLUSH_SECONDS, lines=ACCESS_BATCH_LINES,
+        )
 
 
 @implementer(ILogObserver)

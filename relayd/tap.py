@@ -51,5 +51,7 @@ def makeService(options: Options) -> IService:
         service = RelayService(
             options.config, reactor, config_path=options["config"], install_signal_handlers=True
         )
-    batch_access_lines(reactor)
+    # twistd starts its log observer after it made this service: once the reactor runs,
+    # the journal observer exists and can take the access lines in batches.
+    reactor.callWhenRunning(batch_access_lines, reactor)
     return service

@@ -153,6 +153,37 @@ def test_weights_are_honoured_across_processes(setup: Setup) -> None:
     assert len(setup.anthropic_up2.requests()) == 2
 
 
+def test_journal_logger_batches_access_lines(
+    certs: TestCertificates,
+    upstream_factory: Callable[[str], FakeUpstreamProcess],
+    relayd_factory: Callable[..., RelaydProcess],
+) -> None:
+    """Under the unit's ``--logger`` (twistd makes it after the service), access lines are
+    batched and handed to the journal observer directly: one line per request, no
+    duplicates, every other event still written."""
+    a1 = upstream_factory("a1")
+    config = relay_config(certs, [backend("a1", a1)], [backend("o1", upstream_factory("o1"))])
+    relay = relayd_factory(config, logger="relayd.logs.journal_observer")
+    wait_for(lambda: "access lines are written in batches" in relay.log_text(), 10,
+             "the journal observer to batch access lines", relay.log_path)
+    client = anthropic.Anthropic(api_key=CLIENT_KEY, base_url=relay.url("http"), max_retries=0)
+    for _ in range(12):
+        client.messages.create(
+            model="claude-test-1", max_tokens=8, messages=[{"role": "user", "content": "x"}]
+        )
+
+    def access_lines() -> list[str] | None:
+        lines = [line for line in relay.log_text().splitlines() if "access request_id=" in line]
+        return lines if len(lines) >= 12 else None
+
+    lines = wait_for(access_lines, 10, "12 access lines", relay.log_path)
+    assert len(lines) == 12
+    assert all(line.startswith("[relayd.access#info] access request_id=") for line in lines)
+    assert len({line.split()[2] for line in lines}) == 12  # one line per request id
+    assert all(" status=200 " in line for line in lines)
+    assert "[relayd.service#info] relayd listening on http://" in relay.log_text()
+
+
 def test_client_disconnect_cancels_upstream(setup: Setup) -> None:
     """Closing the client connection mid-stream closes the upstream request at once."""
     setup.openai_up.configure(chunk_delay=0.5, chunks=40)
