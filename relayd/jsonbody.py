@@ -9,7 +9,7 @@ break a usage parser. The C parser gives up at that depth, so the cost stays bou
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Final
 
 
 def loads(data: bytes | str) -> Any:
@@ -18,3 +18,40 @@ def loads(data: bytes | str) -> Any:
         return json.loads(data)
     except RecursionError:
         raise ValueError("JSON nested too deeply") from None
+
+
+class _Missing:
+    """No such trailing member: parse the document whole."""
+
+
+MISSING: Final = _Missing()
+
+_DECODER = json.JSONDecoder()
+_WHITESPACE = b" \t\r\n"
+_BEFORE_KEY = frozenset(b"{," + _WHITESPACE)
+
+
+def trailing_member(data: bytes, key: bytes) -> Any:
+    """The value of member ``key`` when it is the last member of the top-level object in
+    ``data`` (Anthropic puts ``usage`` last), read without parsing what precedes it; else
+    :data:`MISSING`, and the caller parses the document whole.
+
+    Found as the last ``"key":`` in the text, after ``{``, ``,`` or whitespace (inside a
+    string every quote is escaped, so this can only be a key), with nothing but ``}`` and
+    whitespace after its value (so the object that holds it is the outermost). What
+    precedes the member is not checked: a malformed document that ends this way still
+    gives the value, where a whole parse would give nothing.
+    """
+    needle = b'"' + key + b'":'
+    at = data.rfind(needle)
+    if at <= 0 or data[at - 1] not in _BEFORE_KEY:
+        return MISSING
+    tail = data[at + len(needle):].lstrip(_WHITESPACE)
+    try:
+        text = tail.decode()
+        value, end = _DECODER.raw_decode(text)
+    except (ValueError, RecursionError):
+        return MISSING
+    if text[end:].strip() != "}":
+        return MISSING
+    return value

@@ -191,14 +191,17 @@ class AnthropicProvider:
         return b"event: error\ndata: " + payload.encode() + b"\n\n"
 
     def usage_from_json(self, body: bytes) -> Usage | None:
-        try:
-            payload = jsonbody.loads(body)
-        except ValueError:
-            return None
-        if not isinstance(payload, dict) or "usage" not in payload:
-            return None
+        raw = jsonbody.trailing_member(body, b"usage")  # where the API puts it
+        if raw is jsonbody.MISSING:
+            try:
+                payload = jsonbody.loads(body)
+            except ValueError:
+                return None
+            if not isinstance(payload, dict) or "usage" not in payload:
+                return None
+            raw = payload["usage"]
         usage = Usage()
-        usage_from_mapping(payload["usage"], usage)
+        usage_from_mapping(raw, usage)
         return usage
 
     def stream_watcher(self, endpoint: Endpoint) -> IStreamWatcher:
