@@ -9,10 +9,10 @@ embedding code can build as many independent instances as they like.
 Two kinds of metrics live here:
 
 * Request-path metrics (counters, histograms, gauges) updated by the relay as requests
-  go by. Those calls sit on the hot path, so each keeps its labelled children in a plain
-  dict keyed by the raw label values: after the first request with a given label set, an
-  update is one tuple, one dict hit and the increment itself, with no string building and
-  none of prometheus-client's label validation or locking.
+  go by. Those calls sit on the hot path, so they are :mod:`relayd.metric_series`
+  families: after the first request with a given label set, an update is one tuple, one
+  dict hit and an attribute change, with no string building and none of
+  prometheus-client's label validation or locking; the exposition is the same.
 * Backend state (health, breaker, load, weights, key cooldowns, idle pooled connections)
   read by :class:`RuntimeCollector` from the *current* runtime at scrape time. Nothing is
   recorded per request for these, and nothing goes stale when a reload swaps the runtime.
@@ -20,15 +20,16 @@ Two kinds of metrics live here:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 import relayd
+from relayd.metric_series import CounterFamily, GaugeFamily, HistogramFamily
 from relayd.providers.base import Usage
 
 log = Logger()
@@ -78,39 +79,6 @@ class ReloadMetrics:
             self._last_reload.set_to_current_time()
 
 
-class _Labelled(Protocol):
-    """What :class:`_Children` needs of a prometheus-client metric."""
-
-    def labels(self, *labelvalues: Any) -> Any: ...
-
-
-_M = TypeVar("_M", bound=_Labelled)
-
-
-class _Children(Generic[_M]):
-    """A cache of one metric's labelled children keyed by the raw label values.
-
-    ``metric.labels(...)`` validates and stringifies its arguments and takes a lock on
-    every call (about 4 µs); a dict hit on a tuple of the caller's own values is a
-    fraction of that. The cache holds exactly the children the metric holds itself, so it
-    adds no cardinality of its own.
-    """
-
-    __slots__ = ("_cache", "_metric")
-
-    def __init__(self, metric: _M) -> None:
-        self._metric = metric
-        self._cache: dict[tuple[Hashable, ...], Any] = {}
-
-    def get(self, key: tuple[Hashable, ...]) -> Any:
-        """The child for ``key``; label values are ``str(v)`` of the key's items."""
-        child = self._cache.get(key)
-        if child is None:
-            child = self._metric.labels(*[str(v) for v in key])
-            self._cache[key] = child
-        return child
-
-
 class RelayMetrics:
     """Every relayd metric, registered once in ``registry``.
 
@@ -124,148 +92,148 @@ class RelayMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
 
-        self._build_info = Gauge(
+        self._build_info = GaugeFamily(
             "relayd_build_info", "relayd build information; always 1.", ["version"], registry=r
         )
-        self._build_info.labels(relayd.__version__).set(1)
+        self._build_info.child((relayd.__version__,)).set(1)
 
-        self._in_flight = Gauge(
+        self._in_flight = GaugeFamily(
             "relayd_requests_in_flight", "Client requests being served right now.", registry=r
-        )
-        self._streams_open = Gauge(
+        ).child(())
+        self._streams_open = GaugeFamily(
             "relayd_streams_open", "Streamed (SSE) responses being relayed right now.",
             registry=r,
-        )
-        requests_total = Counter(
+        ).child(())
+        requests_total = CounterFamily(
             "relayd_requests_total",
             "Finished client requests, by the status code sent to the client.",
             ["client", "api", "provider", "backend", "model", "status"],
             registry=r,
         )
-        duration = Histogram(
+        duration = HistogramFamily(
             "relayd_request_duration_seconds",
             "Client request duration, from the request to the last response byte.",
             ["api", "provider"], buckets=DURATION_BUCKETS, registry=r,
         )
-        ttfb = Histogram(
+        ttfb = HistogramFamily(
             "relayd_time_to_first_byte_seconds",
             "Time from the client request to the first response byte sent to the client.",
             ["api", "provider"], buckets=TTFB_BUCKETS, registry=r,
         )
-        overhead = Histogram(
+        overhead = HistogramFamily(
             "relayd_relay_overhead_seconds",
             "Request duration not spent waiting for an upstream: the relay's own cost.",
             ["api"], buckets=OVERHEAD_BUCKETS, registry=r,
         )
-        tokens = Counter(
+        tokens = CounterFamily(
             "relayd_tokens_total",
             "Tokens reported by upstreams, by kind (input, output, cache_read, cache_write).",
             ["client", "provider", "model", "kind"], registry=r,
         )
-        attempts = Counter(
+        attempts = CounterFamily(
             "relayd_upstream_attempts_total",
             "Upstream attempts, by result (ok, connect_error, timeout, status_429, ...).",
             ["provider", "backend", "result"], registry=r,
         )
-        retries = Counter(
+        retries = CounterFamily(
             "relayd_upstream_retries_total", "Upstream retries, by the reason for the retry.",
             ["provider", "reason"], registry=r,
         )
-        failovers = Counter(
+        failovers = CounterFamily(
             "relayd_failovers_total",
             "Retries that moved to another backend or priority tier, by reason.",
             ["provider", "reason"], registry=r,
         )
-        refused = Counter(
+        refused = CounterFamily(
             "relayd_retries_refused_total",
             "Retries that were warranted but not made (budget, attempts, body_too_large).",
             ["provider", "reason"], registry=r,
         )
-        limit_rejections = Counter(
+        limit_rejections = CounterFamily(
             "relayd_limit_rejections_total",
             "Client requests refused by one of the client's limits, by the limit's name.",
             ["client", "limit"], registry=r,
         )
-        quota_skips = Counter(
+        quota_skips = CounterFamily(
             "relayd_upstream_quota_skips_total",
             "Upstream keys passed over because relayd's view of their quota was used up.",
             ["provider", "backend"], registry=r,
         )
-        self._queued = Gauge(
+        self._queued = GaugeFamily(
             "relayd_queued_requests",
             "Requests waiting for a free slot (every backend they may use at max_concurrent).",
             registry=r,
-        )
-        self._queue_wait = Histogram(
+        ).child(())
+        self._queue_wait = HistogramFamily(
             "relayd_queue_wait_seconds",
             "Time requests waited for a free backend slot (however the wait ended).",
             buckets=QUEUE_BUCKETS, registry=r,
-        )
-        queue_refusals = Counter(
+        ).child(())
+        queue_refusals = CounterFamily(
             "relayd_queue_refusals_total",
             "Requests answered 503 for want of a backend slot: queue full, or wait timed out.",
             ["reason"], registry=r,
         )
-        self._client_connections = Gauge(
+        self._client_connections = GaugeFamily(
             "relayd_client_connections",
             "Client connections open on the relay listeners.", registry=r,
-        )
-        self._connections_accepted = Counter(
+        ).child(())
+        self._connections_accepted = CounterFamily(
             "relayd_client_connections_accepted_total",
             "Client connections accepted on the relay listeners (with workers, per worker: "
             "how evenly they share the listening sockets).", registry=r,
-        )
-        connections_closed = Counter(
+        ).child(())
+        connections_closed = CounterFamily(
             "relayd_client_connections_closed_total",
             "Client connections relayd closed or refused itself, by reason (head_timeout, "
             "body_timeout, evicted, refused, refused_per_address).",
             ["reason"], registry=r,
         )
-        client_disconnects = Counter(
+        client_disconnects = CounterFamily(
             "relayd_client_disconnects_total",
             "Clients that hung up before their answer was complete, by API and by whether "
             "any of the answer had been sent (before_response, during_response).",
             ["api", "stage"], registry=r,
         )
-        self._store_errors = Counter(
+        self._store_errors = CounterFamily(
             "relayd_state_store_errors_total",
             "State store calls that failed or timed out, by operation.",
             ["store", "operation"], registry=r,
         )
-        self._store_up = Gauge(
+        self._store_up = GaugeFamily(
             "relayd_state_store_up",
             "1 while the shared state store answers; 0 while relayd decides without it.",
             ["store"], registry=r,
         )
-        edge_rejections = Counter(
+        edge_rejections = CounterFamily(
             "relayd_edge_rejections_total",
             "Requests refused at the edge, before any upstream contact, by reason "
             "(signature_*, allow_from, per_address, auth_failures).",
             ["reason"], registry=r,
         )
-        rule_matches = Counter(
+        rule_matches = CounterFamily(
             "relayd_rule_matches_total",
             "Requests a content rule matched, by rule and action (deny, flag).",
             ["rule", "action"], registry=r,
         )
         self.reloads = ReloadMetrics(r)
 
-        self._requests_total = _Children(requests_total)
-        self._duration = _Children(duration)
-        self._ttfb = _Children(ttfb)
-        self._overhead = _Children(overhead)
-        self._tokens = _Children(tokens)
-        self._attempts = _Children(attempts)
-        self._retries = _Children(retries)
-        self._failovers = _Children(failovers)
-        self._refused = _Children(refused)
-        self._limit_rejections = _Children(limit_rejections)
-        self._quota_skips = _Children(quota_skips)
-        self._edge_rejections = _Children(edge_rejections)
-        self._rule_matches = _Children(rule_matches)
-        self._client_disconnects = _Children(client_disconnects)
-        self._queue_refusals = _Children(queue_refusals)
-        self._connections_closed = _Children(connections_closed)
+        self._requests_total = requests_total
+        self._duration = duration
+        self._ttfb = ttfb
+        self._overhead = overhead
+        self._tokens = tokens
+        self._attempts = attempts
+        self._retries = retries
+        self._failovers = failovers
+        self._refused = refused
+        self._limit_rejections = limit_rejections
+        self._quota_skips = quota_skips
+        self._edge_rejections = edge_rejections
+        self._rule_matches = rule_matches
+        self._client_disconnects = client_disconnects
+        self._queue_refusals = queue_refusals
+        self._connections_closed = connections_closed
 
         self._runtime_collector = RuntimeCollector()
         r.register(self._runtime_collector)
@@ -310,58 +278,58 @@ class RelayMetrics:
         waiting on upstreams, so ``total - upstream_wait`` is what the relay added.
         """
         self._in_flight.dec()
-        self._requests_total.get((client, api, provider, backend, model, status)).inc()
+        self._requests_total.child((client, api, provider, backend, model, status)).inc()
         api_provider = (api, provider)
-        self._duration.get(api_provider).observe(total)
+        self._duration.child(api_provider).observe(total)
         if ttfb is not None:
-            self._ttfb.get(api_provider).observe(ttfb)
+            self._ttfb.child(api_provider).observe(ttfb)
         overhead = total - upstream_wait
-        self._overhead.get((api,)).observe(overhead if overhead > 0.0 else 0.0)
+        self._overhead.child((api,)).observe(overhead if overhead > 0.0 else 0.0)
         if usage is not None:
             if usage.input_tokens:
-                self._tokens.get((client, provider, model, "input")).inc(usage.input_tokens)
+                self._tokens.child((client, provider, model, "input")).inc(usage.input_tokens)
             if usage.output_tokens:
-                self._tokens.get((client, provider, model, "output")).inc(usage.output_tokens)
+                self._tokens.child((client, provider, model, "output")).inc(usage.output_tokens)
             if usage.cache_read_tokens:
-                self._tokens.get((client, provider, model, "cache_read")).inc(
+                self._tokens.child((client, provider, model, "cache_read")).inc(
                     usage.cache_read_tokens
                 )
             if usage.cache_write_tokens:
-                self._tokens.get((client, provider, model, "cache_write")).inc(
+                self._tokens.child((client, provider, model, "cache_write")).inc(
                     usage.cache_write_tokens
                 )
 
     def upstream_attempt(self, provider: str, backend: str, result: str) -> None:
         """Count one upstream attempt and how it ended (``ok``, ``timeout``, ...)."""
-        self._attempts.get((provider, backend, result)).inc()
+        self._attempts.child((provider, backend, result)).inc()
 
     def retry(self, provider: str, reason: str) -> None:
         """Count a retry of an upstream attempt."""
-        self._retries.get((provider, reason)).inc()
+        self._retries.child((provider, reason)).inc()
 
     def failover(self, provider: str, reason: str) -> None:
         """Count a retry that moved to another backend or priority tier."""
-        self._failovers.get((provider, reason)).inc()
+        self._failovers.child((provider, reason)).inc()
 
     def retry_refused(self, provider: str, reason: str) -> None:
         """Count a retry that was warranted but not made (``budget``, ``attempts``, ...)."""
-        self._refused.get((provider, reason)).inc()
+        self._refused.child((provider, reason)).inc()
 
     def limit_rejected(self, client: str, limit: str) -> None:
         """Count a request refused by the client's ``limit`` (e.g. requests_per_minute)."""
-        self._limit_rejections.get((client, limit)).inc()
+        self._limit_rejections.child((client, limit)).inc()
 
     def edge_rejected(self, reason: str) -> None:
         """Count a request refused by an edge check (a signature, an address rule)."""
-        self._edge_rejections.get((reason,)).inc()
+        self._edge_rejections.child((reason,)).inc()
 
     def rule_matched(self, rule: str, action: str) -> None:
         """Count a request a content rule matched (rule names come from the config)."""
-        self._rule_matches.get((rule, action)).inc()
+        self._rule_matches.child((rule, action)).inc()
 
     def quota_skip(self, provider: str, backend: str) -> None:
         """Count an upstream key skipped because its quota was used up."""
-        self._quota_skips.get((provider, backend)).inc()
+        self._quota_skips.child((provider, backend)).inc()
 
     def client_connections(self, count: int) -> None:
         """The number of open client connections changed."""
@@ -374,7 +342,7 @@ class RelayMetrics:
 
     def client_connection_closed(self, reason: str) -> None:
         """relayd closed or refused a client connection itself."""
-        self._connections_closed.get((reason,)).inc()
+        self._connections_closed.child((reason,)).inc()
 
     def queue_entered(self) -> None:
         """A request began waiting for a backend slot."""
@@ -387,18 +355,18 @@ class RelayMetrics:
 
     def queue_refused(self, reason: str) -> None:
         """A request was refused for want of a slot (``full`` or ``timeout``)."""
-        self._queue_refusals.get((reason,)).inc()
+        self._queue_refusals.child((reason,)).inc()
 
     def client_disconnected(self, api: str, stage: str) -> None:
         """A client hung up first (``before_response`` or ``during_response``)."""
-        self._client_disconnects.get((api, stage)).inc()
+        self._client_disconnects.child((api, stage)).inc()
 
     def store_event(self, store: str, what: str) -> None:
         """A state store event: ``error:<operation>``, ``up`` or ``down``."""
         if what.startswith("error:"):
-            self._store_errors.labels(store, what[6:]).inc()
+            self._store_errors.child((store, what[6:])).inc()
         else:
-            self._store_up.labels(store).set(1 if what == "up" else 0)
+            self._store_up.child((store,)).set(1 if what == "up" else 0)
 
     # -- the process --------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import yaml
 from prometheus_client import CollectorRegistry
 from prometheus_client.metrics import MetricWrapperBase
 
+from relayd.metric_series import CounterFamily, GaugeFamily, HistogramFamily
 from relayd.metrics import RelayMetrics, _affinity_families, _cache_families, _families
 from relayd.workers.admin import DaemonMetrics
 from relayd.workers.merge import PER_WORKER
@@ -45,12 +46,15 @@ def registry_families(registry: CollectorRegistry) -> Iterator[FamilyInfo]:
 
     Names and types come from ``registry.collect()``. A labelled metric with no child yet
     has no samples, so the label names are read from the registered collectors
-    (prometheus-client keeps them in ``_labelnames``).
+    (prometheus-client keeps them in ``_labelnames``, relayd.metric_series families in
+    ``labelnames``).
     """
     labels: dict[str, tuple[str, ...]] = {}
     for collector in registry._collector_to_names:
         if isinstance(collector, MetricWrapperBase):
             labels[collector._name] = tuple(collector._labelnames)
+        elif isinstance(collector, (CounterFamily, GaugeFamily, HistogramFamily)):
+            labels[collector.name] = collector.labelnames
     for family in registry.collect():
         yield family.name, family.type, labels.get(family.name, ())
 
