@@ -29,6 +29,7 @@ from relayd.keyring import REJECTIONS_TO_BENCH
 from relayd.metrics import RelayMetrics
 from relayd.pool import MAX_RESPONSE_HEAD, head_too_large
 from relayd.retry_after import parse_retry_after
+from relayd.timers import rearm
 
 if TYPE_CHECKING:
     from relayd.http.bodies import BodySink
@@ -215,11 +216,7 @@ class UpstreamAttempt(Protocol):
         self.sink = sink
         now = self.last_data = self.clock.seconds()
         delay = max(min(self.backend.timeouts.idle, self.deadline - now), 0.0)
-        timer = self.timer
-        if timer is not None and timer.active():
-            timer.reset(delay)
-        else:
-            self.timer = self.clock.callLater(delay, self._timer_fired)
+        self.timer = rearm(self.clock, self.timer, delay, self._timer_fired)
         response.deliverBody(self)
 
     def connectionMade(self) -> None:

@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from relayd.limits import MemoryStore, ObjectRecord, UsageRecord
 from relayd.limits.checks import Adjustment, Check, ConcurrencyCheck, Decision
 from relayd.limits.redis import StoreUnavailableError
+from relayd.timers import rearm
 from relayd.workers.channel import ControlChannel
 
 #: How long a settlement without a lease to give back may wait for others.
@@ -92,7 +93,7 @@ class DaemonStore:
         if pending is None:
             self._flush_at = self._clock.callLater(delay, self.flush)
         elif delay == 0.0 and pending.getTime() > self._clock.seconds():
-            pending.reset(0.0)
+            self._flush_at = rearm(self._clock, pending, 0.0, self.flush)
 
     def flush(self) -> None:
         """Send the queued settlements now (one message)."""

@@ -144,6 +144,20 @@ def test_an_idle_gap_after_the_answer_ends_the_body_as_timed_out() -> None:
     assert s.sink is not None and s.sink.fed == [b"data: 1\n\n"] and s.sink.ended == [False]
 
 
+def test_the_idle_timer_replaces_the_first_byte_one_without_a_reset() -> None:
+    """The answer's head swaps the first-byte timer for the idle one by a cancel and a
+    new call: a reset to a sooner time searches every pending call of the reactor."""
+    s = Setup(sink=RecordingSink())
+    first_byte = s.attempt.timer
+    assert first_byte is not None and first_byte.getTime() == TIMEOUTS["first_byte"]
+    s.advance(1)
+    s.answer(200, {b"content-type": [b"text/event-stream"]})
+    idle = s.attempt.timer
+    assert not first_byte.active() and idle is not first_byte  # cancelled: not yet due
+    assert idle is not None and idle.active() and idle.getTime() == 1 + TIMEOUTS["idle"]
+    assert s.world.clock.getDelayedCalls() == [idle]
+
+
 def test_the_total_deadline_caps_a_body_that_keeps_coming() -> None:
     s = Setup(sink=RecordingSink(), deadline=12)
     response = s.answer(200)
