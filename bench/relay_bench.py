@@ -15,7 +15,10 @@ Content-Length or chunked framing):
    by the batch size, with the batch's req/s; for relayd, for the bare proxy, and straight
    to the fake upstream (the upstream's own CPU per request, for context);
 3. streaming: sequential interleaved ``"stream": true`` requests for time to the first
-   body byte (relay vs direct), then a concurrent streaming batch for CPU per stream.
+   body byte (relay vs direct), then a concurrent streaming batch for CPU per stream;
+4. idle connections: a plain batch through each proxy again while ``--idle-connections``
+   client connections sit open and idle (as SDK clients keep theirs), which shows any
+   per-request cost that grows with the connections a process holds.
 
 It prints markdown tables (for docs/performance.md) and, with ``--json``, writes the raw
 figures. Every phase is bounded in count and by ``--duration-cap``; the subprocesses are
@@ -301,6 +304,7 @@ class Settings:
     warmup: int
     duration_cap: float
     baseline: bool
+    idle_connections: int = 2000
 
 
 def make_target(name: str, port: int, key: str, via_relay: bool) -> Target:
@@ -413,6 +417,36 @@ async def run_phases(
         stream_batches[target.name] = asdict(figures)
     results["stream_batch"] = stream_batches
     results["relay_memory_kib"] = memory_kib(relay_pid)
+
+    # 4. CPU per request while many keep-alive client connections sit idle (SDK clients
+    # keep theirs open): per-connection costs on the request path show here.
+    idle = settings.idle_connections
+    if idle:
+        idle_batches: dict[str, Any] = {}
+        for target, pid in runs[1:]:
+            held = await open_idle_connections(target, idle)
+            try:
+                figures = await phase(
+                    f"batch {target.name} (concurrency {c}, plain, {idle} idle connections)",
+                    measured_batch(target, settings.batch // 2, c, False,
+                                   tally(f"idle-batch-{target.name}"), pid, upstream_pid),
+                )
+            finally:
+                for writer in held:
+                    writer.close()
+            idle_batches[target.name] = asdict(figures)
+        results["idle_batch"] = idle_batches
+
+
+async def open_idle_connections(target: Target, count: int) -> list[asyncio.StreamWriter]:
+    """``count`` TCP connections to ``target`` that send nothing, once it answered a
+    request made after them (one listening socket accepts in order: all are accepted)."""
+    held = []
+    for _ in range(count):
+        _, writer = await asyncio.open_connection("127.0.0.1", target.port)
+        held.append(writer)
+    await send_once(target.port, target.plain, 30)
+    return held
 
 
 def _per_request(seconds: float, count: int) -> float:
@@ -531,6 +565,11 @@ def render_report(results: dict[str, Any]) -> str:
     ]
     if "bare-proxy" in stream:
         rows.append(("streaming, through the lean Twisted proxy", stream["bare-proxy"]))
+    idle = results.get("idle_batch") or {}
+    for name, label in (("relay", "relayd"), ("bare-proxy", "the lean Twisted proxy")):
+        if name in idle:
+            rows.append((f"non-streaming, through {label}, {s['idle_connections']} idle "
+                         "client connections open", idle[name]))
     for label, fig in rows:
         proxy = _ms(fig["proxy_cpu_ms_per_req"])
         if fig["target"] == "relay":
@@ -616,6 +655,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="skip the lean Twisted reference proxy")
     parser.add_argument("--duration-cap", type=float, default=300.0, metavar="S",
                         help="hard limit on the whole run, in seconds (default %(default)s)")
+    parser.add_argument("--idle-connections", type=int, default=2000, metavar="K",
+                        help="idle client connections held open during a last plain batch "
+                        "through each proxy (0: skip it; default 2000)")
     parser.add_argument("--json", metavar="OUT", help="write the raw figures here")
     parser.add_argument("--keep-logs", metavar="DIR",
                         help="copy the subprocesses' logs here after the run")
@@ -624,6 +666,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         value = getattr(args, name)
         if value is not None and not 1 <= value <= 1_000_000:
             parser.error(f"--{name.replace('_', '-')} must be between 1 and 1000000")
+    if not 0 <= args.idle_connections <= 10_000:
+        parser.error("--idle-connections must be between 0 and 10000")
     if not 1 <= args.concurrency <= 256:
         parser.error("--concurrency must be between 1 and 256")
     if not 0 < args.duration_cap <= 3600:
@@ -647,6 +691,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warmup=args.warmup or max(n // 4, 1),
         duration_cap=args.duration_cap,
         baseline=args.baseline,
+        idle_connections=args.idle_connections,
     )
     deadline = time.monotonic() + settings.duration_cap
     # Last resort if a phase ignores the deadline: SIGALRM a little after it.
