@@ -301,6 +301,15 @@ class ClientProtocol(Protocol):
         self._received = False
         answered: Deferred[IResponse] = Deferred(self._cancel)
         self._answered = answered
+        if type(request) is PreparedRequest:
+            # Its bytes are made: one write, no Deferred for the writing.
+            try:
+                self.transport.write(request.data)
+            except BaseException:
+                self._not_written(Failure())
+            else:
+                self._written(None)
+            return answered
         try:
             written = request.writeTo(self.transport)
         except BaseException:
@@ -735,10 +744,10 @@ class PreparedRequest(Request):
         self.headers = None
         self.bodyProducer = None
         self.persistent = True
-        self._data = data
+        self.data = data
 
     def writeTo(self, transport: Any) -> Deferred[None]:
-        transport.write(self._data)
+        transport.write(self.data)
         return succeed(None)
 
     def stopWriting(self) -> None:

@@ -15,10 +15,16 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.web._newclient import HTTP11ClientProtocol
+from twisted.web._newclient import HTTP11ClientProtocol, RequestGenerationFailed
 from twisted.web.http_headers import Headers
 
-from relayd.client_protocol import ClientProtocol, Request, RequestNotSent, ResponseFailed
+from relayd.client_protocol import (
+    ClientProtocol,
+    PreparedRequest,
+    Request,
+    RequestNotSent,
+    ResponseFailed,
+)
 
 
 class BoomError(Exception):
@@ -278,6 +284,37 @@ def test_cancelling_before_the_head_aborts_with_a_cancellation() -> None:
     assert failure.check(ResponseFailed)
     assert any(r.check(CancelledError) for r in failure.value.reasons)
     assert transport.disconnecting
+
+
+def test_a_prepared_request_is_written_whole_and_waits_for_its_answer() -> None:
+    protocol = ClientProtocol()
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    data = b"POST /v1/messages HTTP/1.1\r\nHost: up.test\r\nContent-Length: 2\r\n\r\n{}"
+    results: list[Any] = []
+    protocol.request(PreparedRequest(b"POST", b"/v1/messages", data)).addBoth(results.append)
+    assert transport.value() == data and protocol.state == "WAITING"
+    protocol.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    assert results[0].code == 200 and protocol.state == "QUIESCENT"
+
+
+class _FailingTransport(StringTransport):
+    def write(self, data: bytes) -> None:
+        raise BoomError()
+
+
+def test_a_prepared_request_that_cannot_be_written_fails_and_drops_the_connection() -> None:
+    protocol = ClientProtocol()
+    transport = _FailingTransport()
+    protocol.makeConnection(transport)
+    results: list[Any] = []
+    protocol.request(PreparedRequest(b"GET", b"/", b"GET / HTTP/1.1\r\n\r\n")).addBoth(
+        results.append
+    )
+    (failure,) = results
+    assert failure.check(RequestGenerationFailed)
+    assert failure.value.reasons[0].check(BoomError)
+    assert protocol.state == "GENERATION_FAILED"
 
 
 def test_abort_fires_once_the_connection_is_closed() -> None:
