@@ -34,7 +34,7 @@ import os
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IDelayedCall, IHalfCloseableProtocol
+from twisted.internet.interfaces import IAddress, IDelayedCall, IHalfCloseableProtocol
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel, Request
@@ -63,6 +63,25 @@ class RelayHTTPChannel(HTTPChannel):
         self._deadline: IDelayedCall | None = None
         self._between_requests = True  # the next byte starts a request's head
         self._waiting_for: str | None = None  # "head" or "body" while one is incomplete
+        self._local_address: IAddress | None = None
+        self._peer_address: IAddress | None = None
+
+    # twisted.web's Request asks for both addresses when it is made: a getsockname system
+    # call and two address objects per request, for what a connection never changes.
+
+    def getHost(self) -> IAddress:
+        address = self._local_address
+        if address is None:
+            assert self.transport is not None
+            address = self._local_address = self.transport.getHost()
+        return address
+
+    def getPeer(self) -> IAddress:
+        address = self._peer_address
+        if address is None:
+            assert self.transport is not None
+            address = self._peer_address = self.transport.getPeer()
+        return address
 
     def dataReceived(self, data: bytes) -> None:
         if self._between_requests and data:

@@ -134,6 +134,32 @@ def test_an_idle_keep_alive_connection_has_no_head_deadline() -> None:
     assert len(setup.later.pending) == 2
 
 
+class CountingTransport(StringTransport):
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.asked = 0
+
+    def getHost(self) -> Any:
+        self.asked += 1
+        return super().getHost()
+
+
+def test_a_connections_addresses_are_asked_of_its_transport_once() -> None:
+    """twisted.web's Request asks for the local address (getsockname) per request."""
+    setup = Setup()
+    peer = IPv4Address("TCP", "10.0.0.1", 40000)
+    protocol = setup.site.buildProtocol(peer)
+    transport = CountingTransport(peerAddress=peer)
+    protocol.makeConnection(transport)
+    for _ in range(3):
+        protocol.dataReceived(REQUEST)
+        setup.later.pending[-1].finish()
+    first, *rest = setup.later.pending
+    assert len(rest) == 2 and transport.asked == 1
+    assert all(r.getHost() is first.getHost() for r in rest)
+    assert first.getClientAddress() == peer
+
+
 def test_at_the_bound_the_longest_idle_connection_makes_room() -> None:
     setup = Setup(connections={"max": 3})
     (first, t1), (second, t2), (busy, t3) = (setup.connect() for _ in range(3))
