@@ -1,0 +1,222 @@
+"""Compare relayd at several commits, and the lean reference proxy, in one interleaved run.
+
+On a shared virtual machine the CPU a process gets per request drifts by 10 % and more
+within minutes, so two bench runs one after the other cannot tell a 3 % change from the
+drift. Here every commit's relayd runs at once, beside the lean Twisted proxy
+(``bench/bare_proxy.py``) and one fake upstream, and the measurements take turns:
+
+1. CPU per request: ``--rounds`` rounds; in each, one batch of ``--batch`` non-streaming
+   requests (concurrency ``--concurrency``) per proxy, in a shuffled order, each proxy's
+   CPU time (``/proc/PID/stat``) read around its own batch. Per round, each relayd's
+   figure is divided by the reference's of the same round; the report gives the median
+   of those ratios (and of the raw figures).
+2. Added latency: ``--requests`` sequential non-streaming requests per target at
+   concurrency 1, interleaved across the fake upstream directly and every proxy; p50 and
+   p99 of each, and what each adds over the direct p50.
+
+Each commit is checked out with ``git worktree add --detach`` into a temporary directory
+(removed afterwards) and its relayd runs from there (``PYTHONPATH``); ``.`` is the
+working checkout as it is. Everything listens on 127.0.0.1 ephemeral ports, the run is
+bounded by counts and ``--duration-cap``, and the processes are stopped by PID.
+
+Usage: ``.venv/bin/python bench/compare_bench.py [--rounds R] [--batch M] [--requests N]
+REV [REV ...]`` e.g. ``bench/compare_bench.py HEAD~3 HEAD .``
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from relay_bench import (  # the bench directory is on sys.path, not a package
+    _BARE_LISTENING,
+    _RELAY_LISTENING,
+    FAKE_UPSTREAM_KNOBS,
+    FAKE_UPSTREAM_MODULE,
+    RELAY_KEY,
+    REPO,
+    UPSTREAM_KEY,
+    BenchError,
+    Service,
+    make_target,
+    relay_config,
+)
+
+from relayd.testing.loadgen import (
+    Tally,
+    Target,
+    concurrent_batch,
+    cpu_seconds,
+    percentile,
+    sequential_interleaved,
+)
+
+REFERENCE = "lean-proxy"
+
+
+def checkout(rev: str, into: Path) -> Path:
+    """The tree relayd runs from for ``rev``: the working checkout for ``.``."""
+    if rev == ".":
+        return REPO
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--quiet",
+                    str(into), rev], check=True)
+    return into
+
+
+def start_relay(name: str, tree: Path, workdir: Path, upstream_port: int,
+                deadline: float) -> Service:
+    workdir.mkdir()
+    config = workdir / "relayd.yaml"
+    config.write_text(relay_config(upstream_port))
+    service = Service(name, workdir)
+    os.environ["PYTHONPATH"] = str(tree)  # the child's relayd comes from `tree`
+    try:
+        service.start(
+            [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=",
+             "--logger=relayd.logs.journal_observer", "relayd", "-c", str(config)],
+            service.log_match(_RELAY_LISTENING), deadline,
+        )
+    finally:
+        os.environ.pop("PYTHONPATH", None)
+    return service
+
+
+async def measure(
+    proxies: dict[str, tuple[Service, Target]], direct: Target, args: argparse.Namespace,
+) -> dict[str, object]:
+    tally = Tally("compare")
+    for _, target in proxies.values():  # warm-up: code paths and upstream pools
+        await concurrent_batch(target, args.batch // 2, args.concurrency, False, tally)
+    cpu: dict[str, list[float]] = {name: [] for name in proxies}
+    for _ in range(args.rounds):
+        order = list(proxies)
+        random.shuffle(order)
+        for name in order:
+            service, target = proxies[name]
+            before = cpu_seconds(service.pid)
+            ok = await concurrent_batch(target, args.batch, args.concurrency, False, tally)
+            cpu[name].append((cpu_seconds(service.pid) - before) * 1000.0 / max(ok, 1))
+    targets = [direct] + [target for _, target in proxies.values()]
+    latency = await sequential_interleaved(targets, args.requests, False, tally)
+    return {"cpu_ms_per_request": cpu, "latency_ms": latency, "failures": tally.failures}
+
+
+def report(revs: dict[str, str], figures: dict[str, object], args: argparse.Namespace) -> str:
+    cpu: dict[str, list[float]] = figures["cpu_ms_per_request"]  # type: ignore[assignment]
+    latency: dict[str, list[float]] = figures["latency_ms"]  # type: ignore[assignment]
+    reference = cpu[REFERENCE]
+    direct_p50 = statistics.median(latency["direct"])
+    lines = [
+        f"{args.rounds} rounds of {args.batch} non-streaming requests per proxy at "
+        f"concurrency {args.concurrency}, shuffled per round; then {args.requests} "
+        "sequential requests per target, interleaved.",
+        "",
+        "| | CPU ms/req, median | / reference, median of rounds | latency p50 ms "
+        "| adds at p50 | p99 ms |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for name in cpu:
+        label = f"relayd `{revs[name]}`" if name in revs else "the lean reference proxy"
+        ratio = statistics.median(a / b for a, b in zip(cpu[name], reference, strict=True))
+        p50 = statistics.median(latency[name])
+        lines.append(
+            f"| {label} | {statistics.median(cpu[name]):.3f} | {ratio:.3f} | {p50:.3f} "
+            f"| {p50 - direct_p50:+.3f} | {percentile(latency[name], 99):.3f} |"
+        )
+    lines.append(f"| direct to the fake upstream | - | - | {direct_p50:.3f} | - "
+                 f"| {percentile(latency['direct'], 99):.3f} |")
+    lines.append("")
+    lines.append(f"requests that failed: {figures['failures']}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("revs", nargs="+", metavar="REV",
+                        help="commits to compare (. for the working checkout)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=1500)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--duration-cap", type=float, default=900.0)
+    parser.add_argument("--json", metavar="OUT", help="write the raw figures here")
+    args = parser.parse_args(argv)
+    if not 1 <= args.rounds <= 100 or not 100 <= args.batch <= 100_000:
+        parser.error("--rounds must be 1..100 and --batch 100..100000")
+    if not 1 <= args.concurrency <= 256 or not 1 <= args.requests <= 100_000:
+        parser.error("--concurrency must be 1..256 and --requests 1..100000")
+    if len(set(args.revs)) != len(args.revs):
+        parser.error("each REV once")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    deadline = time.monotonic() + args.duration_cap
+    work = Path(tempfile.mkdtemp(prefix="relay-compare-"))
+    services: list[Service] = []
+    trees: list[Path] = []
+    try:
+        revs: dict[str, str] = {}
+        proxies: dict[str, tuple[Service, Target]] = {}
+        upstream = Service("upstream", work)
+        port_file = work / "upstream.port"
+        services.append(upstream)
+        upstream.start(
+            [sys.executable, "-m", FAKE_UPSTREAM_MODULE, "--listen", "127.0.0.1:0",
+             "--port-file", str(port_file), "--config", json.dumps(FAKE_UPSTREAM_KNOBS)],
+            lambda: port_file.read_text().strip() if port_file.exists() else "", deadline,
+        )
+        for index, rev in enumerate(args.revs):
+            name = f"relayd-{index}"
+            tree = checkout(rev, work / f"tree-{index}")
+            if tree != REPO:
+                trees.append(tree)
+            label = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
+                                   capture_output=True, text=True, check=True).stdout.strip()
+            revs[name] = label + (" + working changes" if rev == "." else "")
+            service = start_relay(name, tree, work / name, upstream.port, deadline)
+            services.append(service)
+            proxies[name] = (service, make_target(name, service.port, RELAY_KEY, True))
+        bare = Service(REFERENCE, work)
+        services.append(bare)
+        bare.start([sys.executable, str(Path(__file__).with_name("bare_proxy.py")),
+                    "--upstream", f"http://127.0.0.1:{upstream.port}", "--api-key",
+                    UPSTREAM_KEY], bare.log_match(_BARE_LISTENING), deadline)
+        proxies[REFERENCE] = (bare, make_target(REFERENCE, bare.port, "unused", False))
+        direct = make_target("direct", upstream.port, UPSTREAM_KEY, False)
+        left = deadline - time.monotonic()
+        figures = asyncio.run(asyncio.wait_for(measure(proxies, direct, args), left))
+    except (BenchError, TimeoutError) as exc:
+        print(f"compare_bench: {exc or 'duration cap reached'}", file=sys.stderr)
+        return 2
+    finally:
+        for service in services:
+            service.terminate()
+        for service in services:
+            service.reap()
+        for tree in trees:
+            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
+                           check=False)
+        shutil.rmtree(work, ignore_errors=True)
+    print(report(revs, figures, args))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"revs": revs, **figures}, indent=1))
+    return 1 if figures["failures"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
