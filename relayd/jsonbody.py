@@ -28,6 +28,7 @@ MISSING: Final = _Missing()
 
 _DECODER = json.JSONDecoder()
 _WHITESPACE = b" \t\r\n"
+_JSON_WHITESPACE = " \t\r\n"  # JSON's four, not every Unicode space str.strip knows
 _BEFORE_KEY = frozenset(b"{," + _WHITESPACE)
 
 
@@ -52,6 +53,6 @@ def trailing_member(data: bytes, key: bytes) -> Any:
         value, end = _DECODER.raw_decode(text)
     except (ValueError, RecursionError):
         return MISSING
-    if text[end:].strip() != "}":
+    if text[end:].strip(_JSON_WHITESPACE) != "}":
         return MISSING
     return value

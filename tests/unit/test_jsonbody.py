@@ -71,6 +71,10 @@ def test_a_trailing_usage_is_read_as_the_whole_parse_reads_it(data: bytes) -> No
         b'{"usage":{"input_tokens":}}',
         b'{"usage":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
         b'{"usage":{"x":"\xff"}}',
+        # only JSON's whitespace may follow: json.loads refuses these
+        b'{"usage":{"input_tokens":5}}\x1c',
+        b'{"usage":{"input_tokens":5}\x0c}',
+        '{"usage":{"input_tokens":5}\u00a0}'.encode(),
         b"",
         b"usage",
     ],
