@@ -28,9 +28,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -82,7 +84,9 @@ def start_relay(name: str, tree: Path, workdir: Path, upstream_port: int,
     config = workdir / "relayd.yaml"
     config.write_text(relay_config(upstream_port))
     service = Service(name, workdir)
-    os.environ["PYTHONPATH"] = str(tree)  # the child's relayd comes from `tree`
+    saved = os.environ.get("PYTHONPATH")
+    # The child's relayd comes from `tree` (ahead of the editable install).
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), saved) if p)
     try:
         service.start(
             [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=",
@@ -90,7 +94,10 @@ def start_relay(name: str, tree: Path, workdir: Path, upstream_port: int,
             service.log_match(_RELAY_LISTENING), deadline,
         )
     finally:
-        os.environ.pop("PYTHONPATH", None)
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
     return service
 
 
@@ -163,9 +170,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def _stop(signum: int, frame: object) -> None:
+    raise BenchError(f"stopped by signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     deadline = time.monotonic() + args.duration_cap
+    # Whatever ends the run, the finally below stops every process and removes the
+    # worktrees: a SIGTERM, a hang-up, or a phase that outlives the cap (SIGALRM).
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGALRM):
+        signal.signal(signum, _stop)
+    signal.alarm(math.ceil(args.duration_cap) + 60)
     work = Path(tempfile.mkdtemp(prefix="relay-compare-"))
     services: list[Service] = []
     trees: list[Path] = []
@@ -182,9 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         for index, rev in enumerate(args.revs):
             name = f"relayd-{index}"
+            if rev != ".":
+                trees.append(work / f"tree-{index}")  # removed at the end, even half made
             tree = checkout(rev, work / f"tree-{index}")
-            if tree != REPO:
-                trees.append(tree)
             label = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
                                    capture_output=True, text=True, check=True).stdout.strip()
             revs[name] = label + (" + working changes" if rev == "." else "")
@@ -200,10 +216,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         direct = make_target("direct", upstream.port, UPSTREAM_KEY, False)
         left = deadline - time.monotonic()
         figures = asyncio.run(asyncio.wait_for(measure(proxies, direct, args), left))
-    except (BenchError, TimeoutError) as exc:
+    except (BenchError, TimeoutError, KeyboardInterrupt) as exc:
         print(f"compare_bench: {exc or 'duration cap reached'}", file=sys.stderr)
         return 2
     finally:
+        signal.alarm(0)
         for service in services:
             service.terminate()
         for service in services:
@@ -212,6 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)],
                            check=False)
         shutil.rmtree(work, ignore_errors=True)
+        subprocess.run(["git", "-C", str(REPO), "worktree", "prune"], check=False)
     print(report(revs, figures, args))
     if args.json:
         Path(args.json).write_text(json.dumps({"revs": revs, **figures}, indent=1))

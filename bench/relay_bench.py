@@ -39,6 +39,7 @@ import math
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -50,6 +51,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from relayd.http.connections import FD_RESERVE
+from relayd.oslimits import raise_open_file_limit
 from relayd.testing.loadgen import (
     Tally,
     Target,
@@ -420,12 +423,18 @@ async def run_phases(
 
     # 4. CPU per request while many keep-alive client connections sit idle (SDK clients
     # keep theirs open): per-connection costs on the request path show here.
-    idle = settings.idle_connections
+    idle = min(settings.idle_connections, idle_connections_that_fit(c))
+    if idle < settings.idle_connections:
+        _progress(f"idle connections: {idle}, not {settings.idle_connections}: the open "
+                  "file limit allows no more")
+    results["idle_connections"] = idle
     if idle:
         idle_batches: dict[str, Any] = {}
         for target, pid in runs[1:]:
-            held = await open_idle_connections(target, idle)
+            held: list[asyncio.StreamWriter] = []
             try:
+                await phase(f"open {idle} idle connections to {target.name}",
+                            open_idle_connections(target, idle, held))
                 figures = await phase(
                     f"batch {target.name} (concurrency {c}, plain, {idle} idle connections)",
                     measured_batch(target, settings.batch // 2, c, False,
@@ -438,15 +447,24 @@ async def run_phases(
         results["idle_batch"] = idle_batches
 
 
-async def open_idle_connections(target: Target, count: int) -> list[asyncio.StreamWriter]:
-    """``count`` TCP connections to ``target`` that send nothing, once it answered a
-    request made after them (one listening socket accepts in order: all are accepted)."""
-    held = []
+async def open_idle_connections(
+    target: Target, count: int, held: list[asyncio.StreamWriter]
+) -> None:
+    """Open ``count`` TCP connections to ``target`` that send nothing (into ``held``, so
+    the caller closes them however this ends); done once the target answered a request
+    made after them (one listening socket accepts in order: all are accepted)."""
     for _ in range(count):
         _, writer = await asyncio.open_connection("127.0.0.1", target.port)
         held.append(writer)
     await send_once(target.port, target.plain, 30)
-    return held
+
+
+def idle_connections_that_fit(concurrency: int) -> int:
+    """How many idle connections this process, the reference proxy (which inherits the
+    limit) and relayd's automatic connection bound (half the limit left after a reserve)
+    all allow, with room for the batch's own connections."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(min(soft, (soft - FD_RESERVE) // 2) - 4 * concurrency - 64, 0)
 
 
 def _per_request(seconds: float, count: int) -> float:
@@ -568,8 +586,8 @@ def render_report(results: dict[str, Any]) -> str:
     idle = results.get("idle_batch") or {}
     for name, label in (("relay", "relayd"), ("bare-proxy", "the lean Twisted proxy")):
         if name in idle:
-            rows.append((f"non-streaming, through {label}, {s['idle_connections']} idle "
-                         "client connections open", idle[name]))
+            rows.append((f"non-streaming, through {label}, {results['idle_connections']} "
+                         "idle client connections open", idle[name]))
     for label, fig in rows:
         proxy = _ms(fig["proxy_cpu_ms_per_req"])
         if fig["target"] == "relay":
@@ -694,6 +712,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle_connections=args.idle_connections,
     )
     deadline = time.monotonic() + settings.duration_cap
+    # The idle-connections phase holds thousands of sockets here and in the reference
+    # proxy, which inherits the limit (relayd raises its own as it starts).
+    raise_open_file_limit()
     # Last resort if a phase ignores the deadline: SIGALRM a little after it.
     signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(math.ceil(settings.duration_cap) + 30)
