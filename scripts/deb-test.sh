@@ -549,6 +549,11 @@ make_certificates(Path("/etc/relayd/tls"))' >>"$WORK/checks.log" 2>&1
             -H 'content-type: application/json' \
             -d '{"model": "gpt-4o", "messages": [{"role": "user", "content": "Hi"}]}' \
             http://127.0.0.1:8080/v1/chat/completions)"
+    check "[systemd] access lines are batched, and that request's line reaches the journal" \
+        wait_for 10 bash -c "nsenter -t $CT_INIT -a journalctl -u relayd -o cat --no-pager |
+            grep -q '^\[relayd.logs#info\] access lines are written in batches' &&
+            nsenter -t $CT_INIT -a journalctl -u relayd -o cat --no-pager |
+            grep -q '^\[relayd.access#info\] access .* path=/v1/chat/completions .* status=200 '"
 
     # workers: auto. One process cannot become a daemon by reload: a restart. Then the
     # daemon is the main process, with one worker per CPU, and reloads keep it.
