@@ -24,6 +24,7 @@ import openai
 from support import CLIENT_KEY, LIMITED_KEY, backend, relay_config
 
 from relayd.testing.certs import TestCertificates
+from relayd.testing.exposition import metric_samples
 from relayd.testing.processes import (
     FakeUpstreamProcess,
     RedisServerProcess,
@@ -96,11 +97,8 @@ class Relay:
 
     def metric(self, name: str) -> float | None:
         """The first sample of ``name`` in ``/metrics``."""
-        text = httpx2.get(self.admin + "/metrics", timeout=10).text
-        for line in text.splitlines():
-            if line.startswith((name + " ", name + "{")):
-                return float(line.rsplit(" ", 1)[1])
-        return None
+        samples = metric_samples(httpx2.get(self.admin + "/metrics", timeout=10).text, name)
+        return samples[0][1] if samples else None
 
 
 def start(relayd_factory: RelaydFactory, config: dict[str, Any], name: str = "relayd") -> Relay:

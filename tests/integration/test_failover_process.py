@@ -21,9 +21,9 @@ import anthropic
 import httpx2
 import openai
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from support import CLIENT_KEY, sha
 
+from relayd.testing.exposition import metric_sum
 from relayd.testing.fakeprovider import reply_text
 from relayd.testing.processes import FakeUpstreamProcess, RelaydProcess, wait_for
 
@@ -114,15 +114,7 @@ class Relay:
 
     def metric(self, name: str, **labels: str) -> float:
         """Sum of the samples of ``name`` whose labels include ``labels`` (0 if none)."""
-        text = self._get("/metrics").decode()
-        total = 0.0
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    total += sample.value
-        return total
+        return metric_sum(self._get("/metrics").decode(), name, **labels)
 
     def _parse_access_lines(self) -> list[dict[str, str]]:
         lines = []

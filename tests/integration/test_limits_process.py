@@ -19,6 +19,7 @@ from support import CLIENT_KEY, backend, relay_config, sha
 
 from relayd.limits.policy import estimate_tokens
 from relayd.testing.certs import TestCertificates
+from relayd.testing.exposition import metric_samples
 from relayd.testing.processes import (
     FakeUpstreamProcess,
     RedisServerProcess,
@@ -51,11 +52,8 @@ class Instance:
         return self.admin_get("/readyz")[0] == 200
 
     def metric(self, name: str) -> float | None:
-        text = self.admin_get("/metrics")[1].decode()
-        for line in text.splitlines():
-            if line.startswith(name + " ") or line.startswith(name + "{"):
-                return float(line.rsplit(" ", 1)[1])
-        return None
+        samples = metric_samples(self.admin_get("/metrics")[1].decode(), name)
+        return samples[0][1] if samples else None
 
     def post(self, body: dict[str, Any] | None = None) -> tuple[int, dict[str, str], bytes]:
         data = json.dumps(body or MESSAGE).encode()

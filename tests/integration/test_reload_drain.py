@@ -26,9 +26,9 @@ import anthropic
 import httpx2
 import openai
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 from support import CLIENT_KEY, UPSTREAM_KEYS, sha
 
+from relayd.testing import exposition
 from relayd.testing.certs import TestCertificates as CertificateFiles
 from relayd.testing.certs import make_certificates
 from relayd.testing.processes import FakeUpstreamProcess, RelaydProcess, wait_for
@@ -135,12 +135,7 @@ def metric_samples(relay: RelaydProcess, name: str) -> list[tuple[dict[str, str]
     """Samples named ``name`` in /metrics, parsed by prometheus_client's own parser."""
     response = admin_get(relay, "/metrics")
     assert response.status_code == 200
-    return [
-        (sample.labels, sample.value)
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-        if sample.name == name
-    ]
+    return exposition.metric_samples(response.text, name)
 
 
 def reload_counts(relay: RelaydProcess) -> dict[str, float]:

@@ -12,10 +12,10 @@ from typing import Any
 
 import anthropic
 import httpx2
-from prometheus_client.parser import text_string_to_metric_families
 from support import CLIENT_KEY, UPSTREAM_KEYS, backend, relay_config
 
 from relayd.testing.certs import TestCertificates
+from relayd.testing.exposition import metric_samples
 from relayd.testing.geodb import write_country_db
 from relayd.testing.processes import (
     FakeUpstreamProcess,
@@ -245,9 +245,8 @@ def test_all_three_together_never_fail_a_request_that_would_succeed(
     assert served(ups["us"]) + served(ups["asia"]) == 30
     metrics = httpx2.get(relay.admin_url() + "/metrics", timeout=10).text
     repins = {
-        sample.labels["reason"]: sample.value
-        for family in text_string_to_metric_families(metrics)
-        for sample in family.samples if sample.name == "relayd_affinity_repins_total"
+        labels["reason"]: value
+        for labels, value in metric_samples(metrics, "relayd_affinity_repins_total")
     }
     # Each eu session moved once: after its pinned backend failed it, or (once the
     # failures opened eu's breaker) before trying it.

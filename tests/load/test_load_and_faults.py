@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from relayd.testing.exposition import metric_sum
 from relayd.testing.loadgen import (
     HttpConnection,
     Response,
@@ -95,14 +95,7 @@ class Stack:
 
     def counter(self, name: str, **labels: str) -> float:
         """The sum of a counter's samples that carry ``labels``."""
-        total = 0.0
-        for family in text_string_to_metric_families(self.admin("/metrics").decode()):
-            for sample in family.samples:
-                if sample.name == name and all(
-                    sample.labels.get(k) == v for k, v in labels.items()
-                ):
-                    total += sample.value
-        return total
+        return metric_sum(self.admin("/metrics").decode(), name, **labels)
 
     def bad_log_lines(self) -> list[str]:
         """Lines at error or critical level, tracebacks and unhandled Deferred errors."""
