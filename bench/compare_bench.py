@@ -44,17 +44,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from relay_bench import (  # the bench directory is on sys.path, not a package
-    _BARE_LISTENING,
-    _RELAY_LISTENING,
-    FAKE_UPSTREAM_KNOBS,
-    FAKE_UPSTREAM_MODULE,
     RELAY_KEY,
     REPO,
     UPSTREAM_KEY,
     BenchError,
     Service,
     make_target,
-    relay_config,
+    start_bare,
+    start_relay,
+    start_upstream,
 )
 
 from relayd.testing.loadgen import (
@@ -78,26 +76,15 @@ def checkout(rev: str, into: Path) -> Path:
     return into
 
 
-def start_relay(name: str, tree: Path, workdir: Path, upstream_port: int,
-                deadline: float) -> Service:
+def start_tree_relay(name: str, tree: Path, workdir: Path, upstream_port: int,
+                     deadline: float) -> Service:
+    """relayd from ``tree``: first on the child's ``PYTHONPATH``, ahead of the editable
+    install (a ``PYTHONPATH`` of the caller's comes after it)."""
     workdir.mkdir()
-    config = workdir / "relayd.yaml"
-    config.write_text(relay_config(upstream_port))
     service = Service(name, workdir)
-    saved = os.environ.get("PYTHONPATH")
-    # The child's relayd comes from `tree` (ahead of the editable install).
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(tree), saved) if p)
-    try:
-        service.start(
-            [str(Path(sys.executable).with_name("twistd")), "-n", "--pidfile=",
-             "--logger=relayd.logs.journal_observer", "relayd", "-c", str(config)],
-            service.log_match(_RELAY_LISTENING), deadline,
-        )
-    finally:
-        if saved is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = saved
+    path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)
+    start_relay(service, workdir, upstream_port, deadline,
+                env=dict(os.environ, PYTHONPATH=path))
     return service
 
 
@@ -189,13 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         revs: dict[str, str] = {}
         proxies: dict[str, tuple[Service, Target]] = {}
         upstream = Service("upstream", work)
-        port_file = work / "upstream.port"
         services.append(upstream)
-        upstream.start(
-            [sys.executable, "-m", FAKE_UPSTREAM_MODULE, "--listen", "127.0.0.1:0",
-             "--port-file", str(port_file), "--config", json.dumps(FAKE_UPSTREAM_KNOBS)],
-            lambda: port_file.read_text().strip() if port_file.exists() else "", deadline,
-        )
+        start_upstream(upstream, work, deadline)
         for index, rev in enumerate(args.revs):
             name = f"relayd-{index}"
             if rev != ".":
@@ -204,14 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             label = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
                                    capture_output=True, text=True, check=True).stdout.strip()
             revs[name] = label + (" + working changes" if rev == "." else "")
-            service = start_relay(name, tree, work / name, upstream.port, deadline)
+            service = start_tree_relay(name, tree, work / name, upstream.port, deadline)
             services.append(service)
             proxies[name] = (service, make_target(name, service.port, RELAY_KEY, True))
         bare = Service(REFERENCE, work)
         services.append(bare)
-        bare.start([sys.executable, str(Path(__file__).with_name("bare_proxy.py")),
-                    "--upstream", f"http://127.0.0.1:{upstream.port}", "--api-key",
-                    UPSTREAM_KEY], bare.log_match(_BARE_LISTENING), deadline)
+        start_bare(bare, upstream.port, deadline)
         proxies[REFERENCE] = (bare, make_target(REFERENCE, bare.port, "unused", False))
         direct = make_target("direct", upstream.port, UPSTREAM_KEY, False)
         left = deadline - time.monotonic()

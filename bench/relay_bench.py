@@ -100,11 +100,14 @@ class Service:
         assert self.process is not None
         return self.process.pid
 
-    def start(self, argv: list[str], probe: Callable[[], str], deadline: float) -> None:
-        """Run ``argv`` and wait (bounded) until ``probe`` returns the listening port."""
+    def start(self, argv: list[str], probe: Callable[[], str], deadline: float,
+              env: dict[str, str] | None = None) -> None:
+        """Run ``argv`` (in ``env``, else this process's) and wait (bounded) until
+        ``probe`` returns the listening port."""
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=REPO
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                cwd=REPO, env=env,
             )
         limit = min(deadline, time.monotonic() + STARTUP_TIMEOUT)
         while time.monotonic() < limit:
@@ -154,47 +157,64 @@ class Processes:
         return [s for s in (self.relay, self.bare, self.upstream) if s is not None]
 
     def start(self, deadline: float) -> None:
-        port_file = self.workdir / "upstream.port"
-
-        def upstream_port() -> str:
-            return port_file.read_text().strip() if port_file.exists() else ""
-
-        self.upstream.start(
-            [
-                sys.executable, "-m", FAKE_UPSTREAM_MODULE,
-                "--listen", "127.0.0.1:0",
-                "--port-file", str(port_file),
-                "--config", json.dumps(FAKE_UPSTREAM_KNOBS),
-            ],
-            upstream_port,
-            deadline,
-        )
-        config = self.workdir / "relayd.yaml"
-        config.write_text(relay_config(self.upstream.port))
-        twistd = str(Path(sys.executable).with_name("twistd"))
-        self.relay.start(
-            # As the systemd unit runs it: the journal observer on stdout.
-            [twistd, "-n", "--pidfile=", "--logger=relayd.logs.journal_observer", "relayd",
-             "-c", str(config)],
-            self.relay.log_match(_RELAY_LISTENING),
-            deadline,
-        )
+        start_upstream(self.upstream, self.workdir, deadline)
+        start_relay(self.relay, self.workdir, self.upstream.port, deadline)
         if self.bare is not None:
-            self.bare.start(
-                [
-                    sys.executable, str(Path(__file__).with_name("bare_proxy.py")),
-                    "--upstream", f"http://127.0.0.1:{self.upstream.port}",
-                    "--api-key", UPSTREAM_KEY,
-                ],
-                self.bare.log_match(_BARE_LISTENING),
-                deadline,
-            )
+            start_bare(self.bare, self.upstream.port, deadline)
 
     def stop(self) -> None:
         for service in self.all():
             service.terminate()
         for service in self.all():
             service.reap()
+
+
+def start_upstream(service: Service, workdir: Path, deadline: float) -> None:
+    """The fake upstream, with the bench's knobs, on an ephemeral port."""
+    port_file = workdir / "upstream.port"
+
+    def upstream_port() -> str:
+        return port_file.read_text().strip() if port_file.exists() else ""
+
+    service.start(
+        [
+            sys.executable, "-m", FAKE_UPSTREAM_MODULE,
+            "--listen", "127.0.0.1:0",
+            "--port-file", str(port_file),
+            "--config", json.dumps(FAKE_UPSTREAM_KNOBS),
+        ],
+        upstream_port,
+        deadline,
+    )
+
+
+def start_relay(service: Service, workdir: Path, upstream_port: int, deadline: float,
+                env: dict[str, str] | None = None) -> None:
+    """relayd on :func:`relay_config` (written into ``workdir``), as the systemd unit
+    runs it: the journal observer on stdout."""
+    config = workdir / "relayd.yaml"
+    config.write_text(relay_config(upstream_port))
+    twistd = str(Path(sys.executable).with_name("twistd"))
+    service.start(
+        [twistd, "-n", "--pidfile=", "--logger=relayd.logs.journal_observer", "relayd",
+         "-c", str(config)],
+        service.log_match(_RELAY_LISTENING),
+        deadline,
+        env,
+    )
+
+
+def start_bare(service: Service, upstream_port: int, deadline: float) -> None:
+    """The lean reference proxy in front of the fake upstream."""
+    service.start(
+        [
+            sys.executable, str(Path(__file__).with_name("bare_proxy.py")),
+            "--upstream", f"http://127.0.0.1:{upstream_port}",
+            "--api-key", UPSTREAM_KEY,
+        ],
+        service.log_match(_BARE_LISTENING),
+        deadline,
+    )
 
 
 def relay_config(upstream_port: int) -> str:
