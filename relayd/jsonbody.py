@@ -27,8 +27,8 @@ class _Missing:
 MISSING: Final = _Missing()
 
 _DECODER = json.JSONDecoder()
-_WHITESPACE = b" \t\r\n"
-_JSON_WHITESPACE = " \t\r\n"  # JSON's four, not every Unicode space str.strip knows
+_WHITESPACE = b" \t\r\n"  # JSON's four, not every Unicode space str.strip knows
+_TEXT_WHITESPACE = _WHITESPACE.decode()
 _BEFORE_KEY = frozenset(b"{," + _WHITESPACE)
 
 
@@ -53,6 +53,6 @@ def trailing_member(data: bytes, key: bytes) -> Any:
         value, end = _DECODER.raw_decode(text)
     except (ValueError, RecursionError):
         return MISSING
-    if text[end:].strip(_JSON_WHITESPACE) != "}":
+    if text[end:].strip(_TEXT_WHITESPACE) != "}":
         return MISSING
     return value
