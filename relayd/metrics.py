@@ -104,57 +104,57 @@ class RelayMetrics:
             "relayd_streams_open", "Streamed (SSE) responses being relayed right now.",
             registry=r,
         ).child(())
-        requests_total = CounterFamily(
+        self._requests_total = CounterFamily(
             "relayd_requests_total",
             "Finished client requests, by the status code sent to the client.",
             ["client", "api", "provider", "backend", "model", "status"],
             registry=r,
         )
-        duration = HistogramFamily(
+        self._duration = HistogramFamily(
             "relayd_request_duration_seconds",
             "Client request duration, from the request to the last response byte.",
             ["api", "provider"], buckets=DURATION_BUCKETS, registry=r,
         )
-        ttfb = HistogramFamily(
+        self._ttfb = HistogramFamily(
             "relayd_time_to_first_byte_seconds",
             "Time from the client request to the first response byte sent to the client.",
             ["api", "provider"], buckets=TTFB_BUCKETS, registry=r,
         )
-        overhead = HistogramFamily(
+        self._overhead = HistogramFamily(
             "relayd_relay_overhead_seconds",
             "Request duration not spent waiting for an upstream: the relay's own cost.",
             ["api"], buckets=OVERHEAD_BUCKETS, registry=r,
         )
-        tokens = CounterFamily(
+        self._tokens = CounterFamily(
             "relayd_tokens_total",
             "Tokens reported by upstreams, by kind (input, output, cache_read, cache_write).",
             ["client", "provider", "model", "kind"], registry=r,
         )
-        attempts = CounterFamily(
+        self._attempts = CounterFamily(
             "relayd_upstream_attempts_total",
             "Upstream attempts, by result (ok, connect_error, timeout, status_429, ...).",
             ["provider", "backend", "result"], registry=r,
         )
-        retries = CounterFamily(
+        self._retries = CounterFamily(
             "relayd_upstream_retries_total", "Upstream retries, by the reason for the retry.",
             ["provider", "reason"], registry=r,
         )
-        failovers = CounterFamily(
+        self._failovers = CounterFamily(
             "relayd_failovers_total",
             "Retries that moved to another backend or priority tier, by reason.",
             ["provider", "reason"], registry=r,
         )
-        refused = CounterFamily(
+        self._refused = CounterFamily(
             "relayd_retries_refused_total",
             "Retries that were warranted but not made (budget, attempts, body_too_large).",
             ["provider", "reason"], registry=r,
         )
-        limit_rejections = CounterFamily(
+        self._limit_rejections = CounterFamily(
             "relayd_limit_rejections_total",
             "Client requests refused by one of the client's limits, by the limit's name.",
             ["client", "limit"], registry=r,
         )
-        quota_skips = CounterFamily(
+        self._quota_skips = CounterFamily(
             "relayd_upstream_quota_skips_total",
             "Upstream keys passed over because relayd's view of their quota was used up.",
             ["provider", "backend"], registry=r,
@@ -169,7 +169,7 @@ class RelayMetrics:
             "Time requests waited for a free backend slot (however the wait ended).",
             buckets=QUEUE_BUCKETS, registry=r,
         ).child(())
-        queue_refusals = CounterFamily(
+        self._queue_refusals = CounterFamily(
             "relayd_queue_refusals_total",
             "Requests answered 503 for want of a backend slot: queue full, or wait timed out.",
             ["reason"], registry=r,
@@ -183,13 +183,13 @@ class RelayMetrics:
             "Client connections accepted on the relay listeners (with workers, per worker: "
             "how evenly they share the listening sockets).", registry=r,
         ).child(())
-        connections_closed = CounterFamily(
+        self._connections_closed = CounterFamily(
             "relayd_client_connections_closed_total",
             "Client connections relayd closed or refused itself, by reason (head_timeout, "
             "body_timeout, evicted, refused, refused_per_address).",
             ["reason"], registry=r,
         )
-        client_disconnects = CounterFamily(
+        self._client_disconnects = CounterFamily(
             "relayd_client_disconnects_total",
             "Clients that hung up before their answer was complete, by API and by whether "
             "any of the answer had been sent (before_response, during_response).",
@@ -205,35 +205,18 @@ class RelayMetrics:
             "1 while the shared state store answers; 0 while relayd decides without it.",
             ["store"], registry=r,
         )
-        edge_rejections = CounterFamily(
+        self._edge_rejections = CounterFamily(
             "relayd_edge_rejections_total",
             "Requests refused at the edge, before any upstream contact, by reason "
             "(signature_*, allow_from, per_address, auth_failures).",
             ["reason"], registry=r,
         )
-        rule_matches = CounterFamily(
+        self._rule_matches = CounterFamily(
             "relayd_rule_matches_total",
             "Requests a content rule matched, by rule and action (deny, flag).",
             ["rule", "action"], registry=r,
         )
         self.reloads = ReloadMetrics(r)
-
-        self._requests_total = requests_total
-        self._duration = duration
-        self._ttfb = ttfb
-        self._overhead = overhead
-        self._tokens = tokens
-        self._attempts = attempts
-        self._retries = retries
-        self._failovers = failovers
-        self._refused = refused
-        self._limit_rejections = limit_rejections
-        self._quota_skips = quota_skips
-        self._edge_rejections = edge_rejections
-        self._rule_matches = rule_matches
-        self._client_disconnects = client_disconnects
-        self._queue_refusals = queue_refusals
-        self._connections_closed = connections_closed
 
         self._runtime_collector = RuntimeCollector()
         r.register(self._runtime_collector)
