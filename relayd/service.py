@@ -381,6 +381,7 @@ class RelayService(MultiService):
         log.warn("shutdown timeout: aborting {n} unfinished requests", n=len(remaining))
         for exchange in remaining:
             exchange.abort()
+        self.site.resource.report_finished()  # their lines now, not after the stop
         if not drained.called:
             drained.callback(None)
 

@@ -1,6 +1,9 @@
 """The record of a finished exchange: its usage and limit settlement, its metrics and
 its access-log line.
 
+The settlement is made when the exchange finishes; the metrics and the access line are
+made once its answer is sent (:meth:`relayd.http.relay.RelayResource.exchange_done`).
+
 Labels and usage keys never take arbitrary client-supplied names: only routed requests
 name a model, and only configured or upstream-confirmed ones
 (:mod:`relayd.labels`); the log line carries the client's model as sent, quoted.
@@ -20,13 +23,20 @@ if TYPE_CHECKING:
     from relayd.http.exchange import Exchange
 
 
-def record_exchange(exchange: Exchange, now: float) -> None:
-    """Settle, count and log a finished exchange."""
-    # A client that left before any byte was written got no status at all.
-    request = exchange.request
-    status = 499 if exchange.client_gone and not request.startedWriting else exchange.status
+def settle_exchange(exchange: Exchange) -> str:
+    """Hand a finished exchange's usage and limit reservations over (at once: a slot it
+    held is free for the client's next request); returns its ``model`` label."""
     model = model_label(exchange)
     settle(exchange, model)
+    return model
+
+
+def report_exchange(exchange: Exchange, model: str, now: float) -> None:
+    """Count a finished exchange and write its access line (``now``: when it finished)."""
+    # A client that left before any byte was written got no status at all.
+    status = 499 if exchange.client_gone and not exchange.request.startedWriting else (
+        exchange.status
+    )
     report(exchange, status, model, now)
 
 

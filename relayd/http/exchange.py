@@ -35,7 +35,7 @@ from relayd.affinity import SessionAffinity
 from relayd.cache import CACHE_PROVIDER, CachedAnswer
 from relayd.errors import Outcome, Refusal, Result
 from relayd.http import dispatch
-from relayd.http.accesslog import record_exchange
+from relayd.http.accesslog import report_exchange, settle_exchange
 from relayd.http.attempt import UpstreamAttempt, discard
 from relayd.http.bodies import BodySink, choose_sink
 from relayd.http.caching import CacheStage
@@ -429,7 +429,8 @@ class Exchange:
             attempt.stop()
 
     def _complete(self, unjudged: str = Result.RELAY_ERROR) -> None:
-        """Release the backend, stop timers, settle, count and log the request (once).
+        """Release the backend, stop timers, settle the request, and have it counted and
+        logged once its answer is sent (once).
 
         An attempt still waiting for its answer is recorded as ``unjudged``: neither a
         success nor a failure of the backend (a half-open trial frees its slot).
@@ -442,7 +443,6 @@ class Exchange:
             self.wait = None
         if self.sink is not None:
             self.sink.stop()
-        self.resource.exchange_done(self)
         attempt = self.attempt
         if attempt is not None:
             if not attempt.judged:
@@ -453,7 +453,12 @@ class Exchange:
             self.metrics.stream_closed()
         if self.cache is not None:
             self.cache.complete(self, self.sink is not None and self.sink.complete)
-        record_exchange(self, self.clock.seconds())
+        model = settle_exchange(self)
+        self.resource.exchange_done(self, model, self.clock.seconds())
+
+    def report(self, model: str, finished_at: float) -> None:
+        """Count and log the finished exchange (called once its answer is sent)."""
+        report_exchange(self, model, finished_at)
         # The sink refers back to the exchange: without this cycle the request's objects
         # are freed now, by reference counting, not later by the garbage collector.
         self.sink = None

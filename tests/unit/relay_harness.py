@@ -197,6 +197,12 @@ class Harness:
         for agent in self.agents:
             agent.flush()
         self.client.flush()
+        self.turn()
+
+    def turn(self) -> None:
+        """Run what the reactor runs once the answer is sent: the exchange's record
+        (usage, limits, metrics, access line) waits for that."""
+        self.clock.advance(0)
 
     def call(
         self,
@@ -234,6 +240,7 @@ class Harness:
         assert content, "the relay did not finish the body"
         if hasattr(content[0], "raiseException"):
             content[0].raiseException()
+        self.turn()
         headers_out = {
             k.decode().lower(): [v.decode() for v in vs]
             for k, vs in response.headers.getAllRawHeaders()

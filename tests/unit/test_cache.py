@@ -676,6 +676,7 @@ def test_a_leader_whose_client_and_waiters_all_left_stops() -> None:
         assert not leader.done
         lose_client(joiner)
         assert leader.done and joiner.done
+        h.turn()  # (their access lines)
         assert h.resource.active == set()
         assert h.runtime.response_cache.flights == {}
         assert len(h.runtime.response_cache.memory) == 0

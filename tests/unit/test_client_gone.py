@@ -108,6 +108,7 @@ def test_fifty_clients_giving_up_before_the_answer_leave_the_breaker_closed() ->
                       stage="before_response") == 50
         assert not critical_lines(h)
         assert not [e for e in h.logs.events if "failed" in str(e.get("log_format", ""))]
+        h.turn()
         lines = h.logs.access()
         assert len(lines) == 50
         assert {(line["status"], line["outcome"]) for line in lines} == {(499, "client_gone")}
@@ -204,6 +205,7 @@ def test_a_drain_that_aborts_a_waiting_request_blames_no_one() -> None:
         assert backend(h).breaker.failures_in_window == 0
         assert sample(h, "relayd_upstream_attempts_total", provider="anthropic",
                       backend="us", result="shutdown") == 1
+        h.turn()
         assert h.logs.access()[-1]["outcome"] == "aborted"
         assert not critical_lines(h)
     finally:

@@ -390,3 +390,37 @@ def test_usage_is_recorded_per_client_model_and_backend(harness: Harness) -> Non
         ("eu", 1, 3, 4, 0), ("us", 2, 14, 13, 5)
     ]
     assert {e["client"] for e in entries} == {"team-a"}
+
+
+def test_the_metrics_and_access_line_wait_until_the_answer_is_sent(harness: Harness) -> None:
+    """A reactor sends what was written at its next poll; the calls due now run before
+    that poll, the calls they schedule after it. The record of a finished request waits
+    for the second, so its work does not hold back the answer's last bytes; it keeps
+    the time the request finished at."""
+
+    def requests_total() -> float:
+        registry = harness.resource.metrics.registry
+        return sum(
+            s.value for m in registry.collect() if m.name == "relayd_requests"
+            for s in m.samples if s.name == "relayd_requests_total"
+        )
+
+    answers: list[Any] = []
+    harness.client.request(
+        "POST", "http://relay.test/v1/messages", data=json.dumps(MESSAGE).encode(),
+        headers={"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01"},
+    ).addCallback(answers.append)
+    harness.client.flush()
+    assert answers[0].code == 200
+    (exchange,) = harness.resource.active
+    assert exchange.done and harness.logs.access() == [] and requests_total() == 0
+    (due,) = harness.clock.calls
+    assert due.getTime() == harness.clock.seconds()
+    harness.clock.calls.remove(due)
+    due.func(*due.args, **due.kw)  # the reactor's calls before its poll
+    assert harness.logs.access() == [] and harness.resource.active == {exchange}
+    harness.clock.advance(5)  # its poll sent the answer; the calls after it
+    (line,) = harness.logs.access()
+    assert line["status"] == 200 and line["outcome"] == "ok"
+    assert line["total_ms"] < 1000  # when the request finished, not when it was logged
+    assert requests_total() == 1 and not harness.resource.active

@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from relay_harness import CLIENT_KEY, base_config
+from relay_harness import CLIENT_KEY, LogCapture, base_config
 from treq.testing import RequestTraversalAgent
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.web.iweb import IAgent
 from twisted.web.resource import Resource
@@ -205,8 +206,11 @@ class Relay:
         return value or 0.0
 
     def flush(self) -> None:
+        """Deliver the upstreams' answers, and run the reactor's next turns (an
+        exchange's access line is written once its answer is sent)."""
         for agent in self.agents:
             agent.flush()
+        self.reactor.advance(0)
 
     def send(self, port: int = 8001) -> StringTransport:
         """A client connection to ``port`` that sends one Messages request."""
@@ -399,8 +403,15 @@ def test_stop_aborts_what_is_left_at_the_drain_timeout(tmp_path: Path) -> None:
     relay.service.stopService().addBoth(stopped.append)
     relay.reactor.advance(4.9)
     assert not stopped and not any(t.disconnecting for t in transports)
-    relay.reactor.advance(0.1)  # shutdown_timeout: 5 s
+    logs = LogCapture()
+    globalLogPublisher.addObserver(logs)
+    try:
+        relay.reactor.advance(0.1)  # shutdown_timeout: 5 s
+    finally:
+        globalLogPublisher.removeObserver(logs)
     assert stopped and not isinstance(stopped[0], Failure)
+    # The aborted requests' access lines are written before the stop goes on.
+    assert [line["outcome"] for line in logs.access()] == ["aborted", "aborted"]
     assert all(t.disconnecting for t in transports)
     assert all(b"200 OK" not in t.value() for t in transports)
     assert not relay.service.site.resource.active
