@@ -1,8 +1,9 @@
 """The record of a finished exchange: its usage and limit settlement, its metrics and
 its access-log line.
 
-The settlement is made when the exchange finishes; the metrics and the access line are
-made once its answer is sent (:meth:`relayd.http.relay.RelayResource.exchange_done`).
+All of it is done once the exchange's answer is sent
+(:meth:`relayd.http.relay.RelayResource.exchange_done`), but the settlement of an
+exchange that a limit applies to: that is made when it finishes.
 
 Labels and usage keys never take arbitrary client-supplied names: only routed requests
 name a model, and only configured or upstream-confirmed ones
@@ -24,20 +25,31 @@ if TYPE_CHECKING:
 
 
 def settle_exchange(exchange: Exchange) -> str:
-    """Hand a finished exchange's usage and limit reservations over (at once: a slot it
-    held is free for the client's next request); returns its ``model`` label."""
+    """Hand a finished exchange's usage and limit reservations over; returns its
+    ``model`` label."""
+    read_usage(exchange)
     model = model_label(exchange)
     settle(exchange, model)
     return model
 
 
-def report_exchange(exchange: Exchange, model: str, now: float) -> None:
-    """Count a finished exchange and write its access line (``now``: when it finished)."""
+def record_exchange(exchange: Exchange, model: str | None, now: float) -> None:
+    """Settle a finished exchange unless ``model`` (its label) says it is, count it and
+    write its access line (``now``: when it finished)."""
+    if model is None:
+        model = settle_exchange(exchange)
     # A client that left before any byte was written got no status at all.
     status = 499 if exchange.client_gone and not exchange.request.startedWriting else (
         exchange.status
     )
     report(exchange, status, model, now)
+
+
+def read_usage(exchange: Exchange) -> None:
+    """Read the usage its sink left to be read later, if none is known yet."""
+    sink = exchange.sink
+    if exchange.usage is None and sink is not None:
+        exchange.usage = sink.final_usage()
 
 
 def model_label(exchange: Exchange) -> str:

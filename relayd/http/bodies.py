@@ -145,6 +145,11 @@ class BodySink:
         """The usage seen before the exchange ended early (a stream cut by the client)."""
         return None
 
+    def final_usage(self) -> Usage | None:
+        """The usage of an answer relayed whole that the sink left to be read later (once
+        the answer is sent), or None."""
+        return None
+
     def _broken(self, clean: bool) -> str | None:
         """The outcome of a body that did not end cleanly, or None."""
         timed_out = self.attempt.timed_out
@@ -184,13 +189,15 @@ class PassThrough(BodySink):
 
 
 class CollectUsage(PassThrough):
-    """Relays a JSON success at once and keeps a bounded copy for its usage."""
+    """Relays a JSON success at once and keeps a bounded copy for its usage, read from
+    it once the answer is whole and sent (:meth:`final_usage`)."""
 
-    __slots__ = ("collected",)
+    __slots__ = ("collected", "whole")
 
     def __init__(self, host: SinkHost, attempt: UpstreamAttempt, gzipped: bool) -> None:
         super().__init__(host, attempt)
         self.collected: CollectedBody | None = CollectedBody(MAX_COLLECTED_BODY, gzipped)
+        self.whole = False
 
     def feed(self, data: bytes) -> None:
         collected = self.collected
@@ -202,15 +209,18 @@ class CollectUsage(PassThrough):
         self.write(data)
 
     def finished(self) -> None:
-        collected = self.collected
-        if collected is not None:
-            try:
-                body = collected.value()
-            except BadEncodingError:
-                pass
-            else:
-                self.host.usage = self.attempt.backend.provider.usage_from_json(body)
+        self.whole = True
         self.host.finish()
+
+    def final_usage(self) -> Usage | None:
+        collected = self.collected
+        if not self.whole or collected is None:
+            return None
+        try:
+            body = collected.value()
+        except BadEncodingError:
+            return None
+        return self.attempt.backend.provider.usage_from_json(body)
 
 
 class BufferedRewrite(BodySink):

@@ -35,7 +35,7 @@ from relayd.affinity import SessionAffinity
 from relayd.cache import CACHE_PROVIDER, CachedAnswer
 from relayd.errors import Outcome, Refusal, Result
 from relayd.http import dispatch
-from relayd.http.accesslog import report_exchange, settle_exchange
+from relayd.http.accesslog import read_usage, record_exchange, settle_exchange
 from relayd.http.attempt import UpstreamAttempt, discard
 from relayd.http.bodies import BodySink, choose_sink
 from relayd.http.caching import CacheStage
@@ -429,7 +429,7 @@ class Exchange:
             attempt.stop()
 
     def _complete(self, unjudged: str = Result.RELAY_ERROR) -> None:
-        """Release the backend, stop timers, settle the request, and have it counted and
+        """Release the backend, stop timers, and have the request settled, counted and
         logged once its answer is sent (once).
 
         An attempt still waiting for its answer is recorded as ``unjudged``: neither a
@@ -452,13 +452,16 @@ class Exchange:
         if self.stream_open:
             self.metrics.stream_closed()
         if self.cache is not None:
+            read_usage(self)
             self.cache.complete(self, self.sink is not None and self.sink.complete)
-        model = settle_exchange(self)
+        # A limit's slots and quotas are settled now (the client's next request may wait
+        # for them); the rest once the answer is sent.
+        model = settle_exchange(self) if self.gate is not None else None
         self.resource.exchange_done(self, model, self.clock.seconds())
 
-    def report(self, model: str, finished_at: float) -> None:
-        """Count and log the finished exchange (called once its answer is sent)."""
-        report_exchange(self, model, finished_at)
+    def report(self, model: str | None, finished_at: float) -> None:
+        """Once its answer is sent: settle (unless ``model`` says it is), count, log."""
+        record_exchange(self, model, finished_at)
         # The sink refers back to the exchange: without this cycle the request's objects
         # are freed now, by reference counting, not later by the garbage collector.
         self.sink = None

@@ -80,15 +80,18 @@ class RelayResource(Resource):
         self.active: set[Exchange] = set()
         self.waiting_room = WaitingRoom()  # exchanges waiting for a backend slot
         self._idle_waiters: list[Deferred[None]] = []
-        self._finished: list[tuple[Exchange, str, float]] = []
+        self._finished: list[tuple[Exchange, str | None, float]] = []
 
-    def exchange_done(self, exchange: Exchange, model: str, finished_at: float) -> None:
-        """Have a finished exchange counted and logged once the reactor has sent its answer.
+    def exchange_done(
+        self, exchange: Exchange, model: str | None, finished_at: float
+    ) -> None:
+        """Have a finished exchange settled, counted and logged once its answer is sent.
 
         The reactor sends what the exchange wrote at its next poll, and calls made due
         now (``callLater(0)``) run before that poll; the calls those make due run after
-        it. The metrics and the access line wait for the second, so that their work
-        (about 0.07 ms) does not hold back the answer's last bytes. The exchange stays
+        it. The settlement, the metrics and the access line wait for the second, so that
+        their work (about 0.08 ms) does not hold back the answer's last bytes (``model``:
+        the exchange's model label if it is settled already). The exchange stays
         in :attr:`active` until then, so that a drain waits for its line.
         """
         finished = self._finished

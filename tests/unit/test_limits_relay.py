@@ -198,6 +198,19 @@ def test_a_client_that_leaves_gives_back_its_slot() -> None:
     assert harness.call("POST", "/v1/messages", MESSAGE)[0] == 200
 
 
+def test_a_limited_request_is_settled_when_it_finishes() -> None:
+    """Its slot and its tokens are settled at once (the client's next request may need
+    them); only its count and access line wait for the answer to be sent."""
+    harness = next(make(limited({"max_concurrent": 1, "tokens_per_minute": 1000})))
+    first = start(harness, MESSAGE)
+    assert first and first[0].code == 200
+    assert harness.clock.calls and harness.logs.access() == []  # not reported yet
+    assert store_of(harness).ledger.snapshot()["clients"]["team-a"]["output_tokens"] == 4
+    assert start(harness, MESSAGE)[0].code == 200  # the slot is free already
+    harness.turn()
+    assert [line["status"] for line in harness.logs.access()] == [200, 200]
+
+
 def upstream_limited(limits: dict[str, Any], keys: list[str]) -> dict[str, Any]:
     config = base_config()
     backends = config["providers"][0]["backends"]

@@ -394,9 +394,9 @@ def test_usage_is_recorded_per_client_model_and_backend(harness: Harness) -> Non
 
 def test_the_metrics_and_access_line_wait_until_the_answer_is_sent(harness: Harness) -> None:
     """A reactor sends what was written at its next poll; the calls due now run before
-    that poll, the calls they schedule after it. The record of a finished request waits
-    for the second, so its work does not hold back the answer's last bytes; it keeps
-    the time the request finished at."""
+    that poll, the calls they schedule after it. The record of a finished request (usage,
+    metrics, access line) waits for the second, so its work does not hold back the
+    answer's last bytes; it keeps the time the request finished at."""
 
     def requests_total() -> float:
         registry = harness.resource.metrics.registry
@@ -404,6 +404,11 @@ def test_the_metrics_and_access_line_wait_until_the_answer_is_sent(harness: Harn
             s.value for m in registry.collect() if m.name == "relayd_requests"
             for s in m.samples if s.name == "relayd_requests_total"
         )
+
+    def usage() -> dict[str, Any]:
+        snapshot: list[dict[str, Any]] = []
+        harness.runtime.store.usage_snapshot().addCallback(snapshot.append)
+        return snapshot[0]["clients"]
 
     answers: list[Any] = []
     harness.client.request(
@@ -414,6 +419,7 @@ def test_the_metrics_and_access_line_wait_until_the_answer_is_sent(harness: Harn
     assert answers[0].code == 200
     (exchange,) = harness.resource.active
     assert exchange.done and harness.logs.access() == [] and requests_total() == 0
+    assert usage() == {} and exchange.usage is None  # not even read from the answer yet
     (due,) = harness.clock.calls
     assert due.getTime() == harness.clock.seconds()
     harness.clock.calls.remove(due)
@@ -424,3 +430,4 @@ def test_the_metrics_and_access_line_wait_until_the_answer_is_sent(harness: Harn
     assert line["status"] == 200 and line["outcome"] == "ok"
     assert line["total_ms"] < 1000  # when the request finished, not when it was logged
     assert requests_total() == 1 and not harness.resource.active
+    assert usage()["team-a"]["output_tokens"] == 4 and line["output_tokens"] == 4

@@ -210,8 +210,19 @@ def test_collect_usage_relays_a_success_and_reads_its_usage() -> None:
     relay.feed(ANSWER[:10], ANSWER[10:])
     sink.end(True)
     assert b"".join(relay.written) == ANSWER
-    assert relay.host.usage == Usage(input_tokens=3, output_tokens=4)
     assert relay.host.events == ["begin", "finished", "finish"]
+    # Read once the answer is sent, when the exchange is settled; not before.
+    assert relay.host.usage is None
+    assert sink.final_usage() == Usage(input_tokens=3, output_tokens=4)
+
+
+def test_collect_usage_of_an_answer_cut_off_is_unknown() -> None:
+    relay = Relay(200)
+    sink = relay.sink()
+    relay.feed(ANSWER)
+    assert sink.final_usage() is None  # not whole yet
+    sink.end(False)
+    assert sink.final_usage() is None
 
 
 def test_collect_usage_reads_a_gzipped_answer_and_relays_it_encoded() -> None:
@@ -221,7 +232,7 @@ def test_collect_usage_reads_a_gzipped_answer_and_relays_it_encoded() -> None:
     relay.feed(encoded)
     sink.end(True)
     assert relay.written == [encoded]
-    assert relay.host.usage == Usage(input_tokens=3, output_tokens=4)
+    assert sink.final_usage() == Usage(input_tokens=3, output_tokens=4)
 
 
 def test_collect_usage_past_its_bound_still_relays_everything() -> None:
@@ -233,7 +244,7 @@ def test_collect_usage_past_its_bound_still_relays_everything() -> None:
     relay.feed(*(big[i:i + chunk] for i in range(0, len(big), chunk)))
     sink.end(True)
     assert b"".join(relay.written) == big
-    assert relay.host.usage is None  # not kept past the bound, so not read
+    assert sink.final_usage() is None  # not kept past the bound, so not read
     assert relay.host.events[-1] == "finish"
 
 
