@@ -185,7 +185,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             tree = checkout(rev, work / f"tree-{index}")
             label = subprocess.run(["git", "-C", str(tree), "rev-parse", "--short", "HEAD"],
                                    capture_output=True, text=True, check=True).stdout.strip()
-            revs[name] = label + (" + working changes" if rev == "." else "")
+            if rev == ".":
+                changed = subprocess.run(
+                    ["git", "-C", str(tree), "status", "--porcelain", "--untracked-files=no"],
+                    capture_output=True, text=True, check=True,
+                ).stdout.strip()
+                label += " + working changes" if changed else " (working checkout)"
+            revs[name] = label
             service = start_tree_relay(name, tree, work / name, upstream.port, deadline)
             services.append(service)
             proxies[name] = (service, make_target(name, service.port, RELAY_KEY, True))
