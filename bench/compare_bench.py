@@ -10,6 +10,10 @@ drift. Here every commit's relayd runs at once, beside the lean Twisted proxy
    CPU time (``/proc/PID/stat``) read around its own batch. Per round, each relayd's
    figure is divided by the reference's of the same round; the report gives the median
    of those ratios (and of the raw figures).
+   With ``--streams S``, each round also gives each proxy (in the same shuffled order)
+   a batch of ``S`` streaming requests, and the CPU per stream event is each proxy's
+   (stream CPU - plain CPU per request) / events per stream of that round, compared with
+   the reference's the same way.
 2. Added latency: ``--requests`` sequential non-streaming requests per target at
    concurrency 1, interleaved across the fake upstream directly and every proxy; p50 and
    p99 of each, and what each adds over the direct p50.
@@ -19,8 +23,8 @@ Each commit is checked out with ``git worktree add --detach`` into a temporary d
 working checkout as it is. Everything listens on 127.0.0.1 ephemeral ports, the run is
 bounded by counts and ``--duration-cap``, and the processes are stopped by PID.
 
-Usage: ``.venv/bin/python bench/compare_bench.py [--rounds R] [--batch M] [--requests N]
-REV [REV ...]`` e.g. ``bench/compare_bench.py HEAD~3 HEAD .``
+Usage: ``.venv/bin/python bench/compare_bench.py [--rounds R] [--batch M] [--streams S]
+[--requests N] REV [REV ...]`` e.g. ``bench/compare_bench.py HEAD~3 HEAD .``
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from relayd.testing.loadgen import (
     concurrent_batch,
     cpu_seconds,
     percentile,
+    send_once,
     sequential_interleaved,
 )
 
@@ -94,18 +99,37 @@ async def measure(
     tally = Tally("compare")
     for _, target in proxies.values():  # warm-up: code paths and upstream pools
         await concurrent_batch(target, args.batch // 2, args.concurrency, False, tally)
+    events = 0
+    if args.streams:
+        probe = await send_once(direct.port, direct.stream, 30)
+        events = probe.body.count(b"\n\n")
+        for _, target in proxies.values():
+            await concurrent_batch(target, args.streams // 2, args.concurrency, True, tally)
     cpu: dict[str, list[float]] = {name: [] for name in proxies}
+    per_event: dict[str, list[float]] = {name: [] for name in proxies}
     for _ in range(args.rounds):
         order = list(proxies)
         random.shuffle(order)
         for name in order:
             service, target = proxies[name]
-            before = cpu_seconds(service.pid)
-            ok = await concurrent_batch(target, args.batch, args.concurrency, False, tally)
-            cpu[name].append((cpu_seconds(service.pid) - before) * 1000.0 / max(ok, 1))
+            plain = await _cpu_per_request(service, target, args.batch, False, args, tally)
+            cpu[name].append(plain)
+            if events:
+                stream = await _cpu_per_request(service, target, args.streams, True, args,
+                                                tally)
+                per_event[name].append((stream - plain) * 1000.0 / events)
     targets = [direct] + [target for _, target in proxies.values()]
     latency = await sequential_interleaved(targets, args.requests, False, tally)
-    return {"cpu_ms_per_request": cpu, "latency_ms": latency, "failures": tally.failures}
+    return {"cpu_ms_per_request": cpu, "cpu_us_per_stream_event": per_event,
+            "events_per_stream": events, "latency_ms": latency, "failures": tally.failures}
+
+
+async def _cpu_per_request(service: Service, target: Target, count: int, stream: bool,
+                           args: argparse.Namespace, tally: Tally) -> float:
+    """The proxy's CPU ms per request over one batch."""
+    before = cpu_seconds(service.pid)
+    ok = await concurrent_batch(target, count, args.concurrency, stream, tally)
+    return (cpu_seconds(service.pid) - before) * 1000.0 / max(ok, 1)
 
 
 def report(revs: dict[str, str], figures: dict[str, object], args: argparse.Namespace) -> str:
@@ -133,6 +157,25 @@ def report(revs: dict[str, str], figures: dict[str, object], args: argparse.Name
     lines.append(f"| direct to the fake upstream | - | - | {direct_p50:.3f} | - "
                  f"| {percentile(latency['direct'], 99):.3f} |")
     lines.append("")
+    per_event: dict[str, list[float]] = figures["cpu_us_per_stream_event"]  # type: ignore[assignment]
+    if args.streams:
+        lines += [
+            f"CPU per stream event: each round also {args.streams} streams per proxy "
+            f"({figures['events_per_stream']} SSE events each); (stream - plain CPU per "
+            "request) / events, per round.",
+            "",
+            "| | µs per stream event, median | / reference, median of rounds |",
+            "| --- | ---: | ---: |",
+        ]
+        reference_events = per_event[REFERENCE]
+        for name in per_event:
+            label = f"relayd `{revs[name]}`" if name in revs else "the lean reference proxy"
+            ratio = statistics.median(
+                a / b for a, b in zip(per_event[name], reference_events, strict=True) if b > 0
+            )
+            lines.append(f"| {label} | {statistics.median(per_event[name]):.1f} "
+                         f"| {ratio:.3f} |")
+        lines.append("")
     lines.append(f"requests that failed: {figures['failures']}")
     return "\n".join(lines)
 
@@ -144,12 +187,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--batch", type=int, default=1500)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--streams", type=int, default=0,
+                        help="streaming requests per proxy per round (0: no stream phase)")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--duration-cap", type=float, default=900.0)
     parser.add_argument("--json", metavar="OUT", help="write the raw figures here")
     args = parser.parse_args(argv)
     if not 1 <= args.rounds <= 100 or not 100 <= args.batch <= 100_000:
         parser.error("--rounds must be 1..100 and --batch 100..100000")
+    if args.streams and not 100 <= args.streams <= 100_000:
+        parser.error("--streams must be 0 or 100..100000")
     if not 1 <= args.concurrency <= 256 or not 1 <= args.requests <= 100_000:
         parser.error("--concurrency must be 1..256 and --requests 1..100000")
     if len(set(args.revs)) != len(args.revs):

@@ -83,40 +83,61 @@ class SseParser:
             return []
         if self._pending:
             self._pending.append(chunk[:end])
-            complete = b"".join(self._pending)
+            lines = b"".join(self._pending).split(b"\n")
             self._pending = []
             self._pending_size = 0
+            rest = chunk[end + 1 :]
         else:
-            complete = chunk[:end]
-        rest = chunk[end + 1 :]
+            lines = chunk.split(b"\n")
+            rest = lines.pop()  # after the last line end: the start of the next line
         if rest:
             self._keep(rest)
+        return self._lines(lines)
+
+    def _lines(self, lines: list[bytes]) -> list[SseEvent]:
+        """The events that complete lines finish (the event being read is kept in local
+        names while the lines go by, and stored back at the end)."""
         events: list[SseEvent] = []
-        for line in complete.split(b"\n"):
-            if not line:
-                if self._data or self._event is not None:
-                    events.append(SseEvent(self._event, b"\n".join(self._data)))
-                self._event = None
-                self._data = []
-                self._data_size = 0
-                continue
-            if line[0] == 0x3A:  # ":" starts a comment
-                continue
-            if len(line) > self.max_line:
-                raise SseTooLargeError(f"an SSE line is longer than {self.max_line} bytes")
-            name, sep, value = line.partition(b":")
-            if sep and value.startswith(b" "):
-                value = value[1:]
-            if name == b"data":
-                self._data_size += len(value)
-                if self._data_size > self.max_event:
-                    raise SseTooLargeError(
-                        f"an SSE event carries more than {self.max_event} bytes"
-                    )
-                self._data.append(value)
-            elif name == b"event":
-                self._event = value
-            # "id" and "retry" carry nothing the relay needs.
+        event = self._event
+        data = self._data
+        max_line = self.max_line
+        try:
+            for line in lines:
+                if not line:
+                    if data or event is not None:
+                        # One data line (the common case) needs no join.
+                        events.append(
+                            SseEvent(event, data[0] if len(data) == 1 else b"\n".join(data))
+                        )
+                        event = None
+                        data = []
+                        self._data_size = 0
+                    continue
+                if line[0] == 0x3A:  # ":" starts a comment
+                    continue
+                if len(line) > max_line:
+                    raise SseTooLargeError(f"an SSE line is longer than {max_line} bytes")
+                if line.startswith(b"data: "):
+                    name = b"data"
+                    value = line[6:]
+                else:
+                    name, sep, value = line.partition(b":")
+                    if sep and value.startswith(b" "):
+                        value = value[1:]
+                if name == b"data":
+                    size = self._data_size + len(value)
+                    if size > self.max_event:
+                        raise SseTooLargeError(
+                            f"an SSE event carries more than {self.max_event} bytes"
+                        )
+                    self._data_size = size
+                    data.append(value)
+                elif name == b"event":
+                    event = value
+                # "id" and "retry" carry nothing the relay needs.
+        finally:
+            self._event = event
+            self._data = data
         return events
 
     def _keep(self, piece: bytes) -> None:
