@@ -13,7 +13,9 @@ drift. Here every commit's relayd runs at once, beside the lean Twisted proxy
    With ``--streams S``, each round also gives each proxy (in the same shuffled order)
    a batch of ``S`` streaming requests, and the CPU per stream event is each proxy's
    (stream CPU - plain CPU per request) / events per stream of that round, compared with
-   the reference's the same way.
+   the reference's the same way. That is a difference of two batches, as noisy as
+   both: ``--stream-chunks K`` makes the fake upstream's answers K text chunks long
+   (default 5, i.e. 10 SSE events a stream), so the events weigh more than the rest.
 2. Added latency: ``--requests`` sequential non-streaming requests per target at
    concurrency 1, interleaved across the fake upstream directly and every proxy; p50 and
    p99 of each, and what each adds over the direct p50.
@@ -189,6 +191,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--streams", type=int, default=0,
                         help="streaming requests per proxy per round (0: no stream phase)")
+    parser.add_argument("--stream-chunks", type=int, default=5,
+                        help="text chunks per answer of the fake upstream (default 5)")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--duration-cap", type=float, default=900.0)
     parser.add_argument("--json", metavar="OUT", help="write the raw figures here")
@@ -197,6 +201,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--rounds must be 1..100 and --batch 100..100000")
     if args.streams and not 100 <= args.streams <= 100_000:
         parser.error("--streams must be 0 or 100..100000")
+    if not 1 <= args.stream_chunks <= 1000:
+        parser.error("--stream-chunks must be 1..1000")
     if not 1 <= args.concurrency <= 256 or not 1 <= args.requests <= 100_000:
         parser.error("--concurrency must be 1..256 and --requests 1..100000")
     if len(set(args.revs)) != len(args.revs):
@@ -224,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         proxies: dict[str, tuple[Service, Target]] = {}
         upstream = Service("upstream", work)
         services.append(upstream)
-        start_upstream(upstream, work, deadline)
+        start_upstream(upstream, work, deadline, {"chunks": args.stream_chunks})
         for index, rev in enumerate(args.revs):
             name = f"relayd-{index}"
             if rev != ".":

@@ -169,8 +169,10 @@ class Processes:
             service.reap()
 
 
-def start_upstream(service: Service, workdir: Path, deadline: float) -> None:
-    """The fake upstream, with the bench's knobs, on an ephemeral port."""
+def start_upstream(service: Service, workdir: Path, deadline: float,
+                   knobs: dict[str, Any] | None = None) -> None:
+    """The fake upstream, with the bench's knobs (updated by ``knobs``), on an ephemeral
+    port."""
     port_file = workdir / "upstream.port"
 
     def upstream_port() -> str:
@@ -181,7 +183,7 @@ def start_upstream(service: Service, workdir: Path, deadline: float) -> None:
             sys.executable, "-m", FAKE_UPSTREAM_MODULE,
             "--listen", "127.0.0.1:0",
             "--port-file", str(port_file),
-            "--config", json.dumps(FAKE_UPSTREAM_KNOBS),
+            "--config", json.dumps({**FAKE_UPSTREAM_KNOBS, **(knobs or {})}),
         ],
         upstream_port,
         deadline,

@@ -105,14 +105,20 @@ _PREAMBLE_EVENTS = frozenset({b"message_start", b"ping", b"error"})
 class AnthropicStreamWatcher(StreamWatcherBase):
     """Usage and completeness of a Messages SSE stream.
 
-    Only ``message_start``, ``message_delta`` and ``error`` are JSON-decoded; content
-    deltas pass by untouched. ``message_delta.usage`` is cumulative, so later values
-    overwrite earlier ones.
+    Only ``message_start``, ``message_delta`` and ``error`` are JSON-decoded; once content
+    has started, a read of whole content events is not even parsed
+    (:meth:`~relayd.providers.base.StreamWatcherBase.passes_by`).
+    ``message_delta.usage`` is cumulative, so later values overwrite earlier ones.
     """
 
     __slots__ = ()
 
+    # message_start, message_delta, message_stop, error.
+    passing_markers = (b"message_", b"error", b"\r")
+
     def feed(self, data: bytes) -> None:
+        if self.passes_by(data):
+            return
         for event in self._parser.feed(data):
             name = event.event
             if name == b"message_start" or name == b"message_delta":

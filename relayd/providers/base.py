@@ -173,6 +173,10 @@ class StreamWatcherBase:
 
     __slots__ = ("_parser", "complete", "content_started", "created_id", "error_seen", "usage")
 
+    #: Once content has started, every event a watcher still reads has one of these in
+    #: its text (a CR too: the parser's line ends are LF only after it rewrote them).
+    passing_markers: tuple[bytes, ...] = (b"\r",)
+
     def __init__(self) -> None:
         self._parser = SseParser()
         self.usage = Usage()
@@ -183,6 +187,22 @@ class StreamWatcherBase:
 
     def at_event_boundary(self) -> bool:
         return self._parser.at_boundary
+
+    def passes_by(self, data: bytes) -> bool:
+        """Whether the read ``data`` can go by unparsed: content has started, the parser
+        is between two events and ``data`` ends one (so it is whole events, and the
+        parser would be between two events after it), and none of
+        :attr:`passing_markers` is in it. Most reads of a stream are one content event
+        the watcher has no use for; a marker in a content text only costs the parse."""
+        if not self.content_started or not data.endswith(b"\n\n"):
+            return False
+        parser = self._parser
+        if not parser.at_boundary or len(data) > parser.max_line:
+            return False
+        for marker in self.passing_markers:
+            if marker in data:
+                return False
+        return True
 
 
 class IProvider(Interface):

@@ -120,12 +120,19 @@ class OpenAIStreamWatcher(StreamWatcherBase):
 
     Until content starts every chunk is JSON-decoded (the first chunks, a role and maybe
     an error, decide whether a failover is still possible); after that a chunk is decoded
-    only when it mentions ``usage`` or ``error``, so content chunks pass by untouched.
+    only when it mentions ``usage`` (but as ``"usage":null``) or ``error``, so content
+    chunks pass by untouched (a read of whole such chunks is not even parsed:
+    :meth:`~relayd.providers.base.StreamWatcherBase.passes_by`).
     """
 
     __slots__ = ()
 
+    # [DONE], errors, and any named event (Responses: its terminal events); usage below.
+    passing_markers = (b"[DONE]", b"error", b"event:", b"\r")
+
     def feed(self, data: bytes) -> None:
+        if self.passes_by(data) and not _has_usage(data):
+            return
         for event in self._parser.feed(data):
             body = event.data
             if body == b"[DONE]":
@@ -136,7 +143,7 @@ class OpenAIStreamWatcher(StreamWatcherBase):
                 self.complete = True
             if name == b"error":
                 self.error_seen = True
-            if self.content_started and b'"usage"' not in body and b'"error"' not in body:
+            if self.content_started and not _has_usage(body) and b'"error"' not in body:
                 continue
             try:
                 payload = jsonbody.loads(body)
@@ -167,6 +174,14 @@ class OpenAIStreamWatcher(StreamWatcherBase):
 _RESPONSE_PREAMBLE_EVENTS = frozenset(
     {b"response.created", b"response.in_progress", b"response.queued"}
 )
+
+
+def _has_usage(text: bytes) -> bool:
+    """Whether ``text`` may carry usage: it names ``"usage"`` other than as the
+    ``"usage":null`` of every chunk of a stream asked for its usage (only the last chunk
+    has a value)."""
+    named = text.count(b'"usage"')
+    return named > 0 and named != text.count(b'"usage":null')
 
 
 def _is_content(name: bytes | None, payload: dict[str, Any]) -> bool:

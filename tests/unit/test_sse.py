@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from relayd.providers import PROVIDERS, IStreamWatcher
-from relayd.providers.base import endpoint
+from relayd.providers.base import StreamWatcherBase, endpoint
 from relayd.sse import SseEvent, SseParser, SseTooLargeError
 
 STREAM = (
@@ -194,3 +194,124 @@ def test_an_event_of_many_data_lines_is_bounded() -> None:
 def test_one_huge_line_in_one_read_is_bounded() -> None:
     with pytest.raises(SseTooLargeError):
         SseParser(max_line=1000).feed(b"data: " + b"z" * 2000 + b"\n\n")
+
+
+def _content_events(family: str, texts: list[str]) -> list[bytes]:
+    import json
+
+    if family == "anthropic":
+        return [
+            b"event: content_block_delta\ndata: " + json.dumps(
+                {"type": "content_block_delta", "index": 0,
+                 "delta": {"type": "text_delta", "text": text}}
+            ).encode() + b"\n\n"
+            for text in texts
+        ]
+    return [
+        b"data: " + json.dumps(
+            {"choices": [{"index": 0, "delta": {"content": text}}], "usage": None}
+        ).encode().replace(b'"usage": null', b'"usage":null') + b"\n\n"
+        for text in texts
+    ]
+
+
+# Content texts that name what the watchers look for: the read is then parsed, no harm.
+TEXTS = ["Hello", " message_delta", " error", " [DONE]", ' "usage"', " event: x", " plain"]
+LONG_ANTHROPIC = ANTHROPIC.replace(
+    b"event: message_delta", b"".join(_content_events("anthropic", TEXTS)) + b"event: message_delta"
+)
+LONG_OPENAI = OPENAI.replace(
+    b'data: {"choices":[{"index":0,"delta":{},"finish_reason"',
+    b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+    + b"".join(_content_events("openai", TEXTS))
+    + b'data: {"choices":[{"index":0,"delta":{},"finish_reason"',
+)
+
+
+def _slow_twin(watcher: IStreamWatcher) -> IStreamWatcher:
+    """The same watcher that parses every read."""
+    cls = type(watcher)
+    slow = type("Slow" + cls.__name__, (cls,), {"__slots__": (), "passes_by": lambda s, d: False})
+    return slow()
+
+
+def _state(watcher: IStreamWatcher) -> tuple[object, ...]:
+    usage = watcher.usage
+    return (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
+            usage.cache_write_tokens, watcher.complete, watcher.error_seen,
+            watcher.content_started, watcher.at_event_boundary())
+
+
+@pytest.mark.parametrize(("family", "stream"), [
+    ("anthropic", LONG_ANTHROPIC), ("anthropic", LONG_ANTHROPIC.replace(b"\n", b"\r\n")),
+    ("anthropic", ANTHROPIC), ("openai", LONG_OPENAI), ("openai", OPENAI),
+    ("openai", RESPONSES), ("openai", LONG_OPENAI.replace(b"\n", b"\r\n")),
+])
+def test_a_watcher_that_lets_content_reads_pass_by_sees_what_a_parsing_one_sees(
+    family: str, stream: bytes
+) -> None:
+    import random
+
+    rnd = random.Random(7)
+    sep = b"\r\n\r\n" if b"\r" in stream else b"\n\n"
+    events = [e + sep for e in stream.split(sep) if e]
+    splits = [events, [stream]]
+    for _ in range(300):  # random reads, some of them whole events
+        cuts = sorted(rnd.sample(range(1, len(stream)), rnd.randint(1, 20)))
+        splits.append([stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)])
+    for reads in splits:
+        fast = PROVIDERS[family].stream_watcher(EP)
+        slow = _slow_twin(fast)
+        for read in reads:
+            fast.feed(read)
+            slow.feed(read)
+            assert _state(fast) == _state(slow)
+    assert fast.complete
+
+
+def test_whole_content_events_pass_by_once_content_started() -> None:
+    watcher = PROVIDERS["anthropic"].stream_watcher(EP)
+    assert isinstance(watcher, StreamWatcherBase)
+    plain, named = _content_events("anthropic", ["Hello", " message_stop"])
+    assert not watcher.passes_by(plain)  # content has not started: every read is parsed
+    watcher.feed(plain)
+    assert watcher.content_started
+    assert watcher.passes_by(plain)
+    assert not watcher.passes_by(named)  # a marker: parsed (and found to be content)
+    assert not watcher.passes_by(plain[:-1])  # not the end of an event
+    watcher.feed(plain[:10])
+    assert not watcher.passes_by(plain)  # the parser is inside an event
+    watcher.feed(plain[10:])
+    assert watcher.passes_by(plain) and watcher.at_event_boundary()
+
+
+def test_openai_content_chunks_with_a_null_usage_pass_by() -> None:
+    """With ``stream_options.include_usage`` every chunk says ``"usage":null``; only the
+    last one's usage has a value."""
+    watcher = PROVIDERS["openai"].stream_watcher(EP)
+    assert isinstance(watcher, StreamWatcherBase)
+    first, content = _content_events("openai", ["Hi", " there"])
+    watcher.feed(first)
+    assert watcher.content_started and b'"usage":null' in content
+    parsed: list[bytes] = []
+    parser = watcher._parser
+
+    class Spy:
+        max_line = parser.max_line
+
+        @property
+        def at_boundary(self) -> bool:
+            return parser.at_boundary
+
+        def feed(self, data: bytes) -> list[SseEvent]:
+            parsed.append(data)
+            return parser.feed(data)
+
+    watcher._parser = Spy()  # type: ignore[assignment]
+    watcher.feed(content)
+    assert parsed == []  # not parsed at all
+    last = b'data: {"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+    watcher.feed(last + b"data: [DONE]\n\n")
+    assert len(parsed) == 1
+    assert (watcher.usage.input_tokens, watcher.usage.output_tokens) == (3, 2)
+    assert watcher.complete
