@@ -206,7 +206,8 @@ def start_relay(service: Service, workdir: Path, upstream_port: int, deadline: f
     )
 
 
-def start_bare(service: Service, upstream_port: int, deadline: float) -> None:
+def start_bare(service: Service, upstream_port: int, deadline: float,
+               env: dict[str, str] | None = None) -> None:
     """The lean reference proxy in front of the fake upstream."""
     service.start(
         [
@@ -216,6 +217,7 @@ def start_bare(service: Service, upstream_port: int, deadline: float) -> None:
         ],
         service.log_match(_BARE_LISTENING),
         deadline,
+        env=env,
     )
 
 
