@@ -101,7 +101,7 @@ class RelayResource(Resource):
             clock.callLater(0, clock.callLater, 0, self.report_finished)
 
     def report_finished(self) -> None:
-        """Count and log the exchanges finished so far (at once, at the end of a drain)."""
+        """Settle, count and log the exchanges finished so far (at once at a drain's end)."""
         finished, self._finished = self._finished, []
         active = self.active
         for exchange, model, finished_at in finished:
