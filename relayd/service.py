@@ -380,7 +380,11 @@ class RelayService(MultiService):
         remaining = list(self.site.resource.active)
         log.warn("shutdown timeout: aborting {n} unfinished requests", n=len(remaining))
         for exchange in remaining:
-            exchange.abort()
+            try:
+                exchange.abort()
+            except Exception:  # one request's bug must not hold the stop up
+                log.failure("unexpected error aborting {request_id}",
+                            request_id=exchange.request_id)
         self.site.resource.report_finished()  # their lines now, not after the stop
         if not drained.called:
             drained.callback(None)

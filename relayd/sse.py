@@ -125,12 +125,11 @@ class SseParser:
                     if sep and value.startswith(b" "):
                         value = value[1:]
                 if name == b"data":
-                    size = self._data_size + len(value)
+                    size = self._data_size = self._data_size + len(value)
                     if size > self.max_event:
                         raise SseTooLargeError(
                             f"an SSE event carries more than {self.max_event} bytes"
                         )
-                    self._data_size = size
                     data.append(value)
                 elif name == b"event":
                     event = value

@@ -438,30 +438,30 @@ class Exchange:
         if self.done:
             return
         self.done = True
-        if self.wait is not None:
-            self.wait.leave()
-            self.wait = None
-        if self.sink is not None:
-            self.sink.stop()
-        attempt = self.attempt
-        if attempt is not None:
-            if not attempt.judged:
-                attempt.record(unjudged)
-            attempt.end()
-            attempt.detach()
-        if self.stream_open:
-            self.metrics.stream_closed()
-        if self.cache is not None:
-            read_usage(self)
-            self.cache.complete(self, self.sink is not None and self.sink.complete)
-        # A limit's slots and quotas are settled now (the client's next request may wait
-        # for them); the rest once the answer is sent.
-        model = settle_exchange(self) if self.gate is not None else None
-        self.resource.exchange_done(self, model, self.clock.seconds())
+        model: str | None = None
+        try:
+            if self.wait is not None:
+                self.wait.leave()
+                self.wait = None
+            if self.sink is not None:
+                self.sink.stop()
+            attempt = self.attempt
+            if attempt is not None:
+                if not attempt.judged:
+                    attempt.record(unjudged)
+                attempt.end()
+                attempt.detach()
+            if self.stream_open:
+                self.metrics.stream_closed()
+            if self.cache is not None:
+                read_usage(self)
+                self.cache.complete(self, self.sink is not None and self.sink.complete)
+            # A limit's slots and quotas now: the client's next request may wait for them.
+            model = settle_exchange(self) if self.gate is not None else None
+        finally:  # whatever failed above, it is reported and leaves ``active``
+            self.resource.exchange_done(self, model, self.clock.seconds())
 
     def report(self, model: str | None, finished_at: float) -> None:
         """Once its answer is sent: settle (unless ``model`` says it is), count, log."""
         record_exchange(self, model, finished_at)
-        # The sink refers back to the exchange: without this cycle the request's objects
-        # are freed now, by reference counting, not later by the garbage collector.
-        self.sink = None
+        self.sink = None  # (it refers back: without the cycle, refcounting frees them now)

@@ -114,7 +114,8 @@ class RelayResource(Resource):
         if not active and self._idle_waiters:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
-                waiter.callback(None)
+                if not waiter.called:  # (a drain that ran out of time fired its own)
+                    waiter.callback(None)
 
     def wait_idle(self) -> Deferred[None]:
         """Fires once no exchange is in progress."""

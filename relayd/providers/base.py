@@ -197,8 +197,8 @@ class StreamWatcherBase:
         if not self.content_started or not data.endswith(b"\n\n"):
             return False
         parser = self._parser
-        if not parser.at_boundary or len(data) > parser.max_line:
-            return False
+        if not parser.at_boundary or len(data) > parser.max_line or len(data) > parser.max_event:
+            return False  # (a read past a bound may hold a line or event past it)
         for marker in self.passing_markers:
             if marker in data:
                 return False

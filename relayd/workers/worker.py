@@ -160,7 +160,8 @@ class Worker:
         reactor's shutdown drops bytes not yet written)."""
         self.stopping = True
         d = self._service().stopService()
-        # A turn later: the last exchange settles after the drain's waiter has fired.
+        # Exchanges are settled before the drain's waiter fires (RelayResource.
+        # report_finished); the sync a turn later is a margin.
         return d.addBoth(lambda _: deferLater(self.reactor, 0, self._sync))
 
     def _sync(self) -> Deferred[Any] | None:

@@ -431,3 +431,25 @@ def test_the_metrics_and_access_line_wait_until_the_answer_is_sent(harness: Harn
     assert line["total_ms"] < 1000  # when the request finished, not when it was logged
     assert requests_total() == 1 and not harness.resource.active
     assert usage()["team-a"]["output_tokens"] == 4 and line["output_tokens"] == 4
+
+
+def test_a_bug_while_completing_still_reports_the_request_and_frees_it(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever fails in the completion, the exchange gets its line and leaves
+    ``active`` (else every drain would wait for it until its timeout)."""
+    from relayd.http.attempt import UpstreamAttempt
+
+    def broken(self: UpstreamAttempt) -> None:
+        raise RuntimeError("a bug in end()")
+
+    monkeypatch.setattr(UpstreamAttempt, "end", broken)
+    status, _, _ = harness.call("POST", "/v1/messages", MESSAGE)
+    assert status == 200  # the answer was written before
+    assert not harness.resource.active
+    (line,) = harness.logs.access()
+    assert line["status"] == 200
+    idle: list[Any] = []
+    harness.resource.wait_idle().addCallback(idle.append)
+    assert idle == [None]
+    assert any("a bug in end()" in str(e.get("log_failure", "")) for e in harness.logs.events)

@@ -399,23 +399,59 @@ def test_stop_aborts_what_is_left_at_the_drain_timeout(tmp_path: Path) -> None:
     relay = Relay(tmp_path, config())
     transports = [relay.send(), relay.send()]
     assert len(relay.service.site.resource.active) == 2
-    stopped: list[Any] = []
-    relay.service.stopService().addBoth(stopped.append)
-    relay.reactor.advance(4.9)
-    assert not stopped and not any(t.disconnecting for t in transports)
     logs = LogCapture()
     globalLogPublisher.addObserver(logs)
+    stopped: list[Any] = []
+    lines_when_stopped: list[list[str]] = []
+
+    def on_stop(result: Any) -> None:
+        stopped.append(result)
+        lines_when_stopped.append([line["outcome"] for line in logs.access()])
+
     try:
+        relay.service.stopService().addBoth(on_stop)
+        relay.reactor.advance(4.9)
+        assert not stopped and not any(t.disconnecting for t in transports)
         relay.reactor.advance(0.1)  # shutdown_timeout: 5 s
     finally:
         globalLogPublisher.removeObserver(logs)
     assert stopped and not isinstance(stopped[0], Failure)
     # The aborted requests' access lines are written before the stop goes on.
-    assert [line["outcome"] for line in logs.access()] == ["aborted", "aborted"]
+    assert lines_when_stopped == [["aborted", "aborted"]]
     assert all(t.disconnecting for t in transports)
     assert all(b"200 OK" not in t.value() for t in transports)
     assert not relay.service.site.resource.active
     assert relay.reactor.port(9001).closed
+
+
+def test_a_bug_aborting_one_request_does_not_hold_the_stop_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from relayd.http.exchange import Exchange
+
+    relay = Relay(tmp_path, config())
+    transports = [relay.send(), relay.send()]
+    first = next(iter(relay.service.site.resource.active))
+    abort = Exchange.abort
+
+    def broken(self: Exchange) -> None:
+        if self is first:
+            raise RuntimeError("a bug in abort()")
+        abort(self)
+
+    monkeypatch.setattr(Exchange, "abort", broken)
+    logs = LogCapture()
+    globalLogPublisher.addObserver(logs)
+    stopped: list[Any] = []
+    try:
+        relay.service.stopService().addBoth(stopped.append)
+        relay.reactor.advance(5)
+    finally:
+        globalLogPublisher.removeObserver(logs)
+    assert stopped and not isinstance(stopped[0], Failure)
+    assert [line["outcome"] for line in logs.access()] == ["aborted"]  # the other one
+    assert sum(t.disconnecting for t in transports) == 1
+    assert any("a bug in abort()" in str(e.get("log_failure", "")) for e in logs.events)
 
 
 def test_a_reload_during_the_drain_is_refused(tmp_path: Path) -> None:

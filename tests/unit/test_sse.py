@@ -220,6 +220,20 @@ TEXTS = ["Hello", " message_delta", " error", " [DONE]", ' "usage"', " event: x"
 LONG_ANTHROPIC = ANTHROPIC.replace(
     b"event: message_delta", b"".join(_content_events("anthropic", TEXTS)) + b"event: message_delta"
 )
+OPENAI_ERROR_LATE = (
+    b'data: {"choices":[{"index":0,"delta":{"role":"assistant","content":""}}]}\n\n'
+    b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+    b'data: {"choices":[{"index":0,"delta":{"content":" there"}}]}\n\n'
+    b'data: {"error":{"message":"overloaded","type":"server_error"}}\n\n'
+)
+LONG_RESPONSES = RESPONSES.replace(
+    b"event: response.completed",
+    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+    b'"delta":"Hi"}\n\n'
+    b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta",'
+    b'"delta":" there"}\n\n'
+    b"event: response.completed",
+)
 LONG_OPENAI = OPENAI.replace(
     b'data: {"choices":[{"index":0,"delta":{},"finish_reason"',
     b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
@@ -239,13 +253,14 @@ def _state(watcher: IStreamWatcher) -> tuple[object, ...]:
     usage = watcher.usage
     return (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
             usage.cache_write_tokens, watcher.complete, watcher.error_seen,
-            watcher.content_started, watcher.at_event_boundary())
+            watcher.content_started, watcher.created_id, watcher.at_event_boundary())
 
 
 @pytest.mark.parametrize(("family", "stream"), [
     ("anthropic", LONG_ANTHROPIC), ("anthropic", LONG_ANTHROPIC.replace(b"\n", b"\r\n")),
     ("anthropic", ANTHROPIC), ("openai", LONG_OPENAI), ("openai", OPENAI),
     ("openai", RESPONSES), ("openai", LONG_OPENAI.replace(b"\n", b"\r\n")),
+    ("openai", LONG_RESPONSES), ("openai", OPENAI_ERROR_LATE),
 ])
 def test_a_watcher_that_lets_content_reads_pass_by_sees_what_a_parsing_one_sees(
     family: str, stream: bytes
@@ -266,7 +281,7 @@ def test_a_watcher_that_lets_content_reads_pass_by_sees_what_a_parsing_one_sees(
             fast.feed(read)
             slow.feed(read)
             assert _state(fast) == _state(slow)
-    assert fast.complete
+    assert fast.complete or fast.error_seen
 
 
 def test_whole_content_events_pass_by_once_content_started() -> None:
@@ -298,6 +313,7 @@ def test_openai_content_chunks_with_a_null_usage_pass_by() -> None:
 
     class Spy:
         max_line = parser.max_line
+        max_event = parser.max_event
 
         @property
         def at_boundary(self) -> bool:
@@ -315,3 +331,47 @@ def test_openai_content_chunks_with_a_null_usage_pass_by() -> None:
     assert len(parsed) == 1
     assert (watcher.usage.input_tokens, watcher.usage.output_tokens) == (3, 2)
     assert watcher.complete
+
+
+def test_an_error_after_content_is_seen_in_a_read_of_its_own() -> None:
+    watcher = PROVIDERS["openai"].stream_watcher(EP)
+    for event in OPENAI_ERROR_LATE.split(b"\n\n")[:-1]:
+        watcher.feed(event + b"\n\n")
+    assert watcher.content_started and watcher.error_seen
+
+
+def test_a_responses_stream_s_terminal_event_is_read_after_its_content() -> None:
+    watcher = PROVIDERS["openai"].stream_watcher(EP)
+    for event in LONG_RESPONSES.split(b"\n\n")[:-1]:
+        watcher.feed(event + b"\n\n")
+    assert watcher.content_started and watcher.complete
+    assert (watcher.usage.input_tokens, watcher.usage.output_tokens) == (7, 5)
+    # A terminal event is read for its name alone, usage or not.
+    watcher = PROVIDERS["openai"].stream_watcher(EP)
+    bare_end = LONG_RESPONSES.split(b"event: response.completed")[0] + (
+        b'event: response.completed\ndata: {"type":"response.completed","response":{}}\n\n'
+    )
+    for event in bare_end.split(b"\n\n")[:-1]:
+        watcher.feed(event + b"\n\n")
+    assert watcher.content_started and watcher.complete
+
+
+@pytest.mark.parametrize("bounds", [{"max_line": 64}, {"max_event": 64}])
+def test_a_read_past_the_parser_s_bounds_is_parsed_and_refused(bounds: dict[str, int]) -> None:
+    watcher = PROVIDERS["anthropic"].stream_watcher(EP)
+    assert isinstance(watcher, StreamWatcherBase)
+    short, long = _content_events("anthropic", ["Hi", "x" * 100])
+    watcher._parser = SseParser()
+    watcher.feed(short)
+    watcher._parser = SseParser(**bounds)
+    assert watcher.content_started and not watcher.passes_by(long)
+    with pytest.raises(SseTooLargeError):
+        watcher.feed(long)
+
+
+def test_an_event_past_its_bound_stays_past_it() -> None:
+    parser = SseParser(max_event=10)
+    with pytest.raises(SseTooLargeError):
+        parser.feed(b"data: 12345678901\n")
+    with pytest.raises(SseTooLargeError):
+        parser.feed(b"data: a\n\n")
