@@ -114,7 +114,7 @@ class AnthropicStreamWatcher(StreamWatcherBase):
     __slots__ = ()
 
     # message_start, message_delta, message_stop, error.
-    passing_markers = (b"message_", b"error", b"\r")
+    passing_markers = (b"message_", b"error")
 
     def feed(self, data: bytes) -> None:
         if self.passes_by(data):

@@ -174,8 +174,8 @@ class StreamWatcherBase:
     __slots__ = ("_parser", "complete", "content_started", "created_id", "error_seen", "usage")
 
     #: Once content has started, every event a watcher still reads has one of these in
-    #: its text (a CR too: the parser's line ends are LF only after it rewrote them).
-    passing_markers: tuple[bytes, ...] = (b"\r",)
+    #: its text.
+    passing_markers: tuple[bytes, ...] = ()
 
     def __init__(self) -> None:
         self._parser = SseParser()
@@ -190,11 +190,11 @@ class StreamWatcherBase:
 
     def passes_by(self, data: bytes) -> bool:
         """Whether the read ``data`` can go by unparsed: content has started, the parser
-        is between two events and ``data`` ends one (so it is whole events, and the
-        parser would be between two events after it), and none of
+        is between two events and ``data`` ends one with LF line ends only (so it is
+        whole events, and the parser would be between two events after it), and none of
         :attr:`passing_markers` is in it. Most reads of a stream are one content event
         the watcher has no use for; a marker in a content text only costs the parse."""
-        if not self.content_started or not data.endswith(b"\n\n"):
+        if not self.content_started or not data.endswith(b"\n\n") or b"\r" in data:
             return False
         parser = self._parser
         if not parser.at_boundary or len(data) > parser.max_line or len(data) > parser.max_event:

@@ -128,7 +128,7 @@ class OpenAIStreamWatcher(StreamWatcherBase):
     __slots__ = ()
 
     # [DONE], errors, and any named event (Responses: its terminal events); usage below.
-    passing_markers = (b"[DONE]", b"error", b"event:", b"\r")
+    passing_markers = (b"[DONE]", b"error", b"event:")
 
     def feed(self, data: bytes) -> None:
         if self.passes_by(data) and not _has_usage(data):
