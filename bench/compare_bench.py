@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import shutil
 import signal
@@ -55,6 +54,8 @@ from relay_bench import (  # the bench directory is on sys.path, not a package
     UPSTREAM_KEY,
     BenchError,
     Service,
+    env_with_path,
+    events_per_stream,
     make_target,
     start_bare,
     start_relay,
@@ -67,7 +68,6 @@ from relayd.testing.loadgen import (
     concurrent_batch,
     cpu_seconds,
     percentile,
-    send_once,
     sequential_interleaved,
 )
 
@@ -89,9 +89,7 @@ def start_tree_relay(name: str, tree: Path, workdir: Path, upstream_port: int,
     install (a ``PYTHONPATH`` of the caller's comes after it)."""
     workdir.mkdir()
     service = Service(name, workdir)
-    path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH")) if p)
-    start_relay(service, workdir, upstream_port, deadline,
-                env=dict(os.environ, PYTHONPATH=path))
+    start_relay(service, workdir, upstream_port, deadline, env=env_with_path(tree))
     return service
 
 
@@ -103,8 +101,7 @@ async def measure(
         await concurrent_batch(target, args.batch // 2, args.concurrency, False, tally)
     events = 0
     if args.streams:
-        probe = await send_once(direct.port, direct.stream, 30)
-        events = probe.body.count(b"\n\n")
+        events = await events_per_stream(direct)
         for _, target in proxies.values():
             await concurrent_batch(target, args.streams // 2, args.concurrency, True, tally)
     cpu: dict[str, list[float]] = {name: [] for name in proxies}
@@ -149,8 +146,8 @@ def report(revs: dict[str, str], figures: dict[str, object], args: argparse.Name
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for name in cpu:
-        label = f"relayd `{revs[name]}`" if name in revs else "the lean reference proxy"
-        ratio = statistics.median(a / b for a, b in zip(cpu[name], reference, strict=True))
+        label = _label(name, revs)
+        ratio = _median_ratio(cpu[name], reference)
         p50 = statistics.median(latency[name])
         lines.append(
             f"| {label} | {statistics.median(cpu[name]):.3f} | {ratio:.3f} | {p50:.3f} "
@@ -171,15 +168,21 @@ def report(revs: dict[str, str], figures: dict[str, object], args: argparse.Name
         ]
         reference_events = per_event[REFERENCE]
         for name in per_event:
-            label = f"relayd `{revs[name]}`" if name in revs else "the lean reference proxy"
-            ratio = statistics.median(
-                a / b for a, b in zip(per_event[name], reference_events, strict=True) if b > 0
-            )
-            lines.append(f"| {label} | {statistics.median(per_event[name]):.1f} "
-                         f"| {ratio:.3f} |")
+            lines.append(f"| {_label(name, revs)} | {statistics.median(per_event[name]):.1f} "
+                         f"| {_median_ratio(per_event[name], reference_events):.3f} |")
         lines.append("")
     lines.append(f"requests that failed: {figures['failures']}")
     return "\n".join(lines)
+
+
+def _label(name: str, revs: dict[str, str]) -> str:
+    return f"relayd `{revs[name]}`" if name in revs else "the lean reference proxy"
+
+
+def _median_ratio(values: list[float], reference: list[float]) -> float:
+    """The median of the per-round ratios (a round whose reference figure is not
+    positive, possible for a difference of two batches, is left out)."""
+    return statistics.median(a / b for a, b in zip(values, reference, strict=True) if b > 0)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

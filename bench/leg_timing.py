@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import pickle
 import shutil
 import statistics
@@ -39,6 +38,7 @@ from relay_bench import (  # the bench directory is on sys.path, not a package
     RELAY_KEY,
     BenchError,
     Service,
+    env_with_path,
     make_target,
     start_bare,
     start_relay,
@@ -94,14 +94,11 @@ def run(args: argparse.Namespace, work: Path) -> int:
     upstream, relay, bare = (Service(n, work) for n in ("upstream", "relayd", "lean-proxy"))
     notes = {name: work / f"{name}.notes" for name in ("relayd", "lean-proxy")}
 
-    def env(name: str) -> dict[str, str]:
-        path = os.pathsep.join(p for p in (str(PROBE), os.environ.get("PYTHONPATH")) if p)
-        return dict(os.environ, PYTHONPATH=path, LEG_TIMING_OUT=str(notes[name]))
-
     try:
         start_upstream(upstream, work, deadline)
-        start_relay(relay, work, upstream.port, deadline, env=env("relayd"))
-        start_bare(bare, upstream.port, deadline, env=env("lean-proxy"))
+        probed = {n: env_with_path(PROBE, LEG_TIMING_OUT=str(out)) for n, out in notes.items()}
+        start_relay(relay, work, upstream.port, deadline, env=probed["relayd"])
+        start_bare(bare, upstream.port, deadline, env=probed["lean-proxy"])
         targets = [make_target("relayd", relay.port, RELAY_KEY, True),
                    make_target("lean-proxy", bare.port, "unused", False)]
         tally = Tally("legs")

@@ -221,6 +221,20 @@ def start_bare(service: Service, upstream_port: int, deadline: float,
     )
 
 
+def env_with_path(first: Path, **extra: str) -> dict[str, str]:
+    """This process's environment with ``first`` at the head of ``PYTHONPATH`` (a
+    ``PYTHONPATH`` of the caller's after it) and ``extra`` set: for a child that must
+    import from ``first`` ahead of the editable install."""
+    path = os.pathsep.join(p for p in (str(first), os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
+async def events_per_stream(direct: Target) -> int:
+    """SSE events in one stream of the fake upstream, counted on a direct stream."""
+    probe = await send_once(direct.port, direct.stream, 30)
+    return probe.body.count(b"\n\n")
+
+
 def relay_config(upstream_port: int) -> str:
     key_sha256 = hashlib.sha256(RELAY_KEY.encode()).hexdigest()
     url = f"http://127.0.0.1:{upstream_port}"
@@ -396,8 +410,7 @@ async def run_phases(
 
     sequential = [direct, relay] + ([bare] if bare is not None else [])
     # Events per stream, counted once on a direct stream.
-    probe = await send_once(direct.port, direct.stream, 30)
-    results["events_per_stream"] = probe.body.count(b"\n\n")
+    results["events_per_stream"] = await events_per_stream(direct)
 
     # 1. Added latency: plain requests at concurrency 1, direct, relayed and through the
     # reference proxy, interleaved.
